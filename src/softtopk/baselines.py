@@ -1,0 +1,53 @@
+"""Hard top-k and the straight-through estimator: the baselines every relaxation is compared with."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._utils import can_read_data
+
+__all__ = ["hard_mask", "hard_topk_mask"]
+
+
+def hard_topk_mask(x: Tensor, k: int | Tensor) -> Tensor:
+    """Exact 0/1 indicator of the k largest entries along the last dim, ties broken as ``torch.topk``.
+
+    ``k`` is an int or an integer-valued tensor of shape (..., 1) (one k per row). No gradient.
+    """
+    n = x.shape[-1]
+    if isinstance(k, int):
+        out = torch.zeros_like(x)
+        if k == 0:
+            return out
+        idx = torch.topk(x, k, sorted=False).indices
+        return out.scatter(-1, idx, torch.ones_like(idx, dtype=x.dtype))
+    kk = k.long()
+    m = min(int(kk.max()), n) if can_read_data(x) else n
+    out = torch.zeros_like(x)
+    if m == 0:
+        return out
+    idx = torch.topk(x, m, sorted=True).indices  # rank j is kept when j < k of its row
+    keep = (torch.arange(m, device=x.device) < kk).to(x.dtype)
+    return out.scatter(-1, idx, keep.expand(idx.shape))
+
+
+class _HardMask(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, k):
+        return hard_topk_mask(x, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros_like(g), None  # piecewise constant: the gradient is zero almost everywhere
+
+
+def hard_mask(x: Tensor, k: int | Tensor) -> Tensor:
+    """Hard top-k mask that stays in the autograd graph with an exact zero gradient."""
+    return _HardMask.apply(x, k)
