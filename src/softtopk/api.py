@@ -11,11 +11,20 @@ import torch
 from torch import Tensor, nn
 
 from . import threshold
-from ._utils import KArg, can_read_data, check_input, check_k, check_temperature, move_back, move_last
-from ._utils import normalize_dim, row_param
+from ._utils import (
+    KArg,
+    can_read_data,
+    check_input,
+    check_k,
+    check_temperature,
+    move_back,
+    move_last,
+    normalize_dim,
+    row_param,
+)
 from .baselines import hard_mask
 
-__all__ = ["topk_mask", "SoftTopK", "METHODS"]
+__all__ = ["METHODS", "SoftTopK", "topk_mask"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +64,9 @@ def _sparse(x, k, t, largest, p=2, tol=None, max_iter=100):
 
 
 def _soft(x, k, t, largest, tol=None, max_iter=100):
-    s = threshold.soft_scores(x, largest)
-    return threshold.normalised_mask("sigmoid", s, k, t, **_solver_opts(tol, max_iter))
+    # The paper's convention is largest=False: anchor 0 takes the mass k/n. Mirrored, anchor 1 takes it.
+    t_eff = threshold.soft_temperature(x, t)
+    return threshold.normalised_mask("sigmoid", x if largest else -x, k, t_eff, **_solver_opts(tol, max_iter))
 
 
 def _dftopk(x, k, t, largest):
@@ -212,8 +222,13 @@ class SoftTopK(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return topk_mask(
-            x, self.k, dim=self.dim, method=self.method, temperature=self.temperature,
-            largest=self.largest, **self.options,
+            x,
+            self.k,
+            dim=self.dim,
+            method=self.method,
+            temperature=self.temperature,
+            largest=self.largest,
+            **self.options,
         )
 
     def extra_repr(self) -> str:

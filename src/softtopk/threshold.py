@@ -38,22 +38,24 @@ from torch.autograd.function import once_differentiable
 
 from ._utils import can_read_data
 
-__all__ = ["Family", "FAMILIES", "threshold_mask_solve", "dftopk", "soft_scores"]
+__all__ = ["FAMILIES", "Family", "dftopk", "normalised_mask", "soft_temperature", "threshold_mask_solve"]
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The maths of each family, in three small hooks (entmax-style): subclasses override, the solver is shared.
 # --------------------------------------------------------------------------------------------------------------
 class Family:
-    """:math:`\\varphi` and what the solver needs of it. All hooks work on tensors, elementwise."""
+    """:math:`\\varphi` and what the solver needs of it. All hooks are elementwise; ``z`` is a fresh tensor
+    that the hooks may overwrite."""
 
     name = "?"
     #: exponential tails: Newton on logit(S/n) instead of S (exact for a single exponential tail).
     log_newton = False
 
     @staticmethod
-    def phi(z: Tensor) -> Tensor:
-        """The mask value clip(φ(z), 0, 1)."""
+    def phi_(z: Tensor) -> tuple[Tensor, object]:
+        """(clip(φ(z), 0, 1), aux): the mask value, computed in place of z where possible, and whatever
+        :meth:`dsum` can reuse."""
         raise NotImplementedError
 
     @staticmethod
@@ -66,11 +68,19 @@ class Family:
         """z with φ(z) = p for p in (0, 1)."""
         raise NotImplementedError
 
+    @classmethod
+    def dsum(cls, y: Tensor, aux: object) -> Tensor:
+        """Σ φ'(z) along the last dim (= −dS/dτ), given the output of :meth:`phi_`."""
+        return cls.dphi(y).sum(-1, keepdim=True)
+
 
 class Sigmoid(Family):
     name = "sigmoid"
     log_newton = True
-    phi = staticmethod(torch.sigmoid)
+
+    @staticmethod
+    def phi_(z):
+        return z.sigmoid_(), None
 
     @staticmethod
     def dphi(y):
@@ -84,9 +94,13 @@ class Laplace(Family):
     log_newton = True
 
     @staticmethod
-    def phi(z):
-        e = torch.exp(-z.abs()).mul_(0.5)
-        return torch.where(z < 0, e, 1.0 - e)
+    def phi_(z):
+        half_e = torch.abs(z).neg_().exp_().mul_(0.5)  # ½ e^{-|z|} = φ'(z)
+        return torch.where(z < 0, half_e, 1.0 - half_e), half_e
+
+    @classmethod
+    def dsum(cls, y, half_e):
+        return half_e.sum(-1, keepdim=True)
 
     @staticmethod
     def dphi(y):
@@ -103,12 +117,12 @@ class Euclidean(Family):
     name = "sparse"
 
     @staticmethod
-    def phi(z):
-        return z.clamp(0.0, 1.0)
+    def phi_(z):
+        return z.clamp_(0.0, 1.0), None
 
     @staticmethod
-    def dphi(y):
-        return ((y > 0) & (y < 1)).to(y.dtype)
+    def dphi(y):  # 1 strictly inside (0, 1), else 0; float ops only (boolean reductions are slow on CPU)
+        return torch.addcmul(y, y, y, value=-1.0).sign_()
 
     @staticmethod
     def phi_inv(p):
@@ -121,12 +135,19 @@ class Cubic(Family):
     name = "sparse(p=4/3)"
 
     @staticmethod
-    def phi(z):
-        return z.clamp(0.0, 1.0).pow(3)
+    def phi_(z):
+        c = z.clamp_(0.0, 1.0)
+        c2 = c * c
+        return c2 * c, (c, c2)
 
     @staticmethod
     def dphi(y):
         return torch.where(y < 1, 3.0 * y.pow(2.0 / 3.0), 0.0)
+
+    @classmethod
+    def dsum(cls, y, aux):  # φ'(z) = 3 z² on 0 < z < 1
+        c, c2 = aux
+        return 3.0 * torch.where(c < 1, c2, 0.0).sum(-1, keepdim=True)
 
     @staticmethod
     def phi_inv(p):
@@ -147,39 +168,43 @@ FAMILIES: dict[str, type[Family]] = {
 _SUBSAMPLE = 1024  # rows longer than 4x this get a warm start from a strided subsample
 
 
-def _row_stats(u: Tensor, eager: bool):
+def _row_stats(x: Tensor, eager: bool):
     """(min, max) over finite entries, count of entries > -inf, count of +inf; all of shape (..., 1)."""
-    umin = u.amin(-1, keepdim=True)
-    umax = u.amax(-1, keepdim=True)
-    n = u.shape[-1]
-    if eager and bool(torch.isfinite(umin).all() & torch.isfinite(umax).all()):
-        return umin, umax, n, 0
-    finite = torch.isfinite(u)
-    umin = torch.where(finite, u, math.inf).amin(-1, keepdim=True)
-    umax = torch.where(finite, u, -math.inf).amax(-1, keepdim=True)
-    n_live = (u > -math.inf).sum(-1, keepdim=True).to(u.dtype)
-    n_pinf = (u == math.inf).sum(-1, keepdim=True).to(u.dtype)
-    return umin, umax, n_live, n_pinf
+    xmin = x.amin(-1, keepdim=True)
+    xmax = x.amax(-1, keepdim=True)
+    if eager and bool(torch.isfinite(xmin).all() & torch.isfinite(xmax).all()):
+        return xmin, xmax, x.shape[-1], 0
+    finite = torch.isfinite(x)
+    xmin = torch.where(finite, x, math.inf).amin(-1, keepdim=True)
+    xmax = torch.where(finite, x, -math.inf).amax(-1, keepdim=True)
+    n_live = (x > -math.inf).sum(-1, keepdim=True).to(x.dtype)
+    n_pinf = (x == math.inf).sum(-1, keepdim=True).to(x.dtype)
+    return xmin, xmax, n_live, n_pinf
 
 
-def _newton(family, u, k, n_live, tau, lo, hi, done, tol, max_iter, eager):
-    """Safeguarded Newton on S(τ) = Σ φ(u − τ) = k. Returns (y, τ, converged) with y evaluated at τ."""
+def _newton(family, x, rt, k, n_live, tau, lo, hi, done, tol, max_iter, eager):
+    """Safeguarded Newton on S(τ) = Σ φ(x/t − τ) = k, τ in units of x/t.
+
+    Keeps a bracket [lo, hi] with S(lo) ≥ k ≥ S(hi) and falls back to bisection when a Newton step leaves it.
+    Returns (y, τ, converged) with y evaluated at τ.
+    """
     logit_k = torch.log(k / (n_live - k)) if family.log_newton else None
     for it in range(max_iter + 1):
-        y = family.phi(u - tau)
+        y, aux = family.phi_(torch.addcmul(-tau, x, rt))  # z = x/t − τ in one pass
+        if it == max_iter:
+            break
         s = y.sum(-1, keepdim=True)
         resid = s - k
         done = done | (resid.abs() <= tol)
-        if it == max_iter or (eager and bool(done.all())):
+        if eager and bool(done.all()):
             break
-        dsum = family.dphi(y).sum(-1, keepdim=True)  # -dS/dτ
+        dsum = family.dsum(y, aux)  # −dS/dτ
         lo = torch.where(resid > 0, tau, lo)
         hi = torch.where(resid < 0, tau, hi)
         if family.log_newton:
             # Newton on logit(S/n) = logit(k/n): linear in τ in both exponential tails and for large t.
             rest = n_live - s
-            f = torch.log(s / rest) - logit_k
-            step = f * (s * rest) / (dsum * n_live)
+            step = (torch.log(s / rest) - logit_k) * (s * rest) / (dsum * n_live)
         else:
             step = resid / dsum
         new = tau + step
@@ -196,32 +221,29 @@ def threshold_mask_solve(family: type[Family], x: Tensor, k: Tensor, t: Tensor, 
     ``x`` (..., n) in the compute dtype; ``k`` and ``t`` of shape (..., 1).
     """
     eager = can_read_data(x)
-    u = x / t
-    n = u.shape[-1]
-    umin, umax, n_live, n_pinf = _row_stats(u, eager)
-    finite_count = n_live - n_pinf
+    n = x.shape[-1]
+    rt = t.reciprocal()
+    xmin, xmax, n_live, n_pinf = _row_stats(x, eager)
     # Rows with nothing left to choose among the finite entries are exact 0/1 masks (τ = ±∞).
     k_fin = k - n_pinf
     none = k_fin <= 0
     full = k >= n_live
     degenerate = none | full
-    p = (k_fin / finite_count).clamp(1e-30, 1.0 - 1e-7 if x.dtype != torch.float64 else 1.0 - 1e-16)
-    zp = family.phi_inv(p)
-    lo = torch.where(degenerate, 0.0, umin - zp)  # S(lo) >= k
-    hi = torch.where(degenerate, 0.0, umax - zp)  # S(hi) <= k
-    tau0 = 0.5 * (lo + hi)
+    p_max = 1.0 - 1e-16 if x.dtype == torch.float64 else 1.0 - 1e-7
+    zp = family.phi_inv((k_fin / (n_live - n_pinf)).clamp(1e-30, p_max))
+    lo = torch.where(degenerate, 0.0, xmin * rt - zp)  # S(lo) >= k
+    hi = torch.where(degenerate, 0.0, xmax * rt - zp)  # S(hi) <= k
+    tau = 0.5 * (lo + hi)
     if n > 4 * _SUBSAMPLE and not isinstance(n_live, Tensor):
         # Warm start: the same problem on a strided subsample, solved loosely.
-        stride = n // _SUBSAMPLE
-        sub = u[..., ::stride].contiguous()
+        sub = x[..., :: n // _SUBSAMPLE].contiguous()
         m = sub.shape[-1]
         k_sub = (k * (m / n)).clamp(1e-3, m - 1e-3)
         _, tau_sub, _ = _newton(
-            family, sub, k_sub, m, tau0, lo, hi, degenerate, 1e-3 * k_sub.clamp(min=1.0), 30, eager
+            family, sub, rt, k_sub, m, tau, lo, hi, degenerate, 1e-3 * k_sub.clamp(min=1.0), 30, eager
         )
-        tau0 = torch.minimum(torch.maximum(tau_sub, lo), hi)
-    scale = tol * k.clamp(min=1.0)
-    y, tau, done = _newton(family, u, k, n_live, tau0, lo, hi, degenerate, scale, max_iter, eager)
+        tau = torch.minimum(torch.maximum(tau_sub, lo), hi)
+    y, tau, done = _newton(family, x, rt, k, n_live, tau, lo, hi, degenerate, tol * k.clamp(min=1.0), max_iter, eager)
     if eager and not bool(done.all()):
         worst = (y.sum(-1, keepdim=True) - k).abs().max().item()
         warnings.warn(
@@ -231,7 +253,7 @@ def threshold_mask_solve(family: type[Family], x: Tensor, k: Tensor, t: Tensor, 
             stacklevel=4,
         )
     if not eager or bool(degenerate.any()):
-        exact = torch.where(none, (u == math.inf).to(y.dtype), (u > -math.inf).to(y.dtype))
+        exact = torch.where(none, (x == math.inf).to(y.dtype), (x > -math.inf).to(y.dtype))
         y = torch.where(degenerate, exact, y)
     return y, tau
 
@@ -246,7 +268,7 @@ def _implicit_backward(family, x, t, y, tau, gy, needs_k, needs_t):
     gk = gbar if needs_k else None
     gt = None
     if needs_t:
-        z = x / t - tau
+        z = torch.addcmul(-tau, x, t.reciprocal())
         gt = -torch.where(d > 0, z * gx, 0.0).sum(-1, keepdim=True)
     return gx, gk, gt
 
@@ -270,9 +292,7 @@ def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
         @once_differentiable
         def backward(ctx, gy, _gtau):
             x, t, y, tau = ctx.saved_tensors
-            gx, gk, gt = _implicit_backward(
-                family, x, t, y, tau, gy, ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-            )
+            gx, gk, gt = _implicit_backward(family, x, t, y, tau, gy, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
             return gx, gk, gt, None, None
 
     ThresholdMask.__name__ = ThresholdMask.__qualname__ = f"ThresholdMask_{family.__name__}"
@@ -295,26 +315,48 @@ def normalised_mask(
 # --------------------------------------------------------------------------------------------------------------
 # SOFT (Xie et al., 2020): the converged two-anchor entropic OT mask is a sigmoid mask of rescaled scores.
 # --------------------------------------------------------------------------------------------------------------
-def soft_scores(x: Tensor, largest: bool) -> Tensor:
-    r"""Scores whose sigmoid mask (temperature ε) is the converged SOFT top-k mask.
+class _CostScale(torch.autograd.Function):
+    """m = max(max x, 1 − min x) over the finite entries of each row, so that max C = m² (m ≥ 1/2)."""
 
-    SOFT transports the uniform measure on the scores to anchors 0 and 1 with cost
-    :math:`C_{ij} = (x_i - a_j)^2 / \max C`. At the optimum :math:`\Gamma_{ij} = e^{(f_i + g_j - C_{ij})/\varepsilon}`,
-    so the share of row i on anchor 1 is :math:`\sigma((C_{i0} - C_{i1} - c)/\varepsilon)` with
-    :math:`C_{i0} - C_{i1} = (2 x_i - 1)/\max C` and one constant c per row, fixed by the column mass
-    :math:`\sum_i y_i = k`. ``largest=False`` is the paper's (and its code's) convention: mass k/n on anchor 0,
-    which selects the k smallest scores; ``largest=True`` puts that mass on anchor 1 instead.
-    ``max C`` is taken per row over the finite scores (the official code takes it over the whole batch).
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        xmin, xmax, _, _ = _row_stats(x, can_read_data(x))
+        m = torch.maximum(xmax, 1.0 - xmin)
+        return torch.where(torch.isfinite(m), m, 1.0), xmin, xmax  # m = 1 for rows without a finite score
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        m, xmin, xmax = output
+        ctx.mark_non_differentiable(xmin, xmax)
+        ctx.save_for_backward(inputs[0], xmin, xmax)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gm, _gmin, _gmax):
+        # ∂m/∂x is +1 at the arg-max (m = max x) or −1 at the arg-min (m = 1 − min x), split evenly over ties.
+        x, xmin, xmax = ctx.saved_tensors
+        use_max = xmax >= 1.0 - xmin
+        ext = torch.where(use_max, xmax, xmin)
+        hit = torch.where(x == ext, 1.0, 0.0).to(x.dtype)
+        coef = torch.where(use_max, gm, -gm) / hit.sum(-1, keepdim=True).clamp(min=1.0)
+        return hit.mul_(torch.where(torch.isfinite(ext), coef, 0.0))
+
+
+def soft_temperature(x: Tensor, eps: Tensor) -> Tensor:
+    r"""The temperature at which the sigmoid mask of ``x`` is the converged SOFT top-k mask.
+
+    SOFT (Xie et al., 2020) transports the uniform measure on the scores to anchors 0 and 1 with cost
+    :math:`C_{ij} = (x_i - a_j)^2 / \max C` and entropic regularisation ε. At the optimum
+    :math:`\Gamma_{ij} = e^{(f_i + g_j - C_{ij})/\varepsilon}`, so the share of row i on anchor 1 is
+    :math:`\sigma((C_{i0} - C_{i1} - c)/\varepsilon)` with :math:`C_{i0} - C_{i1} = (2 x_i - 1)/\max C` and one
+    constant c per row, fixed by the column mass :math:`\sum_i y_i = k`: a sigmoid mask of x at temperature
+    :math:`\varepsilon \max C / 2`. ``max C`` is taken per row over the finite scores (the official code takes
+    it over the whole batch) and is differentiated like any other function of x.
     """
-    finite = torch.isfinite(x)
-    # max C = max_i max(x_i², (x_i − 1)²) = m² with m = max(max x, 1 − min x) over the finite scores
-    # (m ≥ 1/2 always); s is formed as (x/m)/m so that scores near the float range do not overflow.
-    xmax = torch.where(finite, x, -math.inf).amax(-1, keepdim=True)
-    xmin = torch.where(finite, x, math.inf).amin(-1, keepdim=True)
-    m = torch.maximum(xmax, 1.0 - xmin)
-    m = torch.where(torch.isfinite(m), m, 1.0)  # rows without a finite score
-    s = (x / m) / m * 2.0
-    return s if largest else -s
+    m = _CostScale.apply(x)[0]
+    return eps * m * m * 0.5
 
 
 # --------------------------------------------------------------------------------------------------------------
