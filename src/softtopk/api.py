@@ -35,7 +35,7 @@ class _Method:
     own_largest: bool = False  # the method reads `largest` itself instead of selecting on -x
 
 
-def _solver_opts(tol, max_iter):
+def _solver_opts(tol=None, max_iter=threshold.MAX_ITER):
     if tol is not None and not (isinstance(tol, numbers.Real) and tol > 0):
         raise ValueError(f"topk_mask: `tol` must be a positive number, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
@@ -43,15 +43,15 @@ def _solver_opts(tol, max_iter):
     return {"tol": tol, "max_iter": int(max_iter)}
 
 
-def _sigmoid(x, k, t, largest, tol=None, max_iter=100):
-    return threshold.normalised_mask("sigmoid", x, k, t, **_solver_opts(tol, max_iter))
+def _sigmoid(x, k, t, largest, **opts):
+    return threshold.normalised_mask("sigmoid", x, k, t, **_solver_opts(**opts))
 
 
-def _lapsum(x, k, t, largest, tol=None, max_iter=100):
-    return threshold.normalised_mask("lapsum", x, k, t, **_solver_opts(tol, max_iter))
+def _lapsum(x, k, t, largest, **opts):
+    return threshold.normalised_mask("lapsum", x, k, t, **_solver_opts(**opts))
 
 
-def _sparse(x, k, t, largest, p=2, tol=None, max_iter=100):
+def _sparse(x, k, t, largest, p=2, **opts):
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"topk_mask: `p` must be 2 or 4/3, got {type(p).__name__}")
     if p == 2:
@@ -60,13 +60,13 @@ def _sparse(x, k, t, largest, p=2, tol=None, max_iter=100):
         family = "sparse4/3"
     else:
         raise ValueError(f"topk_mask: `p` must be 2 or 4/3 for method='sparse', got {p}")
-    return threshold.normalised_mask(family, x, k, t, **_solver_opts(tol, max_iter))
+    return threshold.normalised_mask(family, x, k, t, **_solver_opts(**opts))
 
 
-def _soft(x, k, t, largest, tol=None, max_iter=100):
+def _soft(x, k, t, largest, **opts):
     # The paper's convention is largest=False: anchor 0 takes the mass k/n. Mirrored, anchor 1 takes it.
     t_eff = threshold.soft_temperature(x, t)
-    return threshold.normalised_mask("sigmoid", x if largest else -x, k, t_eff, **_solver_opts(tol, max_iter))
+    return threshold.normalised_mask("sigmoid", x if largest else -x, k, t_eff, **_solver_opts(**opts))
 
 
 def _dftopk(x, k, t, largest):
@@ -77,9 +77,9 @@ def _hard(x, k, t, largest):
     return hard_mask(x, k)
 
 
-def _straight_through(x, k, t, largest, tol=None, max_iter=100):
+def _straight_through(x, k, t, largest, **opts):
     kf = k.to(x.dtype) if isinstance(k, Tensor) else torch.full_like(t, k)
-    soft = _sigmoid(x, kf, t, largest, tol, max_iter)
+    soft = _sigmoid(x, kf, t, largest, **opts)
     return hard_mask(x.detach(), k) + (soft - soft.detach())
 
 

@@ -166,6 +166,8 @@ FAMILIES: dict[str, type[Family]] = {
 # The root-finder.
 # --------------------------------------------------------------------------------------------------------------
 _SUBSAMPLE = 1024  # rows longer than 4x this get a warm start from a strided subsample
+#: Newton iterations at most. Eager mode stops at convergence; under torch.compile / vmap all of them run.
+MAX_ITER = 50
 
 
 def _row_stats(x: Tensor, eager: bool):
@@ -234,7 +236,7 @@ def threshold_mask_solve(family: type[Family], x: Tensor, k: Tensor, t: Tensor, 
     lo = torch.where(degenerate, 0.0, xmin * rt - zp)  # S(lo) >= k
     hi = torch.where(degenerate, 0.0, xmax * rt - zp)  # S(hi) <= k
     tau = 0.5 * (lo + hi)
-    if n > 4 * _SUBSAMPLE and not isinstance(n_live, Tensor):
+    if n > 4 * _SUBSAMPLE:
         # Warm start: the same problem on a strided subsample, solved loosely.
         sub = x[..., :: n // _SUBSAMPLE].contiguous()
         m = sub.shape[-1]
@@ -303,7 +305,7 @@ _FUNCTIONS = {name: _make_function(fam) for name, fam in FAMILIES.items()}
 
 
 def normalised_mask(
-    family: str, x: Tensor, k: Tensor, t: Tensor, *, tol: float | None = None, max_iter: int = 100
+    family: str, x: Tensor, k: Tensor, t: Tensor, *, tol: float | None = None, max_iter: int = MAX_ITER
 ) -> Tensor:
     """Normalised threshold mask along the last dim of ``x`` (compute dtype); ``k``, ``t`` of shape (..., 1)."""
     if tol is None:
