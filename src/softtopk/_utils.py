@@ -27,8 +27,11 @@ def can_read_data(x: Tensor) -> bool:
     return not _is_wrapped(x)
 
 
-def check_input(x: object, name: str = "x", *, fn: str = "topk_mask") -> Tensor:
-    """Type, dtype and NaN check of a score tensor; returns it unchanged."""
+def check_input(x: object, name: str = "x", *, fn: str = "topk_mask") -> bool:
+    """Type, dtype and NaN check of a score tensor.
+
+    Returns True when ``x`` is known to hold finite values only (no NaN, no ±inf), which spares later checks.
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
@@ -37,12 +40,17 @@ def check_input(x: object, name: str = "x", *, fn: str = "topk_mask") -> Tensor:
         )
     if x.dim() == 0:
         raise ValueError(f"{fn}: `{name}` must have at least one dimension, got a 0-d tensor")
-    if x.numel() and can_read_data(x):
-        # One cheap reduction decides the common case; only a non-finite total needs the exact test.
-        total = x.detach().sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        if not torch.isfinite(total) and torch.isnan(x).any():
-            raise ValueError(f"{fn}: `{name}` contains NaN")
-    return x
+    if x.numel() == 0:
+        return True
+    if not can_read_data(x):
+        return False
+    # One cheap reduction decides the common case; only a non-finite total needs the exact test.
+    total = x.detach().sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if bool(torch.isfinite(total)):
+        return True
+    if bool(torch.isnan(x).any()):
+        raise ValueError(f"{fn}: `{name}` contains NaN")
+    return False
 
 
 def normalize_dim(x: Tensor, dim: int, *, fn: str = "topk_mask") -> int:

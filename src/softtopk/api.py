@@ -174,7 +174,7 @@ def topk_mask(
         >>> softtopk.topk_mask(x, 2, method="hard")
         tensor([1., 0., 1., 0.])
     """
-    check_input(x)
+    finite = check_input(x)
     d = normalize_dim(x, dim)
     if not isinstance(method, str):
         raise TypeError(f"topk_mask: `method` must be a string, got {type(method).__name__}")
@@ -193,7 +193,8 @@ def topk_mask(
         kt = row_param(k, x, d, name="k", dtype=cdtype if spec.normalised else torch.long)
     else:
         kt = row_param(k, x, d, name="k", dtype=cdtype) if spec.normalised else int(k)
-    _check_infinities(xl, kt)
+    if not finite:
+        _check_infinities(xl, kt)
     t = row_param(temperature, x, d, name="temperature", dtype=cdtype)
     y = spec.fn(xl, kt, t, largest, **options)
     return move_back(y.to(x.dtype), d)

@@ -21,7 +21,7 @@ def hard_topk_mask(x: Tensor, k: int | Tensor) -> Tensor:
         if k == 0:
             return out
         idx = torch.topk(x, k, sorted=False).indices
-        return out.scatter(-1, idx, torch.ones_like(idx, dtype=x.dtype))
+        return _scatter(out, idx, torch.ones_like(idx, dtype=x.dtype))
     kk = k.long()
     m = min(int(kk.max()), n) if can_read_data(x) else n
     out = torch.zeros_like(x)
@@ -29,7 +29,12 @@ def hard_topk_mask(x: Tensor, k: int | Tensor) -> Tensor:
         return out
     idx = torch.topk(x, m, sorted=True).indices  # rank j is kept when j < k of its row
     keep = (torch.arange(m, device=x.device) < kk).to(x.dtype)
-    return out.scatter(-1, idx, keep.expand(idx.shape))
+    return _scatter(out, idx, keep.expand(idx.shape))
+
+
+def _scatter(out: Tensor, idx: Tensor, src: Tensor) -> Tensor:
+    # in place where it is cheaper (eager); out of place under vmap, which has no batching rule for scatter_
+    return out.scatter_(-1, idx, src) if can_read_data(out) else out.scatter(-1, idx, src)
 
 
 class _HardMask(torch.autograd.Function):
