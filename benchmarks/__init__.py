@@ -1,0 +1,1 @@
+"""Benchmarks of softtopk: run ``python -m benchmarks.core`` (see its docstring)."""
