@@ -29,29 +29,22 @@ __all__ = ["METHODS", "SoftTopK", "topk_mask"]
 
 @dataclass(frozen=True)
 class _Method:
-    fn: Callable[..., Tensor]  # (x (..., n) compute dtype, k (..., 1) or int, t (..., 1), largest, **options)
+    fn: Callable[..., Tensor]  # (x (..., n) compute dtype, k (..., 1) or int, t (..., 1), largest, **parsed)
+    parse: Callable[..., dict] = lambda: {}  # validates the method's options, returns fn's keyword arguments
     options: tuple[str, ...] = ()
     normalised: bool = True  # Σ y = k holds, float k allowed and differentiable
     own_largest: bool = False  # the method reads `largest` itself instead of selecting on -x
 
 
 def _solver_opts(tol=None, max_iter=threshold.MAX_ITER):
-    if tol is not None and not (isinstance(tol, numbers.Real) and tol > 0):
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0):
         raise ValueError(f"topk_mask: `tol` must be a positive number, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"topk_mask: `max_iter` must be a positive int, got {max_iter!r}")
     return {"tol": tol, "max_iter": int(max_iter)}
 
 
-def _sigmoid(x, k, t, largest, **opts):
-    return threshold.normalised_mask("sigmoid", x, k, t, **_solver_opts(**opts))
-
-
-def _lapsum(x, k, t, largest, **opts):
-    return threshold.normalised_mask("lapsum", x, k, t, **_solver_opts(**opts))
-
-
-def _sparse(x, k, t, largest, p=2, **opts):
+def _sparse_opts(p=2, **solver):
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"topk_mask: `p` must be 2 or 4/3, got {type(p).__name__}")
     if p == 2:
@@ -60,13 +53,25 @@ def _sparse(x, k, t, largest, p=2, **opts):
         family = "sparse4/3"
     else:
         raise ValueError(f"topk_mask: `p` must be 2 or 4/3 for method='sparse', got {p}")
-    return threshold.normalised_mask(family, x, k, t, **_solver_opts(**opts))
+    return {"family": family, **_solver_opts(**solver)}
+
+
+def _sigmoid(x, k, t, largest, **opts):
+    return threshold.normalised_mask("sigmoid", x, k, t, **opts)
+
+
+def _lapsum(x, k, t, largest, **opts):
+    return threshold.normalised_mask("lapsum", x, k, t, **opts)
+
+
+def _sparse(x, k, t, largest, family, **opts):
+    return threshold.normalised_mask(family, x, k, t, **opts)
 
 
 def _soft(x, k, t, largest, **opts):
     # The paper's convention is largest=False: anchor 0 takes the mass k/n. Mirrored, anchor 1 takes it.
     t_eff = threshold.soft_temperature(x, t)
-    return threshold.normalised_mask("sigmoid", x if largest else -x, k, t_eff, **_solver_opts(**opts))
+    return threshold.normalised_mask("sigmoid", x if largest else -x, k, t_eff, **opts)
 
 
 def _dftopk(x, k, t, largest):
@@ -83,18 +88,22 @@ def _straight_through(x, k, t, largest, **opts):
     return hard_mask(x.detach(), k) + (soft - soft.detach())
 
 
+_SOLVER = ("tol", "max_iter")
 METHODS: dict[str, _Method] = {
     "hard": _Method(_hard, normalised=False),
-    "straight_through": _Method(_straight_through, ("tol", "max_iter"), normalised=False),
+    "straight_through": _Method(_straight_through, _solver_opts, _SOLVER, normalised=False),
     "dftopk": _Method(_dftopk, normalised=False),
-    "sigmoid": _Method(_sigmoid, ("tol", "max_iter")),
-    "soft": _Method(_soft, ("tol", "max_iter"), own_largest=True),
-    "sparse": _Method(_sparse, ("p", "tol", "max_iter")),
-    "lapsum": _Method(_lapsum, ("tol", "max_iter")),
+    "sigmoid": _Method(_sigmoid, _solver_opts, _SOLVER),
+    "soft": _Method(_soft, _solver_opts, _SOLVER, own_largest=True),
+    "sparse": _Method(_sparse, _sparse_opts, ("p",) + _SOLVER),
+    "lapsum": _Method(_lapsum, _solver_opts, _SOLVER),
 }
 
 
-def _method(method: str, options: dict) -> _Method:
+def _method(method: str, options: dict) -> tuple[_Method, dict]:
+    """The method's spec and its parsed options; unknown methods and options raise."""
+    if not isinstance(method, str):
+        raise TypeError(f"topk_mask: `method` must be a string, got {type(method).__name__}")
     if method not in METHODS:
         raise ValueError(f"topk_mask: unknown `method`={method!r}; choose one of {', '.join(METHODS)}")
     spec = METHODS[method]
@@ -102,7 +111,12 @@ def _method(method: str, options: dict) -> _Method:
     if unknown:
         allowed = ", ".join(spec.options) or "none"
         raise TypeError(f"topk_mask: method={method!r} takes no option(s) {unknown}; its options: {allowed}")
-    return spec
+    return spec, spec.parse(**options)
+
+
+def _check_largest(largest: object) -> None:
+    if not isinstance(largest, bool):
+        raise TypeError(f"topk_mask: `largest` must be a bool, got {type(largest).__name__}")
 
 
 def _check_infinities(xl: Tensor, k: KArg) -> None:
@@ -169,34 +183,32 @@ def topk_mask(
     Example:
         >>> import torch, softtopk
         >>> x = torch.tensor([3.0, 1.0, 2.0, 0.0])
-        >>> softtopk.topk_mask(x, 2, method="sparse", temperature=0.5)
+        >>> softtopk.topk_mask(x, 2, method="sparse", temperature=2.0)
         tensor([1.0000, 0.2500, 0.7500, 0.0000])
         >>> softtopk.topk_mask(x, 2, method="hard")
         tensor([1., 0., 1., 0.])
     """
     finite = check_input(x)
     d = normalize_dim(x, dim)
-    if not isinstance(method, str):
-        raise TypeError(f"topk_mask: `method` must be a string, got {type(method).__name__}")
-    spec = _method(method, options)
-    if not isinstance(largest, bool):
-        raise TypeError(f"topk_mask: `largest` must be a bool, got {type(largest).__name__}")
+    spec, opts = _method(method, options)
+    _check_largest(largest)
     n = x.shape[d]
     check_k(k, n, integer=not spec.normalised)
     check_temperature(temperature)
+    if x.numel() == 0 or n == 0:  # nothing to select (k = 0 on empty rows)
+        return x * 0.0
 
     cdtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     xl = move_last(x, d).to(cdtype)
-    if not largest and not spec.own_largest:
-        xl = -xl
     if isinstance(k, Tensor):
         kt = row_param(k, x, d, name="k", dtype=cdtype if spec.normalised else torch.long)
     else:
         kt = row_param(k, x, d, name="k", dtype=cdtype) if spec.normalised else int(k)
+    signed = xl if largest else -xl  # the problem is always "k largest of signed"
     if not finite:
-        _check_infinities(xl, kt)
+        _check_infinities(signed, kt)
     t = row_param(temperature, x, d, name="temperature", dtype=cdtype)
-    y = spec.fn(xl, kt, t, largest, **options)
+    y = spec.fn(xl if spec.own_largest else signed, kt, t, largest, **opts)
     return move_back(y.to(x.dtype), d)
 
 
@@ -216,8 +228,12 @@ class SoftTopK(nn.Module):
         **options,
     ):
         super().__init__()
-        _method(method, options)
+        spec, _ = _method(method, options)
+        check_k(k, math.inf, integer=not spec.normalised, fn="SoftTopK")
         check_temperature(temperature, fn="SoftTopK")
+        _check_largest(largest)
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise TypeError(f"SoftTopK: `dim` must be an int, got {type(dim).__name__}")
         self.k, self.method, self.temperature = k, method, temperature
         self.dim, self.largest, self.options = dim, largest, options
 

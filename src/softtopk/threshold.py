@@ -205,16 +205,19 @@ def _newton(family, u, k, n_live, tau, lo, hi, done, tol, max_iter, eager):
     """Safeguarded Newton on S(τ) = Σ φ(u − τ) = k, with u = x/t.
 
     Keeps a bracket [lo, hi] with S(lo) ≥ k ≥ S(hi) and falls back to bisection when a Newton step leaves it.
-    Returns (y, τ, converged) with y evaluated at τ.
+    Stops a row at |S − k| ≤ tol or when the step no longer moves τ. Returns (y, τ, ok) with y evaluated at τ
+    and ok the rows within tol (or given as ``done``).
     """
     logit_k = torch.log(k / (n_live - k)) if family.log_newton else None
+    ok = done
     for it in range(max_iter + 1):
         y, aux = family.phi_(u - tau)
         if it == max_iter:
             break
         s = y.sum(-1, keepdim=True)
         resid = s - k
-        done = done | (resid.abs() <= tol)
+        ok = ok | (resid.abs() <= tol)
+        done = done | ok
         if eager and bool(done.all()):
             break
         dsum = family.dsum(y, aux)  # −dS/dτ
@@ -229,9 +232,9 @@ def _newton(family, u, k, n_live, tau, lo, hi, done, tol, max_iter, eager):
         new = tau + step
         inside = (new > lo) & (new < hi)  # false for NaN/inf too
         new = torch.where(inside, new, 0.5 * (lo + hi))
-        done = done | (new == tau)  # stalled at machine precision
+        done = done | (new == tau)  # stalled at machine precision (ok tells whether within tol)
         tau = torch.where(done, tau, new)
-    return y, tau, done
+    return y, tau, ok
 
 
 def _row_blocks(fn, *args):
@@ -260,7 +263,8 @@ def _row_blocks(fn, *args):
 
 
 def threshold_mask_solve(family: type[Family], x: Tensor, k: Tensor, t: Tensor, tol: float, max_iter: int):
-    """Forward of a normalised threshold mask along the last dim. Returns (y, τ) with τ in units of x / t.
+    """Forward of a normalised threshold mask along the last dim. Returns (y, τ, c): y = clip(φ((x − c)/t − τ)),
+    with c a per-row centre (0 unless the row needed re-centring for precision).
 
     ``x`` (..., n) in the compute dtype; ``k`` and ``t`` of shape (..., 1).
     """
@@ -285,8 +289,22 @@ def _solve(family, x, k, t, tol, max_iter):
     tau = 0.5 * (lo + hi)
     if n > 4 * _SUBSAMPLE:
         tau = _warm_start(family, u, k, lo, hi, tau, degenerate, eager)
-    y, tau, done = _newton(family, u, k, n_live, tau, lo, hi, degenerate, tol * k.clamp(min=1.0), max_iter, eager)
-    if eager and not bool(done.all()):
+    tol = tol * k.clamp(min=1.0)
+    y, tau, ok = _newton(family, u, k, n_live, tau, lo, hi, degenerate, tol, max_iter, eager)
+    centre = torch.zeros_like(tau)
+    if eager:
+        # u = x/t carries an error of ulp(|u|): near the threshold that is ulp(|τ|), too coarse for the
+        # tolerance when |τ| is large (offset logits, tiny t), and a row may stall short of it. Such rows are
+        # polished in a frame centred at the threshold, where x − c is exact for the entries that matter.
+        far = (tau.abs() > 0.1 * tol / torch.finfo(x.dtype).eps) & ~degenerate
+        redo = far | ~ok
+        if bool(redo.any()):
+            shift = torch.where(redo, tau, 0.0)
+            centre = shift * t
+            u = (x - centre) * rt
+            y, tau2, ok = _newton(family, u, k, n_live, tau - shift, lo - shift, hi - shift, ~redo, tol, max_iter, eager)
+            tau = torch.where(redo, tau2, tau)
+    if eager and not bool(ok.all()):
         worst = (y.sum(-1, keepdim=True) - k).abs().max().item()
         warnings.warn(
             f"topk_mask({family.name}): threshold search stopped after max_iter={max_iter} iterations with "
@@ -297,10 +315,10 @@ def _solve(family, x, k, t, tol, max_iter):
     if not eager or bool(degenerate.any()):
         exact = torch.where(none, (x == math.inf).to(y.dtype), (x > -math.inf).to(y.dtype))
         y = torch.where(degenerate, exact, y)
-    return y, tau
+    return y, tau, centre
 
 
-def _implicit_backward(family, x, t, y, tau, gy, needs_k, needs_t):
+def _implicit_backward(family, x, t, y, tau, centre, gy, needs_k, needs_t):
     # ∂y/∂x = diag(d) − d dᵀ/Σd,  ∂y/∂k = d/Σd,  ∂y/∂t = −(∂y/∂x) z,   d = φ'(z)/t on 0 < y < 1.
     d = family.dphi(y) / t
     gd = gy * d
@@ -310,7 +328,7 @@ def _implicit_backward(family, x, t, y, tau, gy, needs_k, needs_t):
     gk = gbar if needs_k else None
     gt = None
     if needs_t:
-        z = (x / t).sub_(tau)
+        z = ((x - centre) / t).sub_(tau)
         gt = -torch.where(d > 0, z * gx, 0.0).sum(-1, keepdim=True)
     return gx, gk, gt
 
@@ -326,16 +344,16 @@ def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
         @staticmethod
         def setup_context(ctx, inputs, output):
             x, k, t, _, _ = inputs
-            y, tau = output
-            ctx.mark_non_differentiable(tau)
-            ctx.save_for_backward(x, t, y, tau)
+            y, tau, centre = output
+            ctx.mark_non_differentiable(tau, centre)
+            ctx.save_for_backward(x, t, y, tau, centre)
 
         @staticmethod
         @once_differentiable
-        def backward(ctx, gy, _gtau):
-            x, t, y, tau = ctx.saved_tensors
+        def backward(ctx, gy, _gtau, _gcentre):
+            x, t, y, tau, centre = ctx.saved_tensors
             needs_k, needs_t = ctx.needs_input_grad[1:3]
-            gx, gk, gt = _row_blocks(_implicit_backward, family, x, t, y, tau, gy, needs_k, needs_t)
+            gx, gk, gt = _row_blocks(_implicit_backward, family, x, t, y, tau, centre, gy, needs_k, needs_t)
             return gx, gk, gt, None, None
 
     ThresholdMask.__name__ = ThresholdMask.__qualname__ = f"ThresholdMask_{family.__name__}"
@@ -351,8 +369,7 @@ def normalised_mask(
     """Normalised threshold mask along the last dim of ``x`` (compute dtype); ``k``, ``t`` of shape (..., 1)."""
     if tol is None:
         tol = 1e-9 if x.dtype == torch.float64 else 1e-5
-    y, _ = _FUNCTIONS[family].apply(x, k, t, tol, max_iter)
-    return y
+    return _FUNCTIONS[family].apply(x, k, t, tol, max_iter)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -485,9 +502,13 @@ class _DFTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(x, t, kth_vals, kth_idx):
-        tau = kth_vals.mean(-1, keepdim=True)  # ±inf when k = 0 or n: the mask is then exact
+        tau = kth_vals.mean(-1, keepdim=True)  # ±inf when an order statistic is ±inf: the mask is then exact
         rt = t.reciprocal()
-        return (x * rt).sub_(tau * rt).sigmoid_(), tau  # σ((x − τ)/t)
+        y = (x * rt).sub_(tau * rt).sigmoid_()  # σ((x − τ)/t)
+        if can_read_data(tau) and bool(torch.isfinite(tau).all()):
+            return y, tau
+        # x = τ = ±inf (+inf entries at k = #(+inf), -inf padding at k = #live): selected iff +inf
+        return torch.where(y.isnan(), (tau > 0).to(y.dtype), y), tau
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -1,0 +1,904 @@
+r"""Isotonic regression and regularised projections onto the permutahedron: soft sort, soft rank, sparse top-k.
+
+The permutahedron :math:`\mathcal{P}(w)` is the convex hull of the permutations of a vector :math:`w`. Blondel
+et al. (2020, "Fast differentiable sorting and ranking") and Sander et al. (2023, "Fast, differentiable and
+sparse top-k: a convex analysis perspective") define their operators as regularised linear programs over it,
+
+.. math::
+    P_\Omega(z, w) = \arg\max_{\mu \in \mathcal{P}(w)} \langle z, \mu\rangle - \Omega(\mu),
+
+and reduce them to isotonic optimisation (Blondel et al. 2020, Prop. 3; Sander et al. 2023, Prop. 4): with
+:math:`\sigma` the permutation sorting :math:`z` in decreasing order, :math:`s = z_\sigma` and :math:`w` sorted in
+decreasing order,
+
+.. math::
+    P_\Omega(z, w) = \nabla\Omega^*(s - v)_{\sigma^{-1}},\qquad
+    v = \arg\min_{v_1 \ge \dots \ge v_n} \sum_i \Omega^*(s_i - v_i) + w_i v_i .
+
+The isotonic problem is solved exactly by the pool-adjacent-violators algorithm (PAV): the solution is constant on
+consecutive blocks, and the value of a block B solves the one-dimensional problem of the block,
+:math:`\sum_{i\in B} (\Omega^*)'(s_i - \gamma) = \sum_{i \in B} w_i`. Every backward here is read off that block
+structure in closed form (implicit function theorem on the block equations), in O(n).
+
+Solvers. PAV runs in a numba kernel (one O(n) pass per row, rows in parallel) when numba is installed and the
+tensor is on the CPU; otherwise in a pure-torch reference that pools all adjacent violators of all rows at once,
+round after round (exact, the same result; each round is O(n) but the number of rounds can reach the block
+length). :func:`isotonic` also offers Dykstra's alternating projections (Sander et al. 2023, Sec. 5), pure torch,
+iterative.
+
+These operators run eagerly: they are not traceable by ``torch.compile`` and have no ``vmap`` rule (the PAV
+kernel reads the data). Every backward is ``once_differentiable``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Union
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._utils import (
+    KArg,
+    can_read_data,
+    check_input,
+    check_k,
+    check_temperature,
+    move_back,
+    move_last,
+    normalize_dim,
+    row_param,
+)
+
+__all__ = [
+    "isotonic",
+    "pav_backend",
+    "permutahedron_projection",
+    "permutahedron_topk",
+    "soft_rank",
+    "soft_sort",
+    "topk_magnitude",
+]
+
+Number = Union[int, float]
+Q2, Q4, KL = 0, 1, 2  # the loss of the isotonic problem: Ω* = u²/2, Ω* = u⁴/4, or Blondel's KL dual
+DYKSTRA_MAX_ITER = 1000
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument helpers
+# --------------------------------------------------------------------------------------------------------------
+def _mode_of_p(p: object, fn: str) -> int:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{fn}: `p` must be 2 or 4/3, got {type(p).__name__}")
+    if p == 2:
+        return Q2
+    if math.isclose(p, 4 / 3, rel_tol=1e-6):
+        return Q4
+    raise ValueError(f"{fn}: `p` must be 2 or 4/3, got {p}")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _check_finite(x: Tensor, name: str, fn: str) -> None:
+    finite = check_input(x, name, fn=fn)
+    if not finite and can_read_data(x) and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{fn}: `{name}` must be finite (it contains ±inf)")
+
+
+def _rows(xl: Tensor) -> Tensor:
+    """(..., n) -> (R, n)."""
+    return xl.reshape(-1, xl.shape[-1])
+
+
+def _row_scalar(value: Union[Number, Tensor], x: Tensor, d: int, name: str, fn: str, dtype: torch.dtype) -> Tensor:
+    """A per-row parameter as an (R, 1) tensor (R = number of rows of ``x`` along ``d``)."""
+    return row_param(value, x, d, name=name, fn=fn, dtype=dtype).reshape(-1, 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PAV: numba kernel and pure-torch reference
+# --------------------------------------------------------------------------------------------------------------
+_NUMBA_MODULE: object = None
+
+
+def _numba():
+    """The numba kernel module, or None when numba is not installed (imported on first use)."""
+    global _NUMBA_MODULE
+    if _NUMBA_MODULE is None:
+        try:
+            from . import _pav_numba
+
+            _NUMBA_MODULE = _pav_numba
+        except ImportError:
+            _NUMBA_MODULE = False
+    return _NUMBA_MODULE or None
+
+
+def pav_backend(device: Union[str, torch.device] = "cpu") -> str:
+    """The PAV solver used for tensors on ``device``: ``"numba"`` (CPU with numba installed) or ``"torch"``."""
+    return "numba" if torch.device(device).type == "cpu" and _numba() is not None else "torch"
+
+
+def _pav(
+    y: Tensor,
+    a: Tensor | None,
+    b: Tensor | None,
+    c: Tensor | None,
+    mode: int,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Exact solution of :math:`\arg\min_{v_1\ge\dots\ge v_n} \sum_i a_i R(v_i - y_i) + b_i v_i + c_i v_i^2/2`
+    (``mode`` Q2: R = u²/2, Q4: R = u⁴/4), or of :math:`\sum_i e^{y_i - v_i} + e^{b_i} v_i` (KL), row by row.
+
+    ``y`` (R, n); ``a`` (default 1), ``b``, ``c`` (default 0) of shape (1, n) or (R, n). Returns ``v`` (R, n) in
+    ``y``'s dtype and ``start`` (R, n) int64: the index of the first entry of each entry's block.
+    """
+    backend = backend or pav_backend(y.device)
+    with torch.no_grad():
+        if backend == "numba":
+            return _pav_numba_call(y, a, b, c, mode)
+        return _pav_torch(y, a, b, c, mode)
+
+
+def _np_rows(t: Tensor | None, fill: float, n: int):
+    if t is None:
+        t = torch.full((1, n), fill, dtype=torch.float64)
+    elif t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 0:
+        t = t[:1]
+    return t.detach().to(device="cpu", dtype=torch.float64).contiguous().numpy()
+
+
+def _pav_numba_call(y, a, b, c, mode):
+    kernel = _numba()
+    rows, n = y.shape
+    y64 = y.detach().to(device="cpu", dtype=torch.float64).contiguous()
+    v = torch.empty((rows, n), dtype=torch.float64)
+    start = torch.empty((rows, n), dtype=torch.int64)
+    if rows and n:
+        kernel.pav(
+            y64.numpy(), _np_rows(a, 1.0, n), _np_rows(b, 0.0, n), _np_rows(c, 0.0, n), mode, v.numpy(), start.numpy()
+        )
+    return v.to(device=y.device, dtype=y.dtype), start.to(y.device)
+
+
+def _cubic_root(p: Tensor, q: Tensor) -> Tensor:
+    """Elementwise real root of d³ + p d + q = 0 for p ≥ 0 (cancellation-free Cardano, then one Newton step)."""
+    p3 = p / 3.0
+    h = torch.sqrt(0.25 * q * q + p3 * p3 * p3)
+    big = (0.5 * q.abs() + h).pow(1.0 / 3.0)
+    d = -q / (big * big + p3 + (p3 / big) ** 2)
+    d = torch.where(q == 0, torch.zeros_like(d), d)
+    f = d * d * d + p * d + q
+    fp = 3.0 * d * d + p
+    return torch.where(fp > 0, d - f / torch.where(fp > 0, fp, torch.ones_like(fp)), d)
+
+
+def _gid(start: Tensor) -> Tensor:
+    """Flat block ids (row * n + first index of the block) of a (R, n) ``start`` array."""
+    rows, n = start.shape
+    return (start + torch.arange(rows, device=start.device).unsqueeze(1) * n).reshape(-1)
+
+
+def _segsum(val: Tensor, gid: Tensor) -> Tensor:
+    """Per-entry sum of ``val`` (R, n) over the entry's block."""
+    flat = val.reshape(-1)
+    return flat.new_zeros(flat.shape).index_add_(0, gid, flat)[gid].view(val.shape)
+
+
+def _seglse(val: Tensor, gid: Tensor) -> Tensor:
+    """Per-entry logsumexp of ``val`` (R, n) over the entry's block."""
+    flat = val.reshape(-1)
+    mx = flat.new_full(flat.shape, -math.inf).scatter_reduce_(0, gid, flat, "amax")[gid]
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    tot = flat.new_zeros(flat.shape).index_add_(0, gid, torch.exp(flat - mx))[gid]
+    return (torch.log(tot) + mx).view(val.shape)
+
+
+def _block_values(y, a, b, c, mode, gid):
+    """The value of every entry's block (R, n) under the pooling rule of ``mode``."""
+    if mode == Q2:
+        return _segsum(a * y - b, gid) / _segsum(a + c, gid)
+    if mode == KL:
+        return _seglse(y, gid) - _seglse(b, gid)
+    m = _segsum(a, gid)
+    mean = _segsum(a * y, gid) / m
+    e = y - mean
+    mean = mean + _segsum(a * e, gid) / m  # second pass: exact mean even when |y| >> spread
+    e = y - mean
+    ae2 = a * e * e
+    m2 = _segsum(ae2, gid)
+    m3 = _segsum(ae2 * e, gid)
+    bs = _segsum(b, gid)
+    cs = _segsum(c, gid)
+    return mean + _cubic_root((3.0 * m2 + cs) / m, -(m3 - bs - cs * mean) / m)
+
+
+def _pav_torch(y, a, b, c, mode):
+    """Pure-torch PAV: pool every adjacent violating pair of blocks of every row at once, until none is left.
+
+    Pooling a run of consecutive violators is what sequential PAV would do too, so the result is the same exact
+    solution; a round costs O(R n) and the number of rounds is at most the length of the longest block.
+    """
+    rows, n = y.shape
+    a = torch.ones_like(y) if a is None else a.to(y.dtype).expand(rows, n)
+    b = torch.zeros_like(y) if b is None else b.to(y.dtype).expand(rows, n)
+    c = torch.zeros_like(y) if c is None else c.to(y.dtype).expand(rows, n)
+    ar = torch.arange(n, device=y.device).expand(rows, n)
+    start = ar.clone()
+    while True:
+        v = _block_values(y, a, b, c, mode, _gid(start))
+        is_start = start == ar
+        viol = torch.zeros_like(is_start)
+        viol[:, 1:] = is_start[:, 1:] & (v[:, :-1] < v[:, 1:])
+        if rows == 0 or not bool(viol.any()):
+            return v, start
+        start = torch.where(is_start & ~viol, ar, 0).cummax(-1).values
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dykstra (pure torch): dual block-coordinate ascent over the odd and the even pair constraints
+# --------------------------------------------------------------------------------------------------------------
+def _unconstrained(y, a, b, c, mode):
+    """argmin_v a R(v − y) + b v + c v²/2, elementwise."""
+    if mode == Q2:
+        return (a * y - b) / (a + c)
+    return y + _cubic_root(c / a, (b + c * y) / a)
+
+
+def _pair_pooled(y, a, b, c, mode):
+    """The pooled value of each pair: tensors of shape (R, L, 2) -> (R, L, 1)."""
+    if mode == Q2:
+        return (a * y - b).sum(-1, keepdim=True) / (a + c).sum(-1, keepdim=True)
+    m = a.sum(-1, keepdim=True)
+    mean = (a * y).sum(-1, keepdim=True) / m
+    e = y - mean
+    m2 = (a * e * e).sum(-1, keepdim=True)
+    m3 = (a * e * e * e).sum(-1, keepdim=True)
+    bs = b.sum(-1, keepdim=True)
+    cs = c.sum(-1, keepdim=True)
+    return mean + _cubic_root((3.0 * m2 + cs) / m, -(m3 - bs - cs * mean) / m)
+
+
+def _solve_pairs(y, a, b, c, mode, offset):
+    """argmin of Σ a R(v − y) + b v + c v²/2 subject to v_i ≥ v_{i+1} for the pairs (i, i+1), i = offset, offset+2, …"""
+    z = _unconstrained(y, a, b, c, mode)
+    rows, n = y.shape
+    pairs = (n - offset) // 2
+    if pairs == 0:
+        return z
+    sl = slice(offset, offset + 2 * pairs)
+
+    def cut(t):
+        return t[:, sl].reshape(rows, pairs, 2)
+
+    zz = cut(z)
+    pooled = _pair_pooled(cut(y), cut(a), cut(b), cut(c), mode)
+    viol = zz[..., :1] < zz[..., 1:]
+    z = z.clone()
+    z[:, sl] = torch.where(viol, pooled, zz).reshape(rows, 2 * pairs)
+    return z
+
+
+def _dykstra(y, a, b, c, mode, tol, max_iter):
+    r"""Dykstra's alternating projections for the isotonic problem of :func:`_pav` (modes Q2 and Q4).
+
+    The monotone cone is the intersection of :math:`C_1 = \{v_{2j} \ge v_{2j+1}\}` and
+    :math:`C_2 = \{v_{2j+1} \ge v_{2j+2}\}`, each a product of independent pair constraints whose projection is
+    closed-form (keep the pair, or pool it). For the squared loss this is Dykstra's algorithm; for the quartic loss
+    it is its Bregman form, block-coordinate ascent on the dual, with the multipliers of each set (g1, g2) folded
+    into the linear term of the other step. Stops when the iterate moves less than ``tol`` and violates the
+    constraints of :math:`C_1` by less than ``tol`` (relative to the range of ``y``); warns otherwise. Returns the
+    iterate and the number of iterations it took (0 when it did not converge).
+
+    Convergence: linear for the squared loss, but a block of length L needs of the order of L² iterations (the
+    pooling spreads one position per iteration); for the quartic loss, whose curvature vanishes at the minimum,
+    it is much slower still. PAV is the solver of choice on CPU; Dykstra is the batched, branch-free alternative.
+    """
+    rows, n = y.shape
+    a = torch.ones_like(y) if a is None else a.to(y.dtype).expand(rows, n)
+    b = torch.zeros_like(y) if b is None else b.to(y.dtype).expand(rows, n)
+    c = torch.zeros_like(y) if c is None else c.to(y.dtype).expand(rows, n)
+
+    def grad(v):  # φ'(v) without multipliers
+        u = v - y
+        return a * (u if mode == Q2 else u * u * u) + b + c * v
+
+    scale = 1.0 + float((y.amax() - y.amin()).abs()) if y.numel() else 1.0
+    g2 = torch.zeros_like(y)
+    prev = _unconstrained(y, a, b, c, mode)
+    worst = math.inf
+    for it in range(max_iter):
+        v1 = _solve_pairs(y, a, b - g2, c, mode, 0)
+        g1 = grad(v1) - g2
+        v = _solve_pairs(y, a, b - g1, c, mode, 1)
+        g2 = grad(v) - g1
+        pairs = n // 2
+        viol = (v[:, 1 : 2 * pairs : 2] - v[:, 0 : 2 * pairs : 2]).clamp(min=0)
+        worst = max(float(viol.amax()) if viol.numel() else 0.0, float((v - prev).abs().amax()))
+        prev = v
+        if worst <= tol * scale:
+            return v, it + 1
+    warnings.warn(
+        f"isotonic(solver='dykstra'): no convergence after max_iter={max_iter} iterations (last step and "
+        f"constraint violation {worst:.3g}, tol·scale {tol * scale:.3g}); raise max_iter or use solver='pav'",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return prev, 0
+
+
+def _blocks_of(v: Tensor, tol: float) -> Tensor:
+    """Block starts read off an approximate solution: consecutive entries within ``tol`` share a block."""
+    rows, n = v.shape
+    ar = torch.arange(n, device=v.device).expand(rows, n)
+    new = torch.ones_like(v, dtype=torch.bool)
+    new[:, 1:] = (v[:, :-1] - v[:, 1:]).abs() > tol
+    return torch.where(new, ar, 0).cummax(-1).values
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Isotonic regression
+# --------------------------------------------------------------------------------------------------------------
+class _Isotonic(torch.autograd.Function):
+    @staticmethod
+    def forward(y, w, mode, solver, tol, max_iter):
+        if solver == "pav":
+            return _pav(y, w, None, None, mode)
+        with torch.no_grad():
+            v, _ = _dykstra(y, w, None, None, mode, tol, max_iter)
+            scale = 1.0 + float((y.amax() - y.amin()).abs()) if y.numel() else 1.0
+            return v, _blocks_of(v, 10.0 * tol * scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, w, mode = inputs[:3]
+        v, start = output
+        ctx.mark_non_differentiable(start)
+        ctx.mode = mode
+        ctx.save_for_backward(y, w, v, start)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gv, _gstart):
+        # Block B with value γ: Σ_B a_i R'(γ − y_i) = 0. Implicit function theorem, with d_i = a_i R''(γ − y_i):
+        #   ∂γ/∂y_j = d_j / Σ_B d,   ∂γ/∂a_j = −R'(γ − y_j) / Σ_B d.
+        # p = 2: d = a, the a-weighted mean of the incoming gradient over the block. p = 4/3: d = 3 a (γ − y)²;
+        # a block with Σ d = 0 (every y_i = γ) falls back to the a-weighted mean (its limit for a singleton).
+        y, w, v, start = ctx.saved_tensors
+        a = torch.ones_like(y) if w is None else w.expand_as(y)
+        u = v - y
+        gid = _gid(start)
+        if ctx.mode == Q2:
+            d = a
+            dsum = _segsum(a, gid)
+        else:
+            d = 3.0 * a * u * u
+            dsum = _segsum(d, gid)
+            flat = dsum <= 0
+            if bool(flat.any()):
+                d = torch.where(flat, a, d)
+                dsum = torch.where(flat, _segsum(a, gid), dsum)
+        gbar = _segsum(gv, gid) / dsum
+        gy = d * gbar
+        gw = None
+        if w is not None and ctx.needs_input_grad[1]:
+            rp = u if ctx.mode == Q2 else u * u * u
+            gw = -rp * gbar
+            if w.shape != gw.shape:
+                gw = gw.sum(0, keepdim=True)
+        return gy, gw, None, None, None, None
+
+
+def isotonic(
+    y: Tensor,
+    w: Tensor | None = None,
+    *,
+    p: Number = 2,
+    solver: str = "pav",
+    dim: int = -1,
+    increasing: bool = False,
+    tol: float | None = None,
+    max_iter: int = DYKSTRA_MAX_ITER,
+) -> Tensor:
+    r"""Weighted isotonic regression along ``dim``, batched over all other dimensions.
+
+    Solves, for every row,
+
+    .. math::
+        v = \arg\min_{v_1 \ge v_2 \ge \dots \ge v_n} \sum_i w_i\, R_p(v_i - y_i),\qquad
+        R_p(u) = \frac{|u|^q}{q},\ \ \frac1p + \frac1q = 1,
+
+    i.e. :math:`R_2(u) = u^2/2` (least squares) and :math:`R_{4/3}(u) = u^4/4`. :math:`R_p = \Omega_p^*` is the
+    convex conjugate of the p-norm regulariser :math:`\Omega_p(\mu) = |\mu|^p/p` of Sander et al. (2023), whose
+    sparse top-k reduces to :math:`\arg\min_{v_1\ge\dots\ge v_n} \sum_i t R_p((s_i - v_i)/t) + w_i v_i` (their
+    Prop. 4; :func:`permutahedron_topk` solves that form with the same kernel). ``increasing=True`` asks for
+    :math:`v_1 \le \dots \le v_n` instead (Blondel et al. 2020 use the decreasing form, the default here).
+
+    The PAV solution is exact. A block's value is the weighted mean for p = 2 and, for p = 4/3, the root of
+    :math:`\sum_{i\in B} w_i (\gamma - y_i)^3 = 0`, a depressed cubic in :math:`\gamma - \bar y_B` solved in closed
+    form from the block's weighted central moments. The backward is closed-form (implicit function theorem on the
+    block equation), O(n): for p = 2 the incoming gradient is averaged over each block with weights w.
+
+    Args:
+        y: data, floating, any shape.
+        w: positive weights, broadcastable to ``y``'s shape (default 1). Differentiable.
+        p: 2 or 4/3.
+        solver: ``"pav"`` (exact; numba kernel on CPU when installed, else a pure-torch reference) or
+            ``"dykstra"`` (pure torch, iterative, approximate; its backward uses the blocks read off the solution).
+        dim: the dimension along which ``v`` is monotone.
+        increasing: solve for a non-decreasing ``v``.
+        tol, max_iter: Dykstra's stopping rule: largest step and constraint violation below ``tol`` times
+            (1 + range of y); default ``tol`` 1e-6 (float32) or 1e-10 (float64). A ``RuntimeWarning`` is issued if
+            ``max_iter`` is reached first. Not used by PAV.
+
+    Returns:
+        ``v`` of ``y``'s shape and dtype (half precision is computed in float32).
+
+    Example:
+        >>> import torch, softtopk
+        >>> softtopk.isotonic(torch.tensor([1.0, 3.0, 2.0, 0.0]))
+        tensor([2., 2., 2., 0.])
+    """
+    fn = "isotonic"
+    _check_finite(y, "y", fn)
+    d = normalize_dim(y, dim, fn=fn)
+    mode = _mode_of_p(p, fn)
+    if solver not in ("pav", "dykstra"):
+        raise ValueError(f"{fn}: `solver` must be 'pav' or 'dykstra', got {solver!r}")
+    if not isinstance(increasing, bool):
+        raise TypeError(f"{fn}: `increasing` must be a bool, got {type(increasing).__name__}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+        raise ValueError(f"{fn}: `max_iter` must be a positive int, got {max_iter!r}")
+    if tol is not None and not (isinstance(tol, numbers.Real) and tol > 0):
+        raise ValueError(f"{fn}: `tol` must be a positive number, got {tol!r}")
+    cdtype = _compute_dtype(y)
+    if tol is None:
+        tol = 1e-10 if cdtype == torch.float64 else 1e-6
+    yl = move_last(y, d).to(cdtype)
+    wl = None
+    if w is not None:
+        if not isinstance(w, Tensor):
+            raise TypeError(f"{fn}: `w` must be a torch.Tensor or None, got {type(w).__name__}")
+        if not w.dtype.is_floating_point:
+            raise TypeError(f"{fn}: `w` must have a floating dtype, got {w.dtype}")
+        try:
+            wb = w.broadcast_to(y.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{fn}: `w` of shape {tuple(w.shape)} does not broadcast to y's shape {tuple(y.shape)}"
+            ) from None
+        if can_read_data(w) and w.numel() and not bool(((w > 0) & torch.isfinite(w)).all()):
+            raise ValueError(f"{fn}: `w` must be positive and finite")
+        wl = _rows(move_last(wb, d).to(device=y.device, dtype=cdtype))
+    shape = yl.shape
+    y2 = _rows(yl)
+    if increasing:
+        y2 = -y2
+    v, _ = _Isotonic.apply(y2, wl, mode, solver, float(tol), int(max_iter))
+    if increasing:
+        v = -v
+    return move_back(v.reshape(shape).to(y.dtype), d)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Projections onto the permutahedron
+# --------------------------------------------------------------------------------------------------------------
+class _ProjectSorted(torch.autograd.Function):
+    """μ = ∇Ω*(s − v) with v the isotonic dual solution, for s (R, n) and w (R or 1, n) sorted decreasingly."""
+
+    @staticmethod
+    def forward(s, w, mode):
+        v, start = _pav(s, None, w, None, mode)
+        u = s - v
+        return (u * u * u if mode == Q4 else u), v, start
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        s, w, mode = inputs
+        _, v, start = output
+        ctx.mark_non_differentiable(v, start)
+        ctx.mode = mode
+        ctx.save_for_backward(s, w, v, start)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, _gv, _gstart):
+        # μ_i = R'(u_i), u_i = s_i − γ_B, with the block equation Σ_B R'(s_i − γ) = Σ_B w_i (Q2, Q4) or
+        # γ = logsumexp_B(s) − logsumexp_B(w) (KL). With h_i = R''(u_i) and G_B = Σ_B h g:
+        #   Q2 (h = 1):      ∂L/∂s = g − G_B/|B|,          ∂L/∂w = G_B/|B|
+        #   Q4 (h = 3u²):    ∂L/∂s = h (g − G_B/Σ_B h),    ∂L/∂w = G_B/Σ_B h   (0 on blocks with Σ_B h = 0)
+        #   KL (h = 1):      ∂L/∂s = g − softmax_B(s) G_B, ∂L/∂w = softmax_B(w) G_B
+        s, w, v, start = ctx.saved_tensors
+        gid = _gid(start)
+        mode = ctx.mode
+        if mode == Q2:
+            gbar = _segsum(g, gid) / _segsum(torch.ones_like(g), gid)
+            gs, gw = g - gbar, gbar
+        elif mode == Q4:
+            u = s - v
+            h = 3.0 * u * u
+            hsum = _segsum(h, gid)
+            gbar = _segsum(h * g, gid) / torch.where(hsum > 0, hsum, torch.ones_like(hsum))
+            gbar = torch.where(hsum > 0, gbar, torch.zeros_like(gbar))
+            gs, gw = h * (g - gbar), gbar
+        else:
+            gsum = _segsum(g, gid)
+            ws = w.expand_as(s)
+            gs = g - torch.exp(s - _seglse(s, gid)) * gsum
+            gw = torch.exp(ws - _seglse(ws, gid)) * gsum
+        if gw.shape != w.shape:
+            gw = gw.sum(0, keepdim=True)
+        return gs, gw, None
+
+
+def _project_sorted(s: Tensor, w: Tensor, mode: int) -> Tensor:
+    if w.dim() == 2 and w.shape[0] > 1 and w.stride(0) == 0 and not w.requires_grad:
+        w = w[:1]
+    return _ProjectSorted.apply(s, w, mode)[0]
+
+
+def _project(z: Tensor, w_sorted: Tensor, mode: int) -> Tensor:
+    """P_Ω(z, w) for z (R, n) in any order and w (R or 1, n) sorted decreasingly."""
+    s, perm = torch.sort(z, dim=-1, descending=True)
+    mu = _project_sorted(s, w_sorted, mode)
+    return torch.zeros_like(mu).scatter(-1, perm, mu)
+
+
+def permutahedron_projection(z: Tensor, w: Tensor, *, p: Number = 2, dim: int = -1) -> Tensor:
+    r"""The p-norm regularised projection onto the permutahedron of ``w`` (Sander et al. 2023, Blondel et al. 2020).
+
+    .. math::
+        P_p(z, w) = \arg\max_{\mu \in \mathcal{P}(w)} \langle z, \mu\rangle - \frac1p \sum_i |\mu_i|^p,
+
+    where :math:`\mathcal{P}(w)` is the convex hull of the permutations of ``w``. For p = 2 it is the Euclidean
+    projection of ``z`` onto :math:`\mathcal{P}(w)`; p = 4/3 gives a smooth (C¹) operator that is still sparse.
+    Computed by sorting ``z`` and solving the dual isotonic problem of the module docstring with PAV (exact);
+    the backward is closed-form, O(n). As ``z`` is scaled up (``z / t``, t → 0) the result tends to the vertex
+    :math:`w_{\text{rank}(z)}` (``w`` sorted like ``z``), the hard LP solution.
+
+    Args:
+        z: scores, any shape.
+        w: the generating vector: a tensor broadcastable to ``z``'s shape (so a 1-D tensor of size n when
+            ``dim = -1``); its order does not matter. Differentiable.
+        p: 2 or 4/3.
+        dim: the dimension of the vectors.
+
+    Returns:
+        :math:`P_p(z, w)` of ``z``'s shape and dtype.
+
+    Example:
+        >>> import torch, softtopk
+        >>> softtopk.permutahedron_projection(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1.0, 0.0, 0.0]))
+        tensor([1., 0., 0.])
+    """
+    fn = "permutahedron_projection"
+    _check_finite(z, "z", fn)
+    d = normalize_dim(z, dim, fn=fn)
+    mode = _mode_of_p(p, fn)
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{fn}: `w` must be a torch.Tensor, got {type(w).__name__}")
+    _check_finite(w, "w", fn)
+    try:
+        wb = w.broadcast_to(z.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{fn}: `w` of shape {tuple(w.shape)} does not broadcast to z's shape {tuple(z.shape)}"
+        ) from None
+    cdtype = _compute_dtype(z)
+    zl = move_last(z, d).to(cdtype)
+    ws = torch.sort(_rows(move_last(wb, d).to(device=z.device, dtype=cdtype)), dim=-1, descending=True).values
+    mu = _project(_rows(zl), ws, mode)
+    return move_back(mu.reshape(zl.shape).to(z.dtype), d)
+
+
+def _topk_weights(k: Tensor, n: int) -> Tensor:
+    """w = (1, …, 1, k − ⌊k⌋, 0, …, 0) with ⌊k⌋ ones, for k of shape (R, 1): P(w) is the capped simplex
+    {0 ≤ y ≤ 1, Σ y = k}. Differentiable in k through the fractional entry (the right derivative at integers)."""
+    fl = k.detach().floor()
+    idx = torch.arange(n, device=k.device, dtype=k.dtype)
+    return (idx < fl).to(k.dtype) + (idx == fl).to(k.dtype) * (k - fl)
+
+
+def permutahedron_topk(
+    x: Tensor,
+    k: KArg,
+    *,
+    temperature: Union[float, Tensor] = 1.0,
+    p: Number = 2,
+    largest: bool = True,
+    dim: int = -1,
+) -> Tensor:
+    r"""Sparse soft top-k mask as a projection onto the permutahedron of :math:`w = (1,\dots,1,0,\dots,0)`.
+
+    Sander et al. (2023): with ``k`` ones in ``w``, :math:`\mathcal{P}(w)` is the capped simplex
+    :math:`\{0 \le y \le 1, \sum_i y_i = k\}` and
+
+    .. math::
+        y = \arg\max_{y \in \mathcal{P}(w)} \langle x, y\rangle - t\,\frac1p \sum_i |y_i|^p
+          = P_p(x / t, w),
+
+    solved by PAV on the isotonic dual :math:`\arg\min_{v_1\ge\dots\ge v_n}\sum_i t R_p((s_i - v_i)/t) + w_i v_i`
+    (``s`` = x sorted decreasingly), with :math:`y = \nabla R_p((s - v)/t)` unsorted. It is the same operator as
+    ``topk_mask(x, k, method="sparse", temperature=t, p=p)`` (which finds the threshold by root finding instead);
+    the two agree to 1e-6 in float64. A fractional ``k`` uses :math:`w = (1,\dots,1,k-\lfloor k\rfloor,0,\dots)`,
+    whose permutahedron is again the capped simplex. As t → 0 the mask tends to the hard top-k mask.
+
+    Args:
+        x: scores, any shape (finite).
+        k: an int or float in [0, n], or a per-row tensor broadcastable to the batch shape. Differentiable.
+        temperature: t > 0, a number or a per-row tensor. Differentiable.
+        p: 2 (piecewise linear) or 4/3 (C¹).
+        largest: select the k largest (default) or the k smallest entries.
+        dim: the dimension to select along.
+
+    Returns:
+        A mask of ``x``'s shape and dtype with entries in [0, 1] summing to k along ``dim``; exactly 0 outside the
+        k largest entries and often exactly 1 inside.
+
+    Example:
+        >>> import torch, softtopk
+        >>> softtopk.permutahedron_topk(torch.tensor([3.0, 1.0, 2.0, 0.0]), 2, temperature=2.0)
+        tensor([1.0000, 0.2500, 0.7500, 0.0000])
+    """
+    fn = "permutahedron_topk"
+    _check_finite(x, "x", fn)
+    d = normalize_dim(x, dim, fn=fn)
+    n = x.shape[d]
+    check_k(k, n, integer=False, fn=fn)
+    check_temperature(temperature, fn=fn)
+    mode = _mode_of_p(p, fn)
+    if not isinstance(largest, bool):
+        raise TypeError(f"{fn}: `largest` must be a bool, got {type(largest).__name__}")
+    cdtype = _compute_dtype(x)
+    xl = move_last(x, d).to(cdtype)
+    if not largest:
+        xl = -xl
+    t = _row_scalar(temperature, x, d, "temperature", fn, cdtype)
+    kt = _row_scalar(k, x, d, "k", fn, cdtype)
+    w = _topk_weights(kt, n)
+    y = _project(_rows(xl) / t, w, mode)
+    return move_back(y.reshape(xl.shape).to(x.dtype), d)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Top-k in magnitude (Sander et al. 2023)
+# --------------------------------------------------------------------------------------------------------------
+class _MagnitudeSorted(torch.autograd.Function):
+    """|y| in sorted order: m = ∇R_p(e/t) + e, e = s − v, v = argmin_{v dec} Σ R_p(s_i − v_i) + c_i v_i²/2."""
+
+    @staticmethod
+    def forward(s, c, t, mode):
+        v, start = _pav(s, None, None, c, mode)
+        e = s - v
+        u = e / t
+        return (u * u * u if mode == Q4 else u) + e, v, start
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        s, c, t, mode = inputs
+        _, v, start = output
+        ctx.mark_non_differentiable(v, start)
+        ctx.mode = mode
+        ctx.save_for_backward(s, c, t, v, start)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, _gv, _gstart):
+        # Block equation Σ_B R'(γ − s_i) + c_i γ = 0, h_i = R''(e_i) (1 for p = 2, 3e² for p = 4/3), e = s − γ:
+        #   dγ = (Σ_B h ds − γ Σ_B dc) / (Σ_B h + Σ_B c).
+        # m_i = R'(e_i/t) + e_i, so ∂m_i/∂e_i = κ_i = h_i / t^(q−1) + 1 and ∂m_i/∂t = −(q−1) e_i^(q−1) / t^q.
+        # With gE = g κ and Ḡ_B = Σ_B gE / (Σ_B h + Σ_B c):
+        #   ∂L/∂s = gE − h Ḡ,   ∂L/∂c = γ Ḡ,   ∂L/∂t = Σ_i g_i ∂m_i/∂t.
+        # A block with Σ h + Σ c = 0 (all its entries equal to γ, outside the top-k) uses h = 1, and ∂L/∂c = 0.
+        s, c, t, v, start = ctx.saved_tensors
+        gid = _gid(start)
+        e = s - v
+        if ctx.mode == Q2:
+            h = torch.ones_like(e)
+            kappa = 1.0 / t + 1.0
+            dm_dt = -e / (t * t)
+        else:
+            h = 3.0 * e * e
+            t3 = t * t * t
+            kappa = h / t3 + 1.0
+            dm_dt = -3.0 * e * e * e / (t3 * t)
+        ge = g * kappa
+        hc = _segsum(h + c, gid)
+        flat = hc <= 0
+        if bool(flat.any()):
+            h = torch.where(flat, torch.ones_like(h), h)
+            hc = torch.where(flat, _segsum(torch.ones_like(h), gid), hc)
+        gbar = _segsum(ge, gid) / hc
+        gs = ge - h * gbar
+        gc = torch.where(flat, torch.zeros_like(gbar), v * gbar)
+        gt = (g * dm_dt).sum(-1, keepdim=True)
+        if gt.shape != t.shape:
+            gt = gt.sum_to_size(t.shape)
+        return gs, gc, gt, None
+
+
+def topk_magnitude(
+    x: Tensor,
+    k: KArg,
+    *,
+    temperature: Union[float, Tensor] = 1.0,
+    p: Number = 2,
+    dim: int = -1,
+) -> Tensor:
+    r"""Sparse soft top-k in magnitude (Sander et al. 2023): keeps the k entries of largest ``|x|``, with their sign.
+
+    The hard operator is :math:`x \circ \mathrm{topkmask}(|x|) = \nabla f(x)` with
+    :math:`f(x) = \tfrac12 \max_{y \in \mathcal{P}(w)} \langle y, x \circ x\rangle`, the permutahedron of
+    :math:`w = (1,\dots,1,0,\dots,0)` (k ones) applied to the squared magnitudes. Sander et al. smooth f by adding
+    the p-norm regulariser to its conjugate, :math:`f_t = (f^* + t\Omega_p)^*`, whose gradient
+
+    .. math::
+        u = \nabla f_t(x) = \arg\max_u \langle u, x\rangle - f^*(u) - \frac tp \sum_i |u_i|^p,\qquad
+        f^*(u) = \min_{y \in \mathcal{P}(w)} \sum_i \frac{u_i^2}{2 y_i},
+
+    reduces to isotonic optimisation on :math:`s = |x|` sorted decreasingly:
+    :math:`v = \arg\min_{v_1\ge\dots\ge v_n} \sum_i t R_p((s_i - v_i)/t) + \tfrac12 w_i v_i^2` and
+    :math:`|u| = \nabla R_p((s - v)/t)`, with ``sign(x)`` restored. The operator returned is
+    :math:`\mathrm{sign}(x)\,(|u| + t\,\nabla\Omega_p(|u|))`, as in the authors' reference implementation
+    (google-research ``sparse_soft_topk``): the factor makes an entry that is clearly inside the top-k come out
+    exactly as ``x_i`` (for such an entry :math:`x_i = u_i + t\nabla\Omega_p(u_i)`). For p = 2 it is
+    :math:`(1 + t)\,u`; in general it is :math:`u + (|x|_\sigma - v)` in sorted order.
+
+    Entries outside the top-k are exactly 0; as t → 0 the result tends to :math:`x \circ \mathrm{topkmask}(|x|)`.
+    The backward is closed-form from the PAV blocks, O(n).
+
+    Args:
+        x: values, any shape (finite).
+        k: an int or float in [0, n], or a per-row tensor broadcastable to the batch shape.
+        temperature: t > 0, a number or a per-row tensor. Differentiable.
+        p: 2 or 4/3.
+        dim: the dimension to select along.
+
+    Returns:
+        A tensor of ``x``'s shape and dtype.
+
+    Example:
+        >>> import torch, softtopk
+        >>> softtopk.topk_magnitude(torch.tensor([-5.0, -2.0, 3.0, 1.0]), 2, temperature=0.5)
+        tensor([-5., -0.,  3.,  0.])
+        >>> softtopk.topk_magnitude(torch.tensor([-5.0, -2.0, 3.0, 2.9]), 2, temperature=0.5)
+        tensor([-5.0000, -0.0000,  1.9200,  1.6200])
+    """
+    fn = "topk_magnitude"
+    _check_finite(x, "x", fn)
+    d = normalize_dim(x, dim, fn=fn)
+    n = x.shape[d]
+    check_k(k, n, integer=False, fn=fn)
+    check_temperature(temperature, fn=fn)
+    mode = _mode_of_p(p, fn)
+    cdtype = _compute_dtype(x)
+    xl = _rows(move_last(x, d).to(cdtype))
+    t = _row_scalar(temperature, x, d, "temperature", fn, cdtype)
+    kt = _row_scalar(k, x, d, "k", fn, cdtype)
+    w = _topk_weights(kt, n)
+    s, perm = torch.sort(xl.abs(), dim=-1, descending=True)
+    c = w * (t if mode == Q2 else t * t * t)  # t^(q−1) w: the isotonic problem scaled by t^(q−1)
+    m_sorted = _MagnitudeSorted.apply(s, c, t, mode)[0]
+    m = torch.zeros_like(m_sorted).scatter(-1, perm, m_sorted)
+    y = torch.sign(xl) * m
+    return move_back(y.reshape(move_last(x, d).shape).to(x.dtype), d)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Soft sort and soft rank (Blondel et al. 2020)
+# --------------------------------------------------------------------------------------------------------------
+def _sort_rank_args(x, strength, regularization, descending, dim, fn):
+    _check_finite(x, "x", fn)
+    d = normalize_dim(x, dim, fn=fn)
+    check_temperature(strength, fn=fn, name="strength")
+    if regularization not in ("l2", "kl"):
+        raise ValueError(f"{fn}: `regularization` must be 'l2' or 'kl', got {regularization!r}")
+    if not isinstance(descending, bool):
+        raise TypeError(f"{fn}: `descending` must be a bool, got {type(descending).__name__}")
+    cdtype = _compute_dtype(x)
+    xl = move_last(x, d).to(cdtype)
+    eps = _row_scalar(strength, x, d, "strength", fn, cdtype)
+    n = x.shape[d]
+    rho = torch.arange(n, 0, -1, device=x.device, dtype=cdtype).unsqueeze(0)  # ρ = (n, n − 1, …, 1)
+    return d, xl, eps, rho, (Q2 if regularization == "l2" else KL)
+
+
+def soft_sort(
+    x: Tensor,
+    *,
+    strength: Union[float, Tensor] = 1.0,
+    regularization: str = "l2",
+    dim: int = -1,
+    descending: bool = True,
+) -> Tensor:
+    r"""Soft sort (Blondel et al. 2020): the sorted values, relaxed by a projection onto the permutahedron of x.
+
+    With :math:`\rho = (n, n-1, \dots, 1)` and ε = ``strength``, the descending soft sort is
+
+    .. math::
+        s_\varepsilon(x) = P_\Psi(\rho/\varepsilon,\ x)
+        = \arg\max_{\mu\in\mathcal{P}(x)} \langle \rho/\varepsilon, \mu\rangle - \Psi(\mu),
+
+    with :math:`\Psi = \tfrac12\|\cdot\|^2` (``"l2"``, the Euclidean projection of :math:`\rho/\varepsilon` onto
+    the permutahedron of x) or the entropic :math:`P_E(z, x) = \log \arg\min_{\mu\in\mathcal P(e^x)}
+    \mathrm{KL}(\mu, e^z)` (``"kl"``). Computed as :math:`\rho/\varepsilon - v`, v the isotonic dual solution
+    (PAV). These are the values of fast-soft-sort's ``soft_sort`` and ``torchsort.soft_sort(x,
+    regularization_strength=ε)``; torchsort sorts in ascending order, which is ``descending=False`` here
+    (:math:`-s_\varepsilon(-x)`). As ε → 0 the result tends to the hard sort; the sum of the entries is always
+    ``x.sum()``.
+
+    Args:
+        x: values, any shape (finite).
+        strength: ε > 0, a number or a per-row tensor (differentiable).
+        regularization: ``"l2"`` or ``"kl"``.
+        dim: the dimension to sort along.
+        descending: largest first (default) or smallest first.
+
+    Returns:
+        A tensor of ``x``'s shape and dtype; along ``dim`` it is monotone in the requested order.
+
+    Example:
+        >>> import torch, softtopk
+        >>> softtopk.soft_sort(torch.tensor([1.0, 3.0, 2.0]), strength=0.1)
+        tensor([3., 2., 1.])
+    """
+    d, xl, eps, rho, mode = _sort_rank_args(x, strength, regularization, descending, dim, "soft_sort")
+    x2 = _rows(xl)
+    sign = 1.0 if descending else -1.0
+    w = torch.sort(sign * x2, dim=-1, descending=True).values
+    z = (rho / eps).expand(x2.shape)
+    out = sign * _project_sorted(z, w, mode)
+    return move_back(out.reshape(xl.shape).to(x.dtype), d)
+
+
+def soft_rank(
+    x: Tensor,
+    *,
+    strength: Union[float, Tensor] = 1.0,
+    regularization: str = "l2",
+    dim: int = -1,
+    descending: bool = True,
+) -> Tensor:
+    r"""Soft ranks (Blondel et al. 2020): a projection of the scores onto the permutahedron of (n, …, 1).
+
+    With :math:`\rho = (n, n-1, \dots, 1)` and ε = ``strength``,
+
+    * ``"l2"``: :math:`r_\varepsilon(x) = P_Q(\mp x/\varepsilon, \rho) = \arg\min_{\mu\in\mathcal{P}(\rho)}
+      \tfrac12\|\mu \pm x/\varepsilon\|^2`;
+    * ``"kl"``: :math:`r_\varepsilon(x) = \exp P_E(\mp x/\varepsilon, \log\rho)`, i.e.
+      :math:`\arg\min_{\mu\in\mathcal{P}(\rho)} \mathrm{KL}(\mu, e^{\mp x/\varepsilon})`,
+
+    with the minus sign for ``descending=True`` (rank 1 = the largest entry, Blondel et al.'s convention) and the
+    plus sign for ``descending=False`` (rank 1 = the smallest entry): the latter is exactly
+    ``torchsort.soft_rank(x, regularization_strength=ε)`` and fast-soft-sort's ascending ``soft_rank``. As ε → 0
+    the result tends to the hard ranks; the ranks of a row always sum to n(n + 1)/2.
+
+    Args:
+        x: scores, any shape (finite).
+        strength: ε > 0, a number or a per-row tensor (differentiable).
+        regularization: ``"l2"`` or ``"kl"``.
+        dim: the dimension to rank along.
+        descending: rank 1 for the largest entry (default) or for the smallest.
+
+    Returns:
+        A tensor of ``x``'s shape and dtype with values in [1, n].
+
+    Example:
+        >>> import torch, softtopk
+        >>> softtopk.soft_rank(torch.tensor([1.0, 3.0, 2.0]), strength=0.1)
+        tensor([3., 1., 2.])
+    """
+    d, xl, eps, rho, mode = _sort_rank_args(x, strength, regularization, descending, dim, "soft_rank")
+    x2 = _rows(xl)
+    z = (-x2 if descending else x2) / eps
+    w = rho if mode == Q2 else torch.log(rho)
+    out = _project(z, w, mode)
+    if mode == KL:
+        out = torch.exp(out)
+    return move_back(out.reshape(xl.shape).to(x.dtype), d)

@@ -1,0 +1,189 @@
+"""Shared fixtures and *independent* float64 references for the softtopk test suite.
+
+Every reference here is written from the mathematical definition of a method, not from the library's code:
+``scipy.optimize.brentq`` on the threshold for sigmoid / lapsum / sparse, a plain log-domain Sinkhorn for SOFT,
+the literal DFTopK formula through a full sort, ``torch.topk`` for the hard mask, and cvxpy for sparse.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import brentq
+from scipy.special import expit, logsumexp
+
+import softtopk
+
+ALL_METHODS = ("hard", "straight_through", "dftopk", "sigmoid", "soft", "sparse", "lapsum")
+NORMALISED = ("sigmoid", "soft", "sparse", "lapsum")
+INTEGER_ONLY = ("hard", "straight_through", "dftopk")
+# method name -> extra options; "sparse" is run with both of its regularisers wherever it matters
+METHOD_VARIANTS = {
+    "hard": {},
+    "straight_through": {},
+    "dftopk": {},
+    "sigmoid": {},
+    "soft": {},
+    "sparse": {},
+    "sparse43": {"p": 4 / 3},
+    "lapsum": {},
+}
+SOFT_VARIANTS = [v for v in METHOD_VARIANTS if v != "hard"]
+NORMALISED_VARIANTS = ["sigmoid", "soft", "sparse", "sparse43", "lapsum"]
+
+
+def method_of(variant: str) -> str:
+    return "sparse" if variant == "sparse43" else variant
+
+
+def run(x, k, variant, **kw):
+    """``topk_mask`` for a method variant (``"sparse43"`` is method ``"sparse"`` with ``p=4/3``)."""
+    opts = dict(METHOD_VARIANTS[variant])
+    opts.update(kw)
+    return softtopk.topk_mask(x, k, method=method_of(variant), **opts)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    yield
+
+
+# ----------------------------------------------------------------------------------------------------------
+# φ of each threshold family (float64 numpy), written from the definitions.
+# ----------------------------------------------------------------------------------------------------------
+def phi_sigmoid(z):
+    return expit(z)
+
+
+def phi_laplace(z):
+    e = 0.5 * np.exp(-np.abs(z))
+    return np.where(z < 0, e, 1.0 - e)
+
+
+def phi_sparse2(z):
+    return np.clip(z, 0.0, 1.0)
+
+
+def phi_sparse43(z):
+    return np.clip(np.maximum(z, 0.0) ** 3, 0.0, 1.0)
+
+
+PHI = {"sigmoid": phi_sigmoid, "lapsum": phi_laplace, "sparse": phi_sparse2, "sparse43": phi_sparse43}
+
+
+def ref_threshold_mask(x, k, t, variant):
+    """y_i = φ((x_i − τ)/t) with Σ y = k, τ by brentq in float64 (x a 1-D array of finite values)."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.size
+    phi = PHI[variant]
+    if k <= 0:
+        return np.zeros(n)
+    if k >= n:
+        return np.ones(n)
+
+    def f(tau):
+        return phi((x - tau) / t).sum() - k
+
+    lo, hi = x.min() - 80.0 * t, x.max() + 80.0 * t
+    assert f(lo) > 0 > f(hi)
+    tau = brentq(f, lo, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=2000)
+    return phi((x - tau) / t)
+
+
+def ref_dftopk(x, k, t):
+    """Literal DFTopK: σ((x − τ)/t), τ = mean of the k-th and (k+1)-th largest (x_(0)=+∞, x_(n+1)=−∞)."""
+    xt = torch.as_tensor(x, dtype=torch.float64)
+    s = torch.sort(xt, descending=True).values
+    padded = torch.cat(
+        [torch.tensor([math.inf], dtype=torch.float64), s, torch.tensor([-math.inf], dtype=torch.float64)]
+    )
+    tau = (padded[k] + padded[k + 1]) / 2
+    return torch.sigmoid((xt - tau) / t).numpy()
+
+
+def ref_hard(x, k, largest=True):
+    xt = torch.as_tensor(x)
+    out = torch.zeros_like(xt)
+    if k:
+        out[torch.topk(xt, k, largest=largest).indices] = 1.0
+    return out
+
+
+def sinkhorn_soft(x, k, eps, largest, warm_iters=500):
+    """SOFT top-k by a float64 log-domain Sinkhorn on one row (Xie et al. 2020).
+
+    Uniform mass 1/n on the scores, anchors a = (0, 1), cost (x_i − a_j)² / max C. The anchor that collects
+    the k selected units of mass gets k/n: anchor 0 for ``largest=False`` (the k smallest), anchor 1 for
+    ``largest=True``. Returns n·Γ[:, selected anchor].
+
+    Plain alternating Sinkhorn updates are run first. At small ε they contract very slowly (millions of
+    iterations), so the fixed point of the Sinkhorn map is then polished by brentq on its one free
+    coordinate h = g_1 − g_0: the residual G(h) − h = ε[log(ν_1/ν_0) − log(M_1(h)/M_0(h))] of one f-then-g
+    update is strictly decreasing in h. Both marginals are checked to 1e-12 at the end.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = x.size
+    a = np.array([0.0, 1.0])
+    C = (x[:, None] - a[None, :]) ** 2
+    C = C / C.max()
+    sel = 1 if largest else 0
+    nu = np.empty(2)
+    nu[sel], nu[1 - sel] = k / n, (n - k) / n
+    mu = np.full(n, 1.0 / n)
+
+    def f_update(g):
+        return eps * np.log(mu) - eps * logsumexp((g[None, :] - C) / eps, axis=1)
+
+    def g_update(f):
+        return eps * np.log(nu) - eps * logsumexp((f[:, None] - C) / eps, axis=0)
+
+    def plan(f, g):
+        return np.exp((f[:, None] + g[None, :] - C) / eps)
+
+    def err(P):
+        return max(np.abs(P.sum(1) - mu).max(), np.abs(P.sum(0) - nu).max()) * n
+
+    g = np.zeros(2)
+    for _ in range(warm_iters):
+        f = f_update(g)
+        g = g_update(f)
+        if err(plan(f, g)) < 1e-13:
+            break
+    else:
+
+        def resid(h):
+            g_new = g_update(f_update(np.array([0.0, h])))
+            return (g_new[1] - g_new[0]) - h
+
+        h0 = g[1] - g[0]
+        step = eps
+        lo, hi = h0 - step, h0 + step
+        while resid(lo) < 0:
+            lo -= step
+            step *= 2
+        step = eps
+        while resid(hi) > 0:
+            hi += step
+            step *= 2
+        h = brentq(resid, lo, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=1000)
+        f = f_update(np.array([0.0, h]))
+        g = g_update(f)
+        f = f_update(g)
+        g = g_update(f)
+    P = plan(f, g)
+    assert err(P) < 1e-11, f"reference Sinkhorn did not converge: {err(P):.3g}"
+    return n * P[:, sel]
+
+
+def spaced(n, *, gap=0.37, dtype=torch.float64, generator=None, batch=()):
+    """Distinct scores at least ``gap``·0.9 apart in random order (no near-ties: safe finite differences)."""
+    g = generator
+    perm = torch.stack([torch.randperm(n, generator=g) for _ in range(int(np.prod(batch)) if batch else 1)])
+    x = perm.to(dtype) * gap + 0.05 * gap * torch.rand(perm.shape, generator=g, dtype=dtype)
+    x = x - x.mean(-1, keepdim=True)
+    return x.reshape(*batch, n) if batch else x[0]

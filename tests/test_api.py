@@ -1,0 +1,656 @@
+"""The public API: shapes, dims, per-row parameters, dtypes, infinities, validation, the nn.Module,
+torch.compile / vmap, and hypothesis properties of every method."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import softtopk
+from conftest import (
+    ALL_METHODS,
+    METHOD_VARIANTS,
+    NORMALISED_VARIANTS,
+    SOFT_VARIANTS,
+    method_of,
+    ref_hard,
+    run,
+)
+
+topk_mask = softtopk.topk_mask
+ALL_VARIANTS = list(METHOD_VARIANTS)
+INF = math.inf
+
+
+def _tight(variant):
+    """Options that make the threshold search converge to ~1e-13 (for comparisons of two different solves)."""
+    return {"tol": 1e-13} if variant in NORMALISED_VARIANTS or variant == "straight_through" else {}
+
+
+def _k_for(variant, n, frac=0.4):
+    """A k valid for the variant: fractional for the normalised ones, whole otherwise."""
+    k = max(1, round(frac * n))
+    return k - 0.5 if variant in NORMALISED_VARIANTS and k > 1 else k
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shapes and dims.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_any_dim_equals_last_dim(variant):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    for dim in (-3, -2, -1, 0, 1, 2):
+        n = x.shape[dim]
+        k = _k_for(variant, n)
+        y = run(x, k, variant, dim=dim, temperature=0.7)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        expected = run(x.movedim(dim, -1).contiguous(), k, variant, temperature=0.7).movedim(-1, dim)
+        torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_batch_shapes_equal_rowwise(variant):
+    g = torch.Generator().manual_seed(1)
+    n = 6
+    k = _k_for(variant, n)
+    for batch in ((), (3,), (2, 3), (2, 1, 3)):
+        x = torch.randn(*batch, n, generator=g, dtype=torch.float64)
+        y = run(x, k, variant, temperature=0.5)
+        assert y.shape == x.shape
+        rows, yrows = x.reshape(-1, n), y.reshape(-1, n)
+        for r in range(rows.shape[0]):
+            torch.testing.assert_close(yrows[r], run(rows[r], k, variant, temperature=0.5), rtol=0, atol=1e-12)
+    # a 1-D input of length 1
+    y = run(torch.tensor([0.3], dtype=torch.float64), 1, variant)
+    assert torch.equal(y, torch.ones(1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_per_row_k_both_shapes_and_broadcast(variant):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    integer = variant not in NORMALISED_VARIANTS
+    k = torch.tensor([[0, 1, 3], [5, 6, 7]], dtype=torch.long if integer else torch.float64)
+    if not integer:
+        k = k + torch.tensor([[0.25, 0.5, 0.0], [0.0, 0.5, 0.0]], dtype=torch.float64)
+    ref = torch.stack(
+        [
+            torch.stack([run(x[i, j], float(k[i, j]) if not integer else int(k[i, j]), variant) for j in range(3)])
+            for i in range(2)
+        ]
+    )
+    for kk in (k, k.unsqueeze(-1)):  # batch shape, keepdim shape
+        torch.testing.assert_close(run(x, kk, variant), ref, rtol=0, atol=1e-12)
+    # along dim=1 (n = 3): k of shape (2, 7) and (2, 1, 7)
+    kd = torch.randint(0, 4, (2, 7), generator=g)
+    kd = kd if integer else kd.double() * 0.75
+    ref = run(x.transpose(1, 2), kd, variant).transpose(1, 2)
+    for kk in (kd, kd.unsqueeze(1)):
+        torch.testing.assert_close(run(x, kk, variant, dim=1), ref, rtol=0, atol=1e-12)
+    # broadcasting: k of shape (3,) is one k per column of the (2, 3) batch; (2, 1) one per batch row
+    kb = torch.tensor([1, 4, 6]) if integer else torch.tensor([1.5, 4.0, 6.25], dtype=torch.float64)
+    torch.testing.assert_close(run(x, kb, variant), run(x, kb.expand(2, 3), variant), rtol=0, atol=0)
+    kc = torch.tensor([[2], [5]]) if integer else torch.tensor([[2.5], [5.0]], dtype=torch.float64)
+    torch.testing.assert_close(run(x, kc, variant), run(x, kc.expand(2, 3), variant), rtol=0, atol=0)
+    # integer-valued k of another dtype (int32, float) is accepted
+    torch.testing.assert_close(run(x, torch.tensor(3, dtype=torch.int32), variant), run(x, 3, variant))
+    torch.testing.assert_close(run(x, torch.tensor(3.0), variant), run(x, 3, variant))
+
+
+@pytest.mark.parametrize("variant", SOFT_VARIANTS)
+def test_temperature_tensor_shapes(variant):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    t = torch.tensor([[0.1, 0.5, 1.0], [2.0, 0.3, 5.0]], dtype=torch.float64)
+    k = 2
+    ref = torch.stack(
+        [torch.stack([run(x[i, j], k, variant, temperature=float(t[i, j])) for j in range(3)]) for i in range(2)]
+    )
+    for tt in (t, t.unsqueeze(-1)):
+        torch.testing.assert_close(run(x, k, variant, temperature=tt), ref, rtol=0, atol=1e-12)
+    # 0-d tensor == float
+    torch.testing.assert_close(
+        run(x, k, variant, temperature=torch.tensor(0.7, dtype=torch.float64)), run(x, k, variant, temperature=0.7)
+    )
+    # a float32 temperature with a float64 x (and the reverse) is accepted
+    run(x, k, variant, temperature=torch.tensor(0.7))
+    run(x.float(), k, variant, temperature=torch.tensor(0.7, dtype=torch.float64))
+
+
+def test_bad_param_shapes():
+    x = torch.randn(2, 3, 6)
+    with pytest.raises(ValueError, match="`k`"):
+        topk_mask(x, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    with pytest.raises(ValueError, match="`k`"):
+        topk_mask(x, torch.ones(2, 3, 6))
+    with pytest.raises(ValueError, match="`temperature`"):
+        topk_mask(x, 2, temperature=torch.ones(4))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dtypes.
+# ----------------------------------------------------------------------------------------------------------
+ATOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 2e-5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_dtypes_close_to_float64(variant, dtype):
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 10, generator=g) * 2).to(dtype)
+    x64 = x.double()
+    k = _k_for(variant, 10)
+    w = torch.randn(3, 10, generator=g, dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    y = run(xr, k, variant, temperature=0.6)
+    assert y.dtype == dtype and y.shape == x.shape
+    x64r = x64.clone().requires_grad_()
+    y64 = run(x64r, k, variant, temperature=0.6)
+    torch.testing.assert_close(y.double(), y64, rtol=0, atol=ATOL[dtype])
+    if dtype != torch.float32:  # half precision is computed in float32, then rounded once
+        assert torch.equal(y.detach(), run(x.float(), k, variant, temperature=0.6).to(dtype))
+    (y.double() * w).sum().backward()
+    (y64 * w).sum().backward()
+    assert xr.grad.dtype == dtype
+    assert torch.isfinite(xr.grad).all()
+    torch.testing.assert_close(xr.grad.double(), x64r.grad, rtol=0, atol=10 * ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("variant", NORMALISED_VARIANTS)
+def test_k_and_temperature_tensors_requiring_grad(variant, dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 8, generator=g).to(dtype)
+    k = torch.tensor([1.5, 2.0, 3.25, 6.0], dtype=torch.float32, requires_grad=True)
+    t = torch.tensor([0.5, 1.0, 0.8, 2.0], dtype=torch.float64, requires_grad=True)
+    y = run(x, k, variant, temperature=t)
+    assert y.dtype == dtype
+    w = torch.randn(4, 8, generator=g)
+    (y.float() * w).sum().backward()
+    assert k.grad is not None and k.grad.dtype == torch.float32 and torch.isfinite(k.grad).all()
+    assert t.grad is not None and t.grad.dtype == torch.float64 and torch.isfinite(t.grad).all()
+    k64 = k.detach().double().requires_grad_()
+    t64 = t.detach().clone().requires_grad_()
+    (run(x.double(), k64, variant, temperature=t64) * w.double()).sum().backward()
+    tol = 10 * ATOL.get(dtype, 1e-7)  # k.grad itself is float32
+    torch.testing.assert_close(k.grad.double(), k64.grad, rtol=0, atol=tol)
+    torch.testing.assert_close(t.grad, t64.grad, rtol=0, atol=tol)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Infinities.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_neg_inf_padding_is_ignored(variant):
+    """-inf entries get exactly 0 and a zero, finite gradient; the live entries are as if unpadded."""
+    g = torch.Generator().manual_seed(6)
+    live = torch.randn(7, generator=g, dtype=torch.float64)
+    x = torch.cat([live[:3], torch.full((2,), -INF, dtype=torch.float64), live[3:], torch.tensor([-INF])])
+    pos = torch.isfinite(x)
+    w = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    for k in (0, 1, 3, 6, 7):  # 7 = exactly as many live entries as k
+        xa = x.clone().requires_grad_()
+        y = run(xa, k, variant, temperature=0.8, **_tight(variant))
+        assert torch.equal(y.detach()[~pos], torch.zeros(3, dtype=torch.float64)), k
+        assert torch.isfinite(y).all(), k
+        (y * w).sum().backward()
+        assert torch.isfinite(xa.grad).all(), k
+        assert torch.equal(xa.grad[~pos], torch.zeros(3, dtype=torch.float64)), k
+        xb = live.clone().requires_grad_()
+        yb = run(xb, k, variant, temperature=0.8, **_tight(variant))
+        (yb * w[pos]).sum().backward()
+        torch.testing.assert_close(y.detach()[pos], yb.detach(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(xa.grad[pos], xb.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_neg_inf_padding_batched_per_row_k(variant):
+    x = torch.tensor([[0.5, -INF, 2.0, 1.0], [-INF, -INF, 3.0, -1.0], [1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+    k = torch.tensor([2, 2, 3])
+    y = run(x, k if variant not in NORMALISED_VARIANTS else k.double(), variant)
+    assert torch.isfinite(y).all()
+    assert y[0, 1] == 0 and y[1, 0] == 0 and y[1, 1] == 0
+    assert torch.equal(y[1], torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))  # exactly k live
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_too_few_live_entries_raises(variant):
+    x = torch.tensor([[1.0, -INF, -INF, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    with pytest.raises(ValueError):
+        run(x, 3, variant)
+    with pytest.raises(ValueError):
+        run(x, torch.tensor([3, 1]), variant)
+    run(x, torch.tensor([2, 3]), variant)  # fine: each row has enough live entries
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_pos_inf_is_selected(variant):
+    """+inf entries get exactly 1 (zero gradient); the rest is the method on the other entries with k − #inf."""
+    g = torch.Generator().manual_seed(7)
+    rest = torch.randn(6, generator=g, dtype=torch.float64)
+    x = torch.cat([rest[:2], torch.tensor([INF]), rest[2:], torch.tensor([INF])])
+    pos = torch.isfinite(x)
+    w = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    for k in (2, 3, 5, 8):  # k = 2: exactly the +inf entries
+        xa = x.clone().requires_grad_()
+        y = run(xa, k, variant, temperature=0.9, **_tight(variant))
+        assert torch.isfinite(y).all(), k
+        assert torch.equal(y.detach()[~pos], torch.ones(2, dtype=torch.float64)), k
+        (y * w).sum().backward()
+        assert torch.isfinite(xa.grad).all() and torch.equal(xa.grad[~pos], torch.zeros(2, dtype=torch.float64))
+        xb = rest.clone().requires_grad_()
+        yb = run(xb, k - 2, variant, temperature=0.9, **_tight(variant))
+        (yb * w[pos]).sum().backward()
+        torch.testing.assert_close(y.detach()[pos], yb.detach(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(xa.grad[pos], xb.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_infinities_with_largest_false(variant):
+    """Selecting the k smallest: +inf entries are never selected (and cause no error); -inf entries are the
+    smallest. Every method, SOFT included, must agree with the hard mask on which entries are decided."""
+    x = torch.tensor([INF, 0.5, INF, -1.0, INF, 2.0], dtype=torch.float64)  # 3 finite, three +inf
+    for k in (1, 2, 3):
+        hard = topk_mask(x, k, method="hard", largest=False)
+        y = run(x, k, variant, largest=False, temperature=0.5)
+        assert torch.isfinite(y).all()
+        assert torch.equal(y[[0, 2, 4]], torch.zeros(3, dtype=torch.float64)), k
+        assert hard[[0, 2, 4]].sum() == 0
+    # k = 3 = the number of finite entries: all of them selected, exactly
+    assert torch.equal(run(x, 3, variant, largest=False), torch.tensor([0.0, 1, 0, 1, 0, 1], dtype=torch.float64))
+    # more than k entries equal to -inf cannot be told apart: an error, as for the hard mask
+    xm = torch.tensor([-INF, 0.5, -INF, -1.0, -INF, 2.0], dtype=torch.float64)
+    with pytest.raises(ValueError):
+        topk_mask(xm, 1, method="hard", largest=False)
+    with pytest.raises(ValueError):
+        run(xm, 1, variant, largest=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_nan_raises(method):
+    for x in (
+        torch.tensor([1.0, float("nan"), 2.0]),
+        torch.tensor([[1.0, 2.0, 3.0], [INF, float("nan"), -INF]]),
+        torch.tensor([1.0, float("nan"), 2.0], dtype=torch.float16),
+        torch.tensor([1.0, float("nan"), 2.0], dtype=torch.float64, requires_grad=True),
+    ):
+        with pytest.raises(ValueError, match="`x`"):
+            topk_mask(x, 1, method=method)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_k_out_of_range_raises(method):
+    x = torch.randn(2, 5)
+    for k in (
+        -1,
+        6,
+        torch.tensor([1, 6]),
+        torch.tensor([-1, 2]),
+        torch.tensor(7.0),
+        float("nan"),
+        torch.tensor(float("nan")),
+    ):
+        with pytest.raises(ValueError, match="`k`"):
+            topk_mask(x, k, method=method)
+    if method in ("hard", "straight_through", "dftopk"):
+        for k in (2.5, torch.tensor([1.5, 2.0])):
+            with pytest.raises(ValueError, match="`k`"):
+                topk_mask(x, k, method=method)
+    else:
+        topk_mask(x, 2.5, method=method)
+        topk_mask(x, torch.tensor([1.5, 2.0]), method=method)
+    with pytest.raises(TypeError):
+        topk_mask(x, "2", method=method)
+
+
+def test_bad_method_raises():
+    x = torch.randn(5)
+    for m in ("foo", "Sigmoid", ""):
+        with pytest.raises(ValueError, match="`method`"):
+            topk_mask(x, 2, method=m)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_bad_temperature_raises(method):
+    x = torch.randn(2, 5)
+    for t in (
+        0,
+        0.0,
+        -1.0,
+        torch.tensor(0.0),
+        torch.tensor([1.0, -0.5]),
+        float("nan"),
+        INF,
+        torch.tensor(float("nan")),
+    ):
+        with pytest.raises(ValueError, match="`temperature`"):
+            topk_mask(x, 2, method=method, temperature=t)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_bad_x_raises(method):
+    for x in (torch.arange(5), torch.arange(5, dtype=torch.int32), torch.tensor([True, False])):
+        with pytest.raises(TypeError):
+            topk_mask(x, 1, method=method)
+    for x in ([1.0, 2.0, 3.0], np.array([1.0, 2.0, 3.0]), 3.0, None):
+        with pytest.raises(TypeError):
+            topk_mask(x, 1, method=method)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_bad_dim_raises(method):
+    x = torch.randn(3, 4)
+    for d in (2, -3, 10):
+        with pytest.raises(ValueError, match="`dim`"):
+            topk_mask(x, 1, dim=d, method=method)
+
+
+def test_options():
+    x = torch.randn(2, 6)
+    for method in ALL_METHODS:
+        with pytest.raises(TypeError):
+            topk_mask(x, 2, method=method, foo=1)
+    for method in ("hard", "dftopk"):
+        for opt in ("tol", "max_iter", "p"):
+            with pytest.raises(TypeError):
+                topk_mask(x, 2, method=method, **{opt: 1})
+    for method in ("sigmoid", "soft", "lapsum", "straight_through"):
+        with pytest.raises(TypeError):
+            topk_mask(x, 2, method=method, p=2)
+        topk_mask(x, 2, method=method, tol=1e-4, max_iter=30)
+    topk_mask(x, 2, method="sparse", p=2, tol=1e-4, max_iter=30)
+    topk_mask(x, 2, method="sparse", p=4 / 3)
+    with pytest.raises(ValueError):
+        topk_mask(x, 2, method="sparse", p=3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs are never modified in place.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_inputs_not_modified(variant):
+    g = torch.Generator().manual_seed(8)
+    normalised = variant in NORMALISED_VARIANTS
+    cases = [
+        (torch.randn(3, 7, generator=g, dtype=torch.float64), -1, True),
+        (torch.randn(7, 3, generator=g).t(), -1, False),  # non-contiguous
+        (torch.randn(7, 3, generator=g, dtype=torch.float64), 0, True),
+        (torch.randn(3, 7, generator=g).half(), -1, False),
+        (torch.tensor([[1.0, -INF, 2.0, INF, 0.0, 0.5, 3.0]] * 3, dtype=torch.float64), -1, True),
+    ]
+    for x, dim, largest in cases:
+        batch = 3
+        x = x.clone().requires_grad_() if x.is_contiguous() else x.detach().requires_grad_()
+        k = torch.tensor([2.0, 3.0, 2.0], requires_grad=normalised) if normalised else torch.tensor([2, 3, 2])
+        t = torch.tensor([0.5, 1.0, 2.0][:batch], dtype=torch.float64, requires_grad=True)
+        x0, k0, t0 = x.detach().clone(), k.detach().clone(), t.detach().clone()
+        gy = torch.randn(x.shape, generator=g).to(x.dtype)
+        gy0 = gy.clone()
+        y = run(x, k, variant, dim=dim, temperature=t, largest=largest)
+        y.backward(gy)
+        assert torch.equal(x.detach(), x0) and torch.equal(k.detach(), k0) and torch.equal(t.detach(), t0)
+        assert torch.equal(gy, gy0)
+        # a second consumer of y sees an unmodified upstream gradient as well
+        x.grad = None
+        y = run(x, k, variant, dim=dim, temperature=t, largest=largest)
+        (y * 2).sum().backward(retain_graph=True)
+        g1 = x.grad.clone()
+        x.grad = None
+        (y.sum() + y.sum()).backward()
+        torch.testing.assert_close(x.grad, g1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The nn.Module.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_module_agrees_with_function(variant):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    opts = dict(METHOD_VARIANTS[variant])
+    kt = torch.tensor([[1, 2, 3, 0, 1]] * 4)  # one k per row of the (4, 5) batch when dim=1
+    for k, dim, largest, t in (
+        (2, -1, True, 0.5),
+        (1, 0, False, 2.0),
+        (kt, 1, True, 1.0),
+        (kt.unsqueeze(1), 1, False, 1.0),
+    ):
+        mod = softtopk.SoftTopK(k, method=method_of(variant), temperature=t, dim=dim, largest=largest, **opts)
+        assert isinstance(mod, torch.nn.Module)
+        expected = topk_mask(x, k, method=method_of(variant), temperature=t, dim=dim, largest=largest, **opts)
+        assert torch.equal(mod(x), expected)
+        repr(mod)
+
+
+def test_module_temperature_parameter():
+    t = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+    mod = softtopk.SoftTopK(3, method="sigmoid", temperature=t)
+    assert any(p is t for p in mod.parameters()) or mod.temperature is t
+    x = torch.randn(2, 8, dtype=torch.float64)
+    (mod(x) * torch.arange(8.0, dtype=torch.float64)).sum().backward()
+    assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad != 0
+
+
+def test_module_validates_method_options_temperature_at_construction():
+    with pytest.raises(ValueError, match="`method`"):
+        softtopk.SoftTopK(2, method="nope")
+    with pytest.raises(TypeError):
+        softtopk.SoftTopK(2, method="sigmoid", p=2)
+    with pytest.raises(TypeError):
+        softtopk.SoftTopK(2, method="hard", tol=1e-3)
+    for t in (0.0, -1.0, torch.tensor([1.0, 0.0])):
+        with pytest.raises(ValueError, match="`temperature`"):
+            softtopk.SoftTopK(2, temperature=t)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        (dict(k=-1), ValueError),
+        (dict(k="3"), TypeError),
+        (dict(k=2.5, method="hard"), ValueError),
+        (dict(k=2, largest="yes"), TypeError),
+        (dict(k=2, dim=1.5), TypeError),
+        (dict(k=2, method="sparse", p=3), ValueError),
+        (dict(k=2, tol=-1.0), ValueError),
+        (dict(k=2, max_iter=0), ValueError),
+    ],
+    ids=["k<0", "k-str", "k-frac-hard", "largest-str", "dim-float", "p=3", "tol<0", "max_iter=0"],
+)
+def test_module_validates_other_arguments_at_construction(kwargs, exc):
+    """SoftTopK's docstring: "The arguments are checked when the module is built". Everything that can be
+    checked without x (k's type and sign, whole k for hard methods, largest, dim's type, option values)."""
+    with pytest.raises(exc):
+        softtopk.SoftTopK(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.compile and torch.func.vmap.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["sigmoid", "sparse", "sparse43"])
+def test_vmap_over_rows(variant):
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    w = torch.randn(9, generator=g, dtype=torch.float64)
+    ref = run(x, 3, variant, temperature=0.5)
+    out = torch.func.vmap(lambda r: run(r, 3, variant, temperature=0.5))(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    # per-row k and temperature through vmap too
+    k = torch.tensor([1.0, 2.5, 3.0, 4.0, 8.0], dtype=torch.float64)
+    t = torch.tensor([0.2, 0.5, 1.0, 2.0, 5.0], dtype=torch.float64)
+    out = torch.func.vmap(lambda r, kk, tt: run(r, kk, variant, temperature=tt))(x, k, t)
+    torch.testing.assert_close(out, run(x, k, variant, temperature=t), rtol=0, atol=1e-12)
+    # per-sample gradients: vmap(grad) == rows of the eager backward
+    per = torch.func.vmap(torch.func.grad(lambda r: (run(r, 3, variant, temperature=0.5) * w).sum()))(x)
+    xr = x.clone().requires_grad_()
+    (run(xr, 3, variant, temperature=0.5) * w).sum().backward()
+    torch.testing.assert_close(per, xr.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["sigmoid", "sparse"])
+def test_compile_eager_backend(variant):
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 10, generator=g, dtype=torch.float64)
+
+    def f(x, t):
+        return run(x, 3, variant, temperature=t)
+
+    t = torch.tensor(0.5, dtype=torch.float64)
+    xa, ta = x.clone().requires_grad_(), t.clone().requires_grad_()
+    out = torch.compile(f, backend="eager")(xa, ta)
+    (out * w).sum().backward()
+    xb, tb = x.clone().requires_grad_(), t.clone().requires_grad_()
+    ref = f(xb, tb)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ta.grad, tb.grad, rtol=0, atol=1e-12)
+
+
+def test_compile_inductor():
+    """Default backend. The Newton loop is unrolled under compile, so a small max_iter keeps compilation
+    short (about 20 s here); p=2 Newton is exact on its final piece and converges in a few steps."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    f = torch.compile(lambda x: topk_mask(x, 3, method="sparse", temperature=0.5, max_iter=8))
+    torch.testing.assert_close(f(x), topk_mask(x, 3, method="sparse", temperature=0.5), rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hypothesis properties.
+# ----------------------------------------------------------------------------------------------------------
+PROPS = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+# distinct scores on a 0.01 grid in [-5, 5] (gaps ≥ 0.01); arbitrary scores (ties allowed)
+distinct_rows = st.lists(st.integers(-500, 500), min_size=1, max_size=12, unique=True).map(
+    lambda v: torch.tensor(v, dtype=torch.float64) / 100
+)
+any_rows = st.lists(
+    st.one_of(st.floats(-100, 100, allow_nan=False), st.sampled_from([0.0, 1.0, -1.0])), min_size=1, max_size=12
+).map(lambda v: torch.tensor(v, dtype=torch.float64))
+temps = st.one_of(st.sampled_from([0.01, 0.3, 1.0, 5.0]), st.floats(0.01, 5.0))
+
+
+def _draw_k(data, n, variant):
+    if variant in NORMALISED_VARIANTS and data.draw(st.booleans()):
+        return data.draw(st.floats(0, n))
+    return data.draw(st.integers(0, n))
+
+
+@pytest.mark.parametrize("variant", NORMALISED_VARIANTS)
+@PROPS
+@given(x=any_rows, t=temps, data=st.data())
+def test_prop_sum_is_k_and_bounds(variant, x, t, data):
+    k = _draw_k(data, x.numel(), variant)
+    y = run(x, k, variant, temperature=t)
+    assert y.min() >= 0 and y.max() <= 1
+    assert abs(y.sum().item() - k) <= 1e-9 * max(k, 1)
+
+
+@pytest.mark.parametrize("variant", NORMALISED_VARIANTS)
+@PROPS
+@given(
+    x=st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=1, max_size=12).map(torch.tensor),
+    t=st.floats(0.3, 5.0),
+    data=st.data(),
+)
+def test_prop_sum_is_k_float32(variant, x, t, data):
+    k = _draw_k(data, x.numel(), variant)
+    y = run(x, k, variant, temperature=t)
+    assert y.dtype == torch.float32 and y.min() >= 0 and y.max() <= 1
+    assert abs(y.double().sum().item() - k) <= 1e-5 * max(k, 1) + 8 * 1.2e-7 * max(k, 1)  # + float32 sum rounding
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@PROPS
+@given(x=distinct_rows, t=temps, data=st.data())
+def test_prop_bounds_and_permutation_equivariance(variant, x, t, data):
+    n = x.numel()
+    k = _draw_k(data, n, variant)
+    perm = torch.tensor(data.draw(st.permutations(range(n))), dtype=torch.long)
+    y = run(x, k, variant, temperature=t)
+    assert y.min() >= 0 and y.max() <= 1
+    torch.testing.assert_close(run(x[perm], k, variant, temperature=t), y[perm], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", [v for v in ALL_VARIANTS if v != "soft"])
+@PROPS
+@given(x=distinct_rows, t=temps, data=st.data())
+def test_prop_monotone_in_own_score(variant, x, t, data):
+    """Raising x_i does not lower y_i. (Not a property of SOFT: its cost is normalised by max C, so raising
+    the largest score shrinks every rescaled gap; e.g. x=[2, 0] → [10, 0] lowers y_0 for k=1.)"""
+    n = x.numel()
+    k = _draw_k(data, n, variant)
+    i = data.draw(st.integers(0, n - 1))
+    delta = data.draw(st.floats(1e-3, 3.0))
+    y = run(x, k, variant, temperature=t)
+    x2 = x.clone()
+    x2[i] += delta
+    y2 = run(x2, k, variant, temperature=t)
+    # an error δτ moves every entry the same way, so each is within the solver tolerance on Σy of exact
+    assert y2[i] >= y[i] - 2e-9 * max(k, 1)
+
+
+def test_soft_is_not_monotone_by_definition():
+    y1 = topk_mask(torch.tensor([2.0, 0.0], dtype=torch.float64), 1, method="soft")
+    y2 = topk_mask(torch.tensor([10.0, 0.0], dtype=torch.float64), 1, method="soft")
+    assert y2[0] < y1[0]
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@PROPS
+@given(x=distinct_rows, data=st.data())
+def test_prop_zero_temperature_limit_is_hard(variant, largest, x, data):
+    n = x.numel()
+    k = data.draw(st.integers(0, n))
+    # gaps are ≥ 0.01; SOFT works on 2x/max C with max C ≤ 6² here, so it needs a 36x smaller ε
+    t = 1e-4 if variant != "soft" else 2e-6
+    y = run(x, k, variant, temperature=t, largest=largest)
+    torch.testing.assert_close(y, ref_hard(x, k, largest), rtol=0, atol=3e-9 * max(k, 1))
+
+
+@pytest.mark.parametrize("variant", [v for v in ALL_VARIANTS if v != "soft"])
+@PROPS
+@given(x=distinct_rows, t=temps, data=st.data())
+def test_prop_largest_false_is_selection_on_neg_x(variant, x, t, data):
+    k = _draw_k(data, x.numel(), variant)
+    torch.testing.assert_close(
+        run(x, k, variant, temperature=t, largest=False), run(-x, k, variant, temperature=t), rtol=0, atol=1e-12
+    )
+
+
+@PROPS
+@given(x=any_rows, t=temps, data=st.data())
+def test_prop_soft_largest_identity(x, t, data):
+    n = x.numel()
+    k = data.draw(st.floats(0, n))
+    a = topk_mask(x, k, method="soft", temperature=t, largest=True)
+    b = topk_mask(x, n - k, method="soft", temperature=t, largest=False)
+    torch.testing.assert_close(a, 1 - b, rtol=0, atol=3e-9 * max(k, n - k, 1))
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_empty_shapes(method):
+    """x of "any shape": an empty batch, and empty rows (n = 0, where k = 0 is the only valid k)."""
+    y = topk_mask(torch.randn(0, 5), 2, method=method)
+    assert y.shape == (0, 5)
+    y = topk_mask(torch.randn(3, 0), 0, method=method)
+    assert y.shape == (3, 0) and y.dtype == torch.float32

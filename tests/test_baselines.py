@@ -1,0 +1,106 @@
+"""The hard top-k mask and the straight-through estimator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import softtopk
+from conftest import ref_hard, spaced
+
+topk_mask = softtopk.topk_mask
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hard_matches_torch_topk(dtype, largest):
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 33):
+        x = torch.randn(4, n, generator=g).to(dtype)
+        for k in range(n + 1):
+            y = topk_mask(x, k, method="hard", largest=largest)
+            assert y.dtype == dtype
+            for i in range(4):
+                assert torch.equal(y[i], ref_hard(x[i], k, largest).to(dtype)), (n, k, i)
+
+
+def test_hard_ties_as_torch_topk():
+    x = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]])
+    for k in range(7):
+        y = topk_mask(x, k, method="hard")
+        expected = torch.zeros_like(x).scatter_(-1, torch.topk(x, k).indices, 1.0)
+        assert torch.equal(y, expected)
+        assert torch.equal(y.sum(-1), torch.full((2,), float(k)))
+
+
+def test_hard_per_row_k_and_dim():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 2, 4, generator=g, dtype=torch.float64)  # select along dim 0 (n = 6)
+    k = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 2]])
+    for kk in (k, k.unsqueeze(0), k.double()):
+        y = topk_mask(x, kk, method="hard", dim=0)
+        for a in range(2):
+            for b in range(4):
+                assert torch.equal(y[:, a, b], ref_hard(x[:, a, b], int(k[a, b])))
+
+
+def test_hard_zero_gradient_in_graph():
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    y = topk_mask(x, 3, method="hard", temperature=t)
+    assert y.requires_grad and y.grad_fn is not None
+    (y * torch.randn(3, 8, dtype=torch.float64)).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert t.grad is None or torch.equal(t.grad, torch.zeros_like(t))
+    # and gradcheck agrees (the function is piecewise constant)
+    xs = spaced(8, batch=(2,)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: topk_mask(x, 3, method="hard"), (xs,))
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("t", [0.01, 0.3, 1.0, 5.0])
+def test_straight_through_forward_is_hard(t, largest):
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        x = torch.randn(5, 9, generator=g).to(dtype)
+        for k in (0, 1, 4, 8, 9):
+            y = topk_mask(x, k, method="straight_through", temperature=t, largest=largest)
+            assert y.dtype == dtype
+            assert torch.equal(y, topk_mask(x, k, method="hard", largest=largest))
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("t", [0.01, 0.3, 1.0, 5.0])
+def test_straight_through_backward_is_sigmoid(t, largest):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    for k in (0, 1, 3, 9, 10):
+        grads = []
+        for method in ("straight_through", "sigmoid"):
+            x = (
+                torch.randn(4, 10, generator=torch.Generator().manual_seed(k), dtype=torch.float64) * 2
+            ).requires_grad_()
+            tt = torch.tensor([t, 2 * t, 0.5 * t, t], dtype=torch.float64, requires_grad=True)
+            (topk_mask(x, k, method=method, temperature=tt, largest=largest) * w).sum().backward()
+            grads.append((x.grad, tt.grad))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-14)
+
+
+def test_straight_through_per_row_k_dim_and_options():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 2, 3, generator=g, dtype=torch.float64)
+    k = torch.tensor([[1, 2, 3], [0, 7, 4]])
+    xa = x.clone().requires_grad_()
+    ya = topk_mask(xa, k, method="straight_through", dim=0, temperature=0.4, tol=1e-12, max_iter=80)
+    assert torch.equal(ya, topk_mask(x, k, method="hard", dim=0))
+    ya.pow(2).mul(torch.arange(42.0, dtype=torch.float64).reshape(7, 2, 3)).sum().backward()
+    xb = x.clone().requires_grad_()
+    yb = topk_mask(xb, k.double(), method="sigmoid", dim=0, temperature=0.4, tol=1e-12, max_iter=80)
+    # chain rule through y²: the straight-through upstream gradient is 2·hard·w, the sigmoid one 2·soft·w
+    (yb * 2 * ya.detach() * torch.arange(42.0, dtype=torch.float64).reshape(7, 2, 3)).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-14)
+    with pytest.raises(TypeError):
+        topk_mask(x, 2, method="straight_through", p=2)
+    with pytest.raises(ValueError, match="`k`"):
+        topk_mask(x, 2.5, method="straight_through")

@@ -1,0 +1,489 @@
+"""Isotonic regression (PAV, Dykstra), permutahedron projections, soft sort / rank and the sparse top-k operators of
+``softtopk.permutahedron`` against independent references: scipy's isotonic regression, cvxpy, Blondel et al.'s
+formula written out with scipy, torchsort (when installed) and the threshold engine; float64 gradcheck of every
+backward."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import isotonic_regression
+from torch.autograd import gradcheck
+
+import softtopk
+from conftest import spaced
+from softtopk import permutahedron as perm
+from softtopk.permutahedron import (
+    isotonic,
+    permutahedron_projection,
+    permutahedron_topk,
+    soft_rank,
+    soft_sort,
+    topk_magnitude,
+)
+
+P43 = 4 / 3
+BACKENDS = ["torch"] + (["numba"] if perm.pav_backend("cpu") == "numba" else [])
+
+
+def _solve(prob):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+    assert prob.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Independent references
+# ----------------------------------------------------------------------------------------------------------
+def ref_isotonic_cvx(y, w, p, increasing=False):
+    """argmin_v Σ w_i R_p(v_i − y_i) over monotone v, R_2 = u²/2, R_4/3 = u⁴/4, by cvxpy."""
+    v = cp.Variable(y.size)
+    loss = cp.sum(cp.multiply(w, cp.square(v - y))) / 2 if p == 2 else cp.sum(cp.multiply(w, cp.power(v - y, 4))) / 4
+    cons = [v[1:] >= v[:-1]] if increasing else [v[:-1] >= v[1:]]
+    _solve(cp.Problem(cp.Minimize(loss), cons))
+    return v.value
+
+
+def _permutahedron_constraints(mu, w):
+    ws = np.sort(w)[::-1]
+    return [cp.sum_largest(mu, j) <= ws[:j].sum() for j in range(1, w.size)] + [cp.sum(mu) == ws.sum()]
+
+
+def ref_projection_cvx(z, w, p):
+    """argmax_{μ ∈ P(w)} <z, μ> − Σ|μ|^p/p, the permutahedron written as majorisation constraints."""
+    mu = cp.Variable(z.size)
+    reg = cp.sum_squares(mu) / 2 if p == 2 else cp.sum(cp.power(cp.abs(mu), P43)) / P43
+    _solve(cp.Problem(cp.Maximize(z @ mu - reg), _permutahedron_constraints(mu, w)))
+    return mu.value
+
+
+def ref_kl_projection_cvx(z, w):
+    """argmin_{μ ∈ P(e^w)} KL(μ, e^z) (Blondel et al. 2020's entropic projection, before the log)."""
+    mu = cp.Variable(z.size)
+    _solve(cp.Problem(cp.Minimize(cp.sum(cp.kl_div(mu, np.exp(z)))), _permutahedron_constraints(mu, np.exp(w))))
+    return mu.value
+
+
+def ref_project_l2(z, w):
+    """Blondel et al. 2020, Prop. 3: P_Q(z, w) = z − v(z_σ, w)_{σ⁻¹}, v the decreasing isotonic fit of z_σ − w."""
+    order = np.argsort(-z, kind="stable")
+    s = z[order]
+    v = isotonic_regression(s - np.sort(w)[::-1], increasing=False).x
+    out = np.empty_like(z)
+    out[order] = s - v
+    return out
+
+
+def ref_soft_rank_l2(x, eps, descending):
+    rho = np.arange(x.size, 0, -1, dtype=float)
+    return ref_project_l2((-x if descending else x) / eps, rho)
+
+
+def ref_soft_sort_l2(x, eps, descending):
+    rho = np.arange(x.size, 0, -1, dtype=float)
+    sign = 1.0 if descending else -1.0
+    # P_Q(ρ/ε, x) with ρ/ε already sorted: ρ/ε − isotonic_dec(ρ/ε − sorted(x))
+    out = ref_project_l2(rho / eps, sign * x)
+    return sign * out
+
+
+def ref_magnitude_cvx(x, k, t, p):
+    """Sander et al.'s top-k in magnitude from its definition: u = argmax <u, x> − f*(u) − t Ω_p(u) with
+    f*(u) = min_{y ∈ capped simplex} Σ u_i² / (2 y_i), then u + t ∇Ω_p(u)."""
+    n = x.size
+    u = cp.Variable(n)
+    y = cp.Variable(n)
+    reg = cp.sum_squares(u) / 2 if p == 2 else cp.sum(cp.power(cp.abs(u), P43)) / P43
+    fstar = sum(cp.quad_over_lin(u[i], y[i]) for i in range(n)) / 2
+    _solve(cp.Problem(cp.Maximize(x @ u - fstar - t * reg), [y >= 0, y <= 1, cp.sum(y) == k]))
+    uu = np.where(np.abs(u.value) < 1e-8, 0.0, u.value)  # solver noise, amplified by |u|^(1/3) below
+    return uu + t * np.sign(uu) * np.abs(uu) ** (p - 1)
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Isotonic regression
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("increasing", [False, True])
+def test_isotonic_l2_matches_scipy(backend, increasing, monkeypatch):
+    monkeypatch.setattr(perm, "pav_backend", lambda device="cpu": backend)
+    rng = _rng(1)
+    for n in (1, 2, 7, 40):
+        y = rng.normal(size=(5, n)) * 3
+        y[0] = np.arange(n)  # one block (decreasing fit of an increasing row)
+        w = rng.uniform(0.1, 3.0, size=(5, n))
+        v = isotonic(torch.tensor(y), torch.tensor(w), increasing=increasing).numpy()
+        ref = np.stack([isotonic_regression(y[i], weights=w[i], increasing=increasing).x for i in range(5)])
+        np.testing.assert_allclose(v, ref, rtol=0, atol=1e-12)
+        v1 = isotonic(torch.tensor(y), increasing=increasing).numpy()
+        ref1 = np.stack([isotonic_regression(y[i], increasing=increasing).x for i in range(5)])
+        np.testing.assert_allclose(v1, ref1, rtol=0, atol=1e-12)
+
+
+def _kkt_decreasing_l43(v, y, w):
+    """Optimality certificate of argmin Σ w (v − y)⁴/4 over v_1 ≥ … ≥ v_n: on each block [l, r] of equal values
+    the multipliers λ_j = Σ_{i=l..j} w_i (v_i − y_i)³ are ≥ 0 and λ_r = 0."""
+    assert np.all(v[:-1] >= v[1:] - 1e-12)
+    grad = w * (v - y) ** 3
+    lo = 0
+    for i in range(1, v.size + 1):
+        if i == v.size or v[i] < v[i - 1] - 1e-9:
+            lam = np.cumsum(grad[lo:i])
+            scale = np.abs(grad[lo:i]).sum() + 1e-300
+            assert lam.min() >= -1e-9 * scale and abs(lam[-1]) <= 1e-9 * scale
+            lo = i
+
+
+@pytest.mark.parametrize("increasing", [False, True])
+def test_isotonic_l43_matches_cvxpy(increasing):
+    """cvxpy pins the objective; the solution is pinned by the KKT conditions (a quartic minimum is too flat for
+    a conic solver to locate v itself beyond ~1e-3)."""
+    rng = _rng(2)
+    for n in (3, 9, 30):
+        y = rng.normal(size=n) * 2
+        w = rng.uniform(0.2, 2.0, size=n)
+        v = isotonic(torch.tensor(y), torch.tensor(w), p=P43, increasing=increasing).numpy()
+        ref = ref_isotonic_cvx(y, w, P43, increasing)
+
+        def obj(u, w=w, y=y):
+            return (w * (u - y) ** 4).sum() / 4
+
+        assert obj(v) <= obj(ref) * (1 + 1e-8) + 1e-10
+        np.testing.assert_allclose(v, ref, rtol=0, atol=1e-2)
+        if increasing:
+            _kkt_decreasing_l43(-v, -y, w)
+        else:
+            _kkt_decreasing_l43(v, y, w)
+
+
+def test_isotonic_l43_large_offset_is_accurate():
+    """Central moments keep the quartic pooling exact when |y| is large against its spread."""
+    y = torch.tensor([1e6 + 0.0, 1e6 + 1.0, 1e6 + 3.0, 1e6 - 2.0], dtype=torch.float64)
+    v = isotonic(y, p=P43)
+    ref = isotonic(y - 1e6, p=P43) + 1e6
+    torch.testing.assert_close(v, ref, rtol=0, atol=1e-9)
+    _kkt_decreasing_l43(v.numpy() - 1e6, y.numpy() - 1e6, np.ones(4))
+
+
+@pytest.mark.parametrize("mode", [perm.Q2, perm.Q4, perm.KL])
+def test_pav_backends_agree(mode):
+    if "numba" not in BACKENDS:
+        pytest.skip("numba not installed")
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 5, 64, 3000):
+        y = torch.randn(4, n, generator=g, dtype=torch.float64) * 2
+        y[1] = torch.linspace(0, 5, n, dtype=torch.float64)  # worst case: every entry pools into one block
+        a = torch.rand(4, n, generator=g, dtype=torch.float64) + 0.5 if mode != perm.KL else None
+        b = torch.randn(1, n, generator=g, dtype=torch.float64).sort(descending=True).values
+        c = torch.rand(4, n, generator=g, dtype=torch.float64) if mode != perm.KL else None
+        v1, s1 = perm._pav(y, a, b, c, mode, backend="numba")
+        v2, s2 = perm._pav(y, a, b, c, mode, backend="torch")
+        torch.testing.assert_close(v1, v2, rtol=0, atol=1e-10)
+        assert bool((s1 == s2).all())
+        assert bool((v1[:, :-1] >= v1[:, 1:] - 1e-12).all())
+
+
+@pytest.mark.parametrize("p", [2, P43])
+def test_dykstra_matches_pav(p):
+    g = torch.Generator().manual_seed(4)
+    n, iters, tol, atol = (21, 20_000, 1e-12, 1e-8) if p == 2 else (6, 20_000, 1e-9, 1e-6)
+    y = torch.randn(3, n, generator=g, dtype=torch.float64)
+    w = torch.rand(3, n, generator=g, dtype=torch.float64) + 0.5
+    exact = isotonic(y, w, p=p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # must converge
+        approx = isotonic(y, w, p=p, solver="dykstra", max_iter=iters, tol=tol)
+    torch.testing.assert_close(approx, exact, rtol=0, atol=atol)
+    if p == 2:
+        ref = np.stack([isotonic_regression(y[i].numpy(), weights=w[i].numpy(), increasing=False).x for i in range(3)])
+        np.testing.assert_allclose(approx.numpy(), ref, rtol=0, atol=atol)
+
+
+def test_dykstra_warns_when_not_converged():
+    y = torch.linspace(0, 1, 50, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="max_iter"):
+        isotonic(y, solver="dykstra", max_iter=3)
+
+
+@pytest.mark.parametrize("p,solver", [(2, "pav"), (P43, "pav"), (2, "dykstra")])
+def test_isotonic_gradcheck(p, solver):
+    g = torch.Generator().manual_seed(5)
+    y = (torch.randn(3, 8, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    w = (torch.rand(3, 8, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    kw = {"solver": solver, "max_iter": 20_000, "tol": 1e-14} if solver == "dykstra" else {}
+    atol = 1e-6 if solver == "pav" else 1e-5
+    assert gradcheck(lambda y, w: isotonic(y, w, p=p, **kw), (y, w), atol=atol)
+    assert gradcheck(lambda y: isotonic(y, p=p, dim=0, increasing=True, **kw), (y,), atol=atol)
+
+
+def test_isotonic_dim_and_batch():
+    g = torch.Generator().manual_seed(6)
+    y = torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
+    v = isotonic(y, dim=1)
+    ref = isotonic(y.transpose(1, 2).reshape(-1, 7)).reshape(3, 4, 7).transpose(1, 2)
+    torch.testing.assert_close(v, ref, rtol=0, atol=0)
+    assert bool((v[:, :-1] >= v[:, 1:]).all())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Projections and top-k
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [2, P43])
+def test_projection_matches_cvxpy(p):
+    rng = _rng(7)
+    for n in (4, 7):
+        z = rng.normal(size=n) * 2
+        w = rng.normal(size=n)
+        out = permutahedron_projection(torch.tensor(z), torch.tensor(w), p=p).numpy()
+        ref = ref_projection_cvx(z, w, p)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5)
+        assert abs(out.sum() - w.sum()) < 1e-10
+
+
+@pytest.mark.parametrize("p", [2, P43])
+def test_permutahedron_topk_matches_threshold_engine(p):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 3, 25, generator=g, dtype=torch.float64) * 2
+    k = torch.tensor([1.0, 3.0, 7.5, 24.0], dtype=torch.float64).view(4, 1)
+    for t in (0.05, 0.7, 5.0):
+        for largest in (True, False):
+            for kk in (0, 1, 5, 25, 2.5, k):
+                a = permutahedron_topk(x, kk, temperature=t, p=p, largest=largest)
+                b = softtopk.topk_mask(x, kk, method="sparse", temperature=t, p=p, largest=largest)
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # dim and per-row temperature
+    t = torch.rand(4, 25, generator=g, dtype=torch.float64) + 0.2
+    a = permutahedron_topk(x, 2, temperature=t, p=p, dim=1)
+    b = softtopk.topk_mask(x, 2, method="sparse", temperature=t, p=p, dim=1)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [2, P43])
+def test_permutahedron_topk_gradients(p):
+    x = spaced(9, batch=(2,)).requires_grad_()
+    t = torch.tensor([[0.8], [2.0]], dtype=torch.float64, requires_grad=True)
+    k = torch.tensor([3.5, 2.0], dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda x, t, k: permutahedron_topk(x, k, temperature=t, p=p), (x, t, k), atol=1e-6)
+    # the same gradients as the threshold engine's implicit backward
+    gy = torch.randn(2, 9, dtype=torch.float64)
+    ga = torch.autograd.grad((permutahedron_topk(x, k, temperature=t, p=p) * gy).sum(), (x, t, k))
+    gb = torch.autograd.grad((softtopk.topk_mask(x, k, method="sparse", temperature=t, p=p) * gy).sum(), (x, t, k))
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [2, P43])
+def test_projection_gradcheck(p):
+    z = spaced(7, batch=(2,)).requires_grad_()
+    w = torch.tensor([2.0, 1.3, 0.2, -0.4, -1.1, 0.5, 3.0], dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda z, w: permutahedron_projection(z, w, p=p), (z, w), atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [2, P43])
+def test_topk_magnitude_matches_definition(p):
+    rng = _rng(9)
+    for t in (0.3, 1.5):
+        x = rng.normal(size=7) * 2
+        out = topk_magnitude(torch.tensor(x), 3, temperature=t, p=p).numpy()
+        ref = ref_magnitude_cvx(x, 3, t, p)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("p", [2, P43])
+def test_topk_magnitude_limits_and_sparsity(p):
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(5, 40, generator=g, dtype=torch.float64) * 3
+    hard = x * softtopk.topk_mask(x.abs(), 6, method="hard")
+    y = topk_magnitude(x, 6, temperature=1e-6, p=p)
+    torch.testing.assert_close(y, hard, rtol=0, atol=1e-4)
+    y = topk_magnitude(x, 6, temperature=0.5, p=p)
+    assert bool(((y == 0) | (torch.sign(y) == torch.sign(x))).all())  # signs kept
+    assert int((y != 0).sum(-1).max()) < 20  # exact zeros beyond the few pooled with the top-k
+    assert bool((y[x.abs() >= x.abs().topk(6, -1).values[:, -1:]] != 0).all())
+    # well-separated magnitudes: the top-k come out exactly (the normalisation of the reference implementation)
+    x = torch.tensor([-5.0, -2.0, 3.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        topk_magnitude(x, 2, temperature=0.01, p=p), torch.tensor([-5.0, 0, 3.0, 0], dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize("p", [2, P43])
+def test_topk_magnitude_gradcheck(p):
+    x = spaced(8, batch=(2,))
+    x = (x * torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0, -1.0, 1.0], dtype=torch.float64)).requires_grad_()
+    t = torch.tensor([[0.9], [0.4]], dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda x, t: topk_magnitude(x, 3, temperature=t, p=p), (x, t), atol=1e-6)
+    assert gradcheck(lambda x: topk_magnitude(x, 1.5, temperature=0.3, p=p, dim=0), (x,), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Soft sort and soft rank
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("descending", [True, False])
+def test_soft_sort_rank_l2_match_formula(descending):
+    rng = _rng(11)
+    for n in (1, 5, 30):
+        x = rng.normal(size=(3, n)) * 2
+        for eps in (0.01, 0.5, 3.0, 100.0):
+            r = soft_rank(torch.tensor(x), strength=eps, descending=descending).numpy()
+            s = soft_sort(torch.tensor(x), strength=eps, descending=descending).numpy()
+            for i in range(3):
+                np.testing.assert_allclose(r[i], ref_soft_rank_l2(x[i], eps, descending), rtol=0, atol=1e-10)
+                np.testing.assert_allclose(s[i], ref_soft_sort_l2(x[i], eps, descending), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_soft_sort_rank_kl_match_cvxpy(descending):
+    rng = _rng(12)
+    n = 5
+    rho = np.arange(n, 0, -1, dtype=float)
+    for eps in (0.5, 2.0):
+        x = rng.normal(size=n)
+        z = (-x if descending else x) / eps
+        r = soft_rank(torch.tensor(x), strength=eps, regularization="kl", descending=descending).numpy()
+        np.testing.assert_allclose(r, ref_kl_projection_cvx(z, np.log(rho)), rtol=0, atol=1e-5)
+        sign = 1.0 if descending else -1.0
+        s = soft_sort(torch.tensor(x), strength=eps, regularization="kl", descending=descending).numpy()
+        ref = sign * np.log(ref_kl_projection_cvx(rho / eps, sign * x))
+        np.testing.assert_allclose(s, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("regularization", ["l2", "kl"])
+def test_soft_sort_rank_match_torchsort(regularization):
+    torchsort = pytest.importorskip("torchsort")
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(4, 50, generator=g, dtype=torch.float64)
+    for eps in (0.1, 1.0, 10.0):
+        ref_r = torchsort.soft_rank(x, regularization=regularization, regularization_strength=eps)
+        ref_s = torchsort.soft_sort(x, regularization=regularization, regularization_strength=eps)
+        r = soft_rank(x, strength=eps, regularization=regularization, descending=False)
+        s = soft_sort(x, strength=eps, regularization=regularization, descending=False)
+        torch.testing.assert_close(r, ref_r, rtol=0, atol=1e-9)
+        torch.testing.assert_close(s, ref_s, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("regularization", ["l2", "kl"])
+def test_soft_rank_properties(regularization):
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(6, 33, generator=g, dtype=torch.float64)
+    n = 33
+    for eps in (1e-3, 0.3, 30.0):
+        r = soft_rank(x, strength=eps, regularization=regularization)
+        torch.testing.assert_close(r.sum(-1), torch.full((6,), n * (n + 1) / 2, dtype=torch.float64))
+        assert float(r.min()) >= 1 - 1e-9 and float(r.max()) <= n + 1e-9
+        s = soft_sort(x, strength=eps, regularization=regularization)
+        assert bool((s[:, :-1] >= s[:, 1:] - 1e-12).all())
+        if regularization == "l2":
+            torch.testing.assert_close(s.sum(-1), x.sum(-1))
+    hard_desc = (torch.argsort(torch.argsort(x, -1, descending=True), -1) + 1).to(x.dtype)
+    torch.testing.assert_close(soft_rank(x, strength=1e-4, regularization=regularization), hard_desc, rtol=0, atol=1e-6)
+    torch.testing.assert_close(soft_rank(x, strength=1e-4, descending=False), n + 1 - hard_desc, rtol=0, atol=1e-6)
+    torch.testing.assert_close(soft_sort(x, strength=1e-4), x.sort(-1, descending=True).values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(soft_sort(x, strength=1e-4, descending=False), x.sort(-1).values, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("regularization", ["l2", "kl"])
+def test_soft_sort_rank_gradcheck(regularization):
+    x = (spaced(6, batch=(2,), gap=0.4) * 0.5).requires_grad_()
+    eps = torch.tensor([[0.3], [1.7]], dtype=torch.float64, requires_grad=True)
+    for descending in (True, False):
+        assert gradcheck(
+            lambda x, e, d=descending: soft_rank(x, strength=e, regularization=regularization, descending=d), (x, eps)
+        )
+        assert gradcheck(
+            lambda x, e, d=descending: soft_sort(x, strength=e, regularization=regularization, descending=d), (x, eps)
+        )
+    assert gradcheck(lambda x: soft_rank(x, strength=0.5, regularization=regularization, dim=0), (x,))
+
+
+def test_soft_sort_rank_dims_and_half_precision():
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(3, 5, 4, generator=g)
+    r = soft_rank(x, strength=0.5, dim=1)
+    ref = soft_rank(x.transpose(1, 2), strength=0.5).transpose(1, 2)
+    torch.testing.assert_close(r, ref)
+    h = soft_sort(x.half(), strength=0.5)
+    assert h.dtype == torch.float16
+    torch.testing.assert_close(h.float(), soft_sort(x.half().float(), strength=0.5), atol=2e-3, rtol=1e-3)
+    assert permutahedron_topk(x.bfloat16(), 2).dtype == torch.bfloat16
+
+
+def test_large_rows_numba_matches_torch(monkeypatch):
+    if "numba" not in BACKENDS:
+        pytest.skip("numba not installed")
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(2, 20000, generator=g, dtype=torch.float64)
+    out = {}
+    for backend in ("numba", "torch"):
+        monkeypatch.setattr(perm, "pav_backend", lambda device="cpu", b=backend: b)
+        out[backend] = soft_rank(x, strength=0.05)
+    torch.testing.assert_close(out["numba"], out["torch"], rtol=0, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument checking
+# ----------------------------------------------------------------------------------------------------------
+def test_bad_arguments_raise():
+    x = torch.randn(2, 5)
+    cases = [
+        (lambda: isotonic(x, p=3), ValueError, "`p`"),
+        (lambda: isotonic(x, p="2"), TypeError, "`p`"),
+        (lambda: isotonic(x, solver="qp"), ValueError, "`solver`"),
+        (lambda: isotonic(x, torch.zeros(5)), ValueError, "`w`"),
+        (lambda: isotonic(x, torch.ones(3)), ValueError, "`w`"),
+        (lambda: isotonic(x, dim=2), ValueError, "`dim`"),
+        (lambda: isotonic(x, max_iter=0), ValueError, "`max_iter`"),
+        (lambda: isotonic(torch.tensor([1.0, math.nan])), ValueError, "NaN"),
+        (lambda: isotonic(torch.tensor([1.0, math.inf])), ValueError, "finite"),
+        (lambda: isotonic(torch.arange(3)), TypeError, "floating"),
+        (lambda: isotonic([1.0, 2.0]), TypeError, "torch.Tensor"),
+        (lambda: soft_rank(x, strength=0), ValueError, "`strength`"),
+        (lambda: soft_rank(x, regularization="l1"), ValueError, "`regularization`"),
+        (lambda: soft_sort(x, descending=1), TypeError, "`descending`"),
+        (lambda: permutahedron_topk(x, 6), ValueError, "`k`"),
+        (lambda: permutahedron_topk(x, 2, temperature=-1.0), ValueError, "`temperature`"),
+        (lambda: permutahedron_topk(x, 2, p=1.5), ValueError, "`p`"),
+        (lambda: topk_magnitude(x, -1), ValueError, "`k`"),
+        (lambda: topk_magnitude(x, 2, dim="0"), TypeError, "`dim`"),
+        (lambda: permutahedron_projection(x, torch.ones(4)), ValueError, "`w`"),
+        (lambda: permutahedron_projection(x, [1.0] * 5), TypeError, "`w`"),
+    ]
+    for call, exc, words in cases:
+        with pytest.raises(exc, match=words):
+            call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    """On CUDA the pure-torch PAV runs on the device; it must agree with the CPU path (numba or torch)."""
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(4, 300, generator=g, dtype=torch.float64)
+    calls = [
+        lambda t: soft_rank(t, strength=0.3),
+        lambda t: soft_sort(t, strength=0.3, regularization="kl"),
+        lambda t: permutahedron_topk(t, 7, p=P43),
+        lambda t: topk_magnitude(t, 5, temperature=0.2),
+        lambda t: isotonic(t, p=P43),
+        lambda t: isotonic(t, solver="dykstra", max_iter=50),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for call in calls:
+            xc = x.cuda().requires_grad_()
+            xh = x.clone().requires_grad_()
+            yc, yh = call(xc), call(xh)
+            torch.testing.assert_close(yc.cpu(), yh, rtol=0, atol=1e-9)
+            up = torch.randn_like(yh)
+            yc.backward(up.cuda())
+            yh.backward(up)
+            torch.testing.assert_close(xc.grad.cpu(), xh.grad, rtol=0, atol=1e-8)

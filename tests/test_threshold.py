@@ -1,0 +1,446 @@
+"""The threshold family (sigmoid, lapsum, sparse p=2 and p=4/3), SOFT and DFTopK against independent references,
+their convergence, their gradients (float64 gradcheck) and their behaviour at extreme scales."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import softtopk
+from conftest import (
+    NORMALISED_VARIANTS,
+    SOFT_VARIANTS,
+    ref_dftopk,
+    ref_threshold_mask,
+    run,
+    sinkhorn_soft,
+    spaced,
+)
+
+TEMPERATURES = (0.01, 0.3, 1.0, 5.0)
+THRESHOLD_VARIANTS = ("sigmoid", "lapsum", "sparse", "sparse43")
+
+
+def _ks(n):
+    return sorted({0, 1, 2, n // 2, n - 1, n}) + [2.5]
+
+
+def _rows(seed, n, count=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g, dtype=torch.float64) * 1.5 for _ in range(count)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward values against independent references.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("t", TEMPERATURES)
+@pytest.mark.parametrize("variant", THRESHOLD_VARIANTS)
+def test_threshold_family_matches_brentq(variant, t):
+    for n in (7, 20):
+        for x in _rows(n, n):
+            for k in _ks(n):
+                y = run(x, k, variant, temperature=t).numpy()
+                ref = ref_threshold_mask(x.numpy(), k, t, variant)
+                np.testing.assert_allclose(y, ref, rtol=0, atol=3e-9 * max(k, 1), err_msg=f"k={k}")
+
+
+@pytest.mark.parametrize("variant", THRESHOLD_VARIANTS)
+def test_threshold_family_float32_matches_brentq(variant):
+    n = 12
+    for t in TEMPERATURES:
+        for x in _rows(3, n):
+            for k in (1, 5, 2.5, n - 1):
+                y = run(x.float(), k, variant, temperature=t)
+                assert y.dtype == torch.float32
+                ref = ref_threshold_mask(x.float().double().numpy(), k, t, variant)
+                np.testing.assert_allclose(y.double().numpy(), ref, rtol=0, atol=5e-5 * max(k, 1))
+
+
+def _threshold_batch_matches_rows(variant):
+    """The batched solve equals the row-by-row reference (rows converge at different iterations)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 9, generator=g, dtype=torch.float64) * torch.tensor([[0.01], [1], [10], [100], [3]])
+    k = torch.tensor([1.0, 4.0, 8.0, 2.5, 0.5], dtype=torch.float64)
+    y = run(x, k, variant, temperature=0.7)
+    for i in range(5):
+        ref = ref_threshold_mask(x[i].numpy(), float(k[i]), 0.7, variant)
+        np.testing.assert_allclose(y[i].numpy(), ref, atol=3e-9 * max(float(k[i]), 1))
+
+
+@pytest.mark.parametrize("variant", THRESHOLD_VARIANTS)
+def test_threshold_batch_matches_rows(variant):
+    _threshold_batch_matches_rows(variant)
+
+
+def _cvx_sparse(x, k, t, p):
+    n = x.size
+    y = cp.Variable(n)
+    # objective divided by t (same argmax), better conditioned at small t
+    reg = cp.sum_squares(y) / 2 if p == 2 else cp.sum(cp.power(y, 4 / 3)) / (4 / 3)
+    prob = cp.Problem(cp.Maximize((x / t) @ y - reg), [y >= 0, y <= 1, cp.sum(y) == k])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cvxpy's own numpy warnings while evaluating power(y, 4/3) near 0
+        prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-9, tol_gap_rel=1e-9, tol_feas=1e-9)
+    assert prob.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE)  # the 1e-5 comparison below is the real check
+    return np.asarray(y.value)
+
+
+@pytest.mark.parametrize("p", [2, 4 / 3])
+@pytest.mark.parametrize("t", TEMPERATURES)
+def test_sparse_matches_cvxpy(p, t):
+    rng = np.random.default_rng(int(t * 100) + int(p * 10))
+    n = 12
+    for k in (1, 3, 2.5, n - 1):
+        x = rng.normal(size=n) * 1.5
+        y = softtopk.topk_mask(torch.tensor(x), k, method="sparse", p=p, temperature=t).numpy()
+        np.testing.assert_allclose(y, _cvx_sparse(x, k, t, p), atol=1e-5, err_msg=f"k={k}")
+
+
+@pytest.mark.parametrize("p", [2, 4 / 3])
+@pytest.mark.parametrize("t", TEMPERATURES)
+def test_sparse_closed_form(p, t):
+    """y = clip(φ((x − τ)/t), 0, 1) for one scalar τ, φ(z)=z (p=2) or max(z,0)³ (p=4/3); and exactly sparse."""
+    phi_inv = (lambda y: y) if p == 2 else (lambda y: np.cbrt(y))
+    phi = (lambda z: np.clip(z, 0, 1)) if p == 2 else (lambda z: np.clip(np.maximum(z, 0) ** 3, 0, 1))
+    for seed in range(3):
+        x = np.random.default_rng(seed).normal(size=15) * 2
+        for k in (1, 4, 7.5, 14):
+            y = softtopk.topk_mask(torch.tensor(x), k, method="sparse", p=p, temperature=t).numpy()
+            assert abs(y.sum() - k) <= 1e-9 * max(k, 1)
+            inner = (y > 0) & (y < 1)
+            if inner.any():
+                taus = x[inner] - t * phi_inv(y[inner])
+                np.testing.assert_allclose(taus, taus.mean(), atol=1e-8 * max(1, np.abs(x).max()))
+                tau = taus.mean()
+                np.testing.assert_allclose(y, phi((x - tau) / t), atol=1e-9)
+            else:  # all at 0 or 1: some τ separates them with the right margins
+                assert set(np.unique(y)) <= {0.0, 1.0}
+                zero, one = x[y == 0], x[y == 1]
+                if zero.size and one.size:
+                    assert zero.max() <= one.min() - t + 1e-12
+    # exact sparsity: with a small temperature most entries are exactly 0 or 1
+    y = softtopk.topk_mask(torch.linspace(-3, 3, 31, dtype=torch.float64), 5, method="sparse", temperature=0.05)
+    assert ((y == 0) | (y == 1)).sum() >= 28
+
+
+@pytest.mark.parametrize("largest", [False, True])
+@pytest.mark.parametrize("t", TEMPERATURES)
+def test_soft_matches_sinkhorn(t, largest):
+    for seed, n in ((0, 8), (1, 13)):
+        x = np.random.default_rng(seed).normal(size=n) * 2
+        for k in (1, 3, n - 1, 2.5):
+            y = softtopk.topk_mask(torch.tensor(x), k, method="soft", temperature=t, largest=largest).numpy()
+            ref = sinkhorn_soft(x, k, t, largest)
+            np.testing.assert_allclose(y, ref, atol=1e-8 * max(k, 1), err_msg=f"n={n} k={k}")
+        # k = 0 and k = n are the exact empty / full masks
+        for k, val in ((0, 0.0), (n, 1.0)):
+            y = softtopk.topk_mask(torch.tensor(x), k, method="soft", temperature=t, largest=largest)
+            assert torch.equal(y, torch.full_like(y, val))
+
+
+def test_soft_scores_not_in_unit_interval():
+    """Scores outside [0, 1] on one side only (max C comes from (x−0)² or (x−1)²)."""
+    for x in (np.array([3.0, 4.0, 5.5, 7.0, 3.3]), np.array([-7.0, -2.0, -5.0, -1.5]), np.array([0.2, 0.4, 0.9, 0.5])):
+        for largest in (False, True):
+            y = softtopk.topk_mask(torch.tensor(x), 2, method="soft", temperature=0.3, largest=largest).numpy()
+            np.testing.assert_allclose(y, sinkhorn_soft(x, 2, 0.3, largest), atol=2e-8)
+
+
+@pytest.mark.parametrize("t", TEMPERATURES)
+def test_soft_largest_identity(t):
+    """soft(x, k, largest=True) == 1 − soft(x, n−k, largest=False): the same transport plan."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 10, generator=g, dtype=torch.float64) * 3
+    for k in range(11):
+        a = softtopk.topk_mask(x, k, method="soft", temperature=t, largest=True)
+        b = softtopk.topk_mask(x, 10 - k, method="soft", temperature=t, largest=False)
+        torch.testing.assert_close(a, 1 - b, atol=1e-8 * max(k, 1), rtol=0)
+
+
+@pytest.mark.parametrize("t", TEMPERATURES)
+def test_dftopk_matches_literal_formula(t):
+    for seed, n in ((0, 6), (1, 11)):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        for k in range(n + 1):
+            y = softtopk.topk_mask(x, k, method="dftopk", temperature=t)
+            np.testing.assert_allclose(y.numpy(), ref_dftopk(x.numpy(), k, t), rtol=1e-13, atol=1e-15)
+            # smallest: the same formula on −x
+            y = softtopk.topk_mask(x, k, method="dftopk", temperature=t, largest=False)
+            np.testing.assert_allclose(y.numpy(), ref_dftopk(-x.numpy(), k, t), rtol=1e-13, atol=1e-15)
+
+
+def test_dftopk_per_row_k_and_not_normalised():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    k = torch.tensor([0, 1, 4, 8, 9, 3])
+    y = softtopk.topk_mask(x, k, method="dftopk", temperature=0.5)
+    for i in range(6):
+        np.testing.assert_allclose(y[i].numpy(), ref_dftopk(x[i].numpy(), int(k[i]), 0.5), rtol=1e-13, atol=1e-15)
+    assert not torch.allclose(y.sum(-1), k.double())  # DFTopK is not normalised
+
+
+def test_dftopk_gradient_flows_through_tau():
+    """The gradient equals autograd through the literal formula (τ via torch.sort: ½ to each of x_(k), x_(k+1))."""
+    x = spaced(9, generator=torch.Generator().manual_seed(3))
+    w = torch.randn(9, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for k in range(10):
+        for t in (0.3, 2.0):
+            xa = x.clone().requires_grad_()
+            (softtopk.topk_mask(xa, k, method="dftopk", temperature=t) * w).sum().backward()
+            xb = x.clone().requires_grad_()
+            s = torch.sort(xb, descending=True).values
+            inf = torch.tensor([math.inf], dtype=torch.float64)
+            padded = torch.cat([inf, s, -inf])
+            tau = (padded[k] + padded[k + 1]) / 2
+            y = torch.sigmoid((xb - tau) / t)
+            (y * w).sum().backward()
+            torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-12, atol=1e-14)
+    # and τ's own gradient is exactly ½ per entry: the direct term of those two entries is reduced by ½ Σ s
+    k, t = 3, 1.0
+    xa = x.clone().requires_grad_()
+    softtopk.topk_mask(xa, k, method="dftopk", temperature=t).sum().backward()
+    y = torch.sigmoid((x - (torch.sort(x, descending=True).values[k - 1 : k + 1].mean())) / t)
+    s = y * (1 - y) / t
+    expected = s.clone()
+    order = torch.argsort(x, descending=True)
+    expected[order[k - 1]] -= 0.5 * s.sum()
+    expected[order[k]] -= 0.5 * s.sum()
+    torch.testing.assert_close(xa.grad, expected, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Convergence of the normalised methods.
+# ----------------------------------------------------------------------------------------------------------
+def _sum_slack(y, k):
+    """Rounding of a length-n sum in y's dtype (the library checks Σy in its compute dtype; the test sums the
+    same y exactly in float64): 2·log2(n)·eps·k."""
+    return 2 * math.ceil(math.log2(max(y.shape[-1], 2))) * torch.finfo(y.dtype).eps * max(k, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("variant", NORMALISED_VARIANTS)
+def test_convergence_tolerance(variant, dtype):
+    bound = 1e-5 if dtype == torch.float32 else 1e-9
+    g = torch.Generator().manual_seed(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "did not converge" warning either
+        for n in (3, 17, 300, 5000):  # 5000 > 4·1024 takes the subsampled warm start
+            for scale in (1e-3, 1.0, 30.0):
+                x = (torch.randn(3, n, generator=g, dtype=torch.float64) * scale).to(dtype)
+                for t in TEMPERATURES:
+                    if dtype == torch.float32 and scale / t > 50:
+                        continue  # |x|/t in the hundreds: see test_float32_convergence_large_scores_over_temperature
+                    for k in (1, n / 3, n - 1, 0.25):
+                        y = run(x, k, variant, temperature=t)
+                        err = (y.double().sum(-1) - k).abs().max().item()
+                        assert err <= bound * max(k, 1) + _sum_slack(y, k), (n, scale, t, k, err)
+                        assert y.min() >= 0 and y.max() <= 1
+
+
+@pytest.mark.parametrize("variant", NORMALISED_VARIANTS)
+def test_float32_convergence_large_scores_over_temperature(variant):
+    """float32, |x|/t large (offset logits, or t small next to the scores): the documented 1e-5·max(k,1) bound
+    on |Σy − k| still holds, and the mask is translation invariant (it depends on x − τ only)."""
+    cases = [
+        (torch.tensor([1000.0, 1000.5, 999.0]), 0.1, 1.5),
+        (torch.tensor([1000.0, 1000.5, 999.0]), 0.01, 0.25),
+        (torch.randn(3, generator=torch.Generator().manual_seed(1)) * 30, 0.01, 0.25),
+        (torch.randn(20, generator=torch.Generator().manual_seed(2)) + 500.0, 0.05, 4.0),
+    ]
+    for x, t, k in cases:
+        y = run(x, k, variant, temperature=t)
+        err = (y.double().sum() - k).abs().item()
+        assert err <= 1e-5 * max(k, 1) + _sum_slack(y, k), (x.tolist(), t, k, err)
+        if variant != "soft":  # SOFT's cost normalisation is not translation invariant by definition
+            shifted = run(x - x.mean(), k, variant, temperature=t)
+            torch.testing.assert_close(y, shifted, atol=2e-5 * max(k, 1), rtol=0)
+
+
+@pytest.mark.parametrize("variant", THRESHOLD_VARIANTS)
+def test_large_row_matches_reference(variant):
+    """The warm start from a subsample (n > 4096) does not change the answer."""
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    for k, t in ((10, 0.05), (2500, 1.0), (4990.5, 0.3)):
+        y = run(x, k, variant, temperature=t).numpy()
+        np.testing.assert_allclose(y, ref_threshold_mask(x.numpy(), k, t, variant), atol=3e-9 * k)
+
+
+def test_tol_and_max_iter_options():
+    x = torch.randn(4, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    loose = softtopk.topk_mask(x, 5, tol=1e-2)
+    tight = softtopk.topk_mask(x, 5, tol=1e-12)
+    assert (tight.sum(-1) - 5).abs().max() <= 1e-11
+    assert (loose.sum(-1) - 5).abs().max() <= 5e-2
+    with pytest.warns(RuntimeWarning, match="max_iter"):
+        softtopk.topk_mask(x * 100, 5, max_iter=1, tol=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gradients: float64 gradcheck.
+# ----------------------------------------------------------------------------------------------------------
+def _kink_margin(variant, x, k, t):
+    """Smallest distance of any z_i = (x_i − τ)/t to a kink of φ (sparse only); +inf for smooth families.
+
+    Every row must also have an interior entry (0 < y < 1), else its gradient is trivially zero.
+    """
+    if variant not in ("sparse", "sparse43"):
+        return math.inf
+    y = run(x, k, variant, temperature=t, tol=1e-13)
+    inner = (y > 0) & (y < 1)
+    if not bool(inner.any(-1).all()):
+        return 0.0
+    yy = y if variant == "sparse" else y.pow(1 / 3)
+    tau = torch.where(inner, x - t * yy, 0.0).sum(-1, keepdim=True) / inner.sum(-1, keepdim=True)
+    z = (x - tau) / t
+    kinks = [1.0] if variant == "sparse43" else [0.0, 1.0]
+    return min((z - c).abs().min().item() for c in kinks)
+
+
+def _smooth_input(variant, n, k, t, batch=(), seed=0):
+    """Spaced (tie-free) scores whose z stay ≥ 1e-3 away from the kinks of sparse; deterministic."""
+    for s in range(seed, seed + 200):
+        x = spaced(n, gap=0.37, generator=torch.Generator().manual_seed(s), batch=batch)
+        if _kink_margin(variant, x, k, t) > 1e-3:
+            return x
+    raise AssertionError("no smooth input found")
+
+
+GC = dict(eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["dftopk"] + NORMALISED_VARIANTS)  # hard, straight_through: test_baselines.py
+def test_gradcheck_x(variant):
+    opts = {"tol": 1e-13} if variant in NORMALISED_VARIANTS else {}
+    for k, t in ((1, 0.3), (3, 1.0), (2.5, 2.0), (7, 0.7), (1, 0.9)):
+        if variant.startswith("sparse") and t < 0.5:
+            continue  # t below the score gap: sparse is exactly hard there (zero gradient, no interior)
+        if variant == "dftopk" and k != int(k):
+            continue
+        x = _smooth_input(variant, 8, k, t, batch=(2,)).requires_grad_()
+        assert gradcheck(lambda x, k=k, t=t: run(x, k, variant, temperature=t, **opts), (x,), **GC), (k, t)
+
+
+@pytest.mark.parametrize("variant", NORMALISED_VARIANTS)
+def test_gradcheck_k_and_temperature(variant):
+    x = _smooth_input(
+        variant,
+        8,
+        torch.tensor([[2.5], [4.0], [1.2]], dtype=torch.float64),
+        torch.tensor([[0.8], [1.5], [0.6]], dtype=torch.float64),
+        batch=(3,),
+    )
+    k = torch.tensor([2.5, 4.0, 1.2], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.8, 1.5, 0.6], dtype=torch.float64, requires_grad=True)
+    xr = x.clone().requires_grad_()
+
+    def f(x, k, t):
+        return run(x, k, variant, temperature=t, tol=1e-13)
+
+    assert gradcheck(f, (xr, k, t), **GC)
+    # scalar (0-d) k and temperature tensors broadcast over the batch; their gradient sums the rows
+    k0 = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    t0 = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    x = _smooth_input(variant, 8, 3.0, 0.9, batch=(2,), seed=50).requires_grad_()
+    assert gradcheck(f, (x, k0, t0), **GC)
+
+
+def test_gradcheck_dftopk_temperature():
+    x = spaced(8, batch=(2,)).requires_grad_()
+    t = torch.tensor([0.4, 1.3], dtype=torch.float64, requires_grad=True)
+    for k in (0, 1, 3, 7, 8):
+        assert gradcheck(lambda x, t, k=k: softtopk.topk_mask(x, k, method="dftopk", temperature=t), (x, t), **GC)
+
+
+@pytest.mark.parametrize("variant", ["dftopk", "sigmoid", "soft", "sparse", "sparse43", "lapsum"])
+def test_gradcheck_dim0_3d_per_row_k(variant):
+    """dim=0 of a (n, 2, 3) tensor, one k per row, in both accepted k shapes."""
+    n = 7
+    integer = variant == "dftopk"
+    kvals = torch.tensor([[1, 2, 3], [4, 6, 5]], dtype=torch.float64)
+    if not integer:
+        kvals = kvals + torch.tensor([[0.5, 0.0, -0.5], [0.25, 0.0, 0.5]], dtype=torch.float64)
+    t = 0.9
+    base = None
+    for s in range(200):
+        cand = spaced(n, generator=torch.Generator().manual_seed(100 + s), batch=(2, 3)).permute(2, 0, 1)
+        rows = cand.permute(1, 2, 0)
+        if _kink_margin(variant, rows, kvals.unsqueeze(-1), t) > 1e-3:
+            base = cand.contiguous()
+            break
+    assert base is not None
+    opts = {} if integer else {"tol": 1e-13}
+    for k in (kvals, kvals.unsqueeze(0)):  # batch shape (2, 3) and keepdim shape (1, 2, 3)
+        kk = k if integer else k.clone().requires_grad_()
+        ins = (base.clone().requires_grad_(),) + (() if integer else (kk,))
+
+        def f(x, *kk_, k=k):
+            return run(x, kk_[0] if kk_ else k.long(), variant, temperature=t, dim=0, **opts)
+
+        assert gradcheck(f, ins, **GC)
+
+
+def test_gradient_wrt_k_sums_to_one():
+    """∂(Σ_i y_i)/∂k = 1 for every row of every normalised method (k requires grad)."""
+    x = torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    for variant in NORMALISED_VARIANTS:
+        k = torch.tensor([1.5, 3.0, 5.0, 8.25], dtype=torch.float64, requires_grad=True)
+        run(x, k, variant, temperature=2.0).sum().backward()
+        torch.testing.assert_close(k.grad, torch.ones_like(k), atol=1e-9, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Extreme scales.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+@pytest.mark.parametrize("variant", SOFT_VARIANTS + ["hard"])
+def test_extreme_scales(variant, scale, dtype):
+    g = torch.Generator().manual_seed(13)
+    x0 = (torch.randn(3, 9, generator=g, dtype=torch.float64) * scale).to(dtype)
+    for t_val in (0.01, 1.0):
+        x = x0.clone().requires_grad_()
+        t = torch.tensor(t_val, dtype=dtype, requires_grad=True)
+        y = run(x, 4, variant, temperature=t)
+        assert y.dtype == dtype
+        assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1
+        if variant in NORMALISED_VARIANTS:
+            assert (y.double().sum(-1) - 4).abs().max() <= 1e-4
+        w = torch.randn(3, 9, generator=g).to(dtype)
+        (y * w).sum().backward()
+        assert torch.isfinite(x.grad).all(), (variant, scale, t_val)
+        assert t.grad is None or torch.isfinite(t.grad).all()
+        if scale == 1e30 and variant not in ("soft",):
+            # gaps of ~1e30 ≫ t: every method is the hard mask
+            assert torch.equal(y.detach().round(), y.detach()) or variant == "dftopk"
+            hard = softtopk.topk_mask(x0, 4, method="hard")
+            torch.testing.assert_close(y.detach(), hard)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Double backward: backward is once_differentiable, so a second differentiation must fail loudly.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["linear", "quadratic"])
+@pytest.mark.parametrize("variant", SOFT_VARIANTS)
+def test_double_backward_raises(variant, loss):
+    x = spaced(6, batch=(2,)).requires_grad_()
+    y = run(x, 2, variant, temperature=0.7)
+    w = torch.randn(2, 6, dtype=torch.float64)
+    out = (y * w).sum() if loss == "linear" else (y * y * w).sum()
+    (g,) = torch.autograd.grad(out, x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad((g * w).sum(), x)
+
+
+@pytest.mark.parametrize("variant", SOFT_VARIANTS)
+def test_double_backward_message(variant):
+    x = spaced(6).requires_grad_()
+    y = run(x, 2, variant, temperature=0.7)
+    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
+        g.sum().backward()
