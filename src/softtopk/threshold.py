@@ -45,33 +45,38 @@ __all__ = ["FAMILIES", "Family", "dftopk", "normalised_mask", "soft_temperature"
 # The maths of each family, in three small hooks (entmax-style): subclasses override, the solver is shared.
 # --------------------------------------------------------------------------------------------------------------
 class Family:
-    """:math:`\\varphi` and what the solver needs of it. All hooks are elementwise; ``z`` is a fresh tensor
-    that the hooks may overwrite."""
+    """:math:`\\varphi` and what the solver needs of it. The hooks work in place on buffers the solver owns, so
+    that an iteration allocates nothing (fresh multi-megabyte tensors cost more than the arithmetic on CPU).
+    ``scratch`` is a buffer of z's shape, or None when the hook must allocate (under torch.compile / vmap)."""
 
     name = "?"
     #: exponential tails: Newton on logit(S/n) instead of S (exact for a single exponential tail).
     log_newton = False
 
     @staticmethod
-    def phi_(z: Tensor) -> tuple[Tensor, object]:
-        """(clip(φ(z), 0, 1), aux): the mask value, computed in place of z where possible, and whatever
-        :meth:`dsum` can reuse."""
+    def phi_(z: Tensor, scratch: Tensor | None) -> object:
+        """Overwrite z with clip(φ(z), 0, 1); return whatever :meth:`dsum` can reuse."""
         raise NotImplementedError
 
     @staticmethod
-    def dphi(y: Tensor) -> Tensor:
-        """φ'(z) written through y = φ(z); exactly 0 where y is 0 or 1 (clipped or saturated)."""
+    def dsum(y: Tensor, aux: object, scratch: Tensor | None) -> Tensor:
+        """Σ φ'(z) along the last dim (= −dS/dτ), given y and the output of :meth:`phi_`."""
         raise NotImplementedError
+
+    @staticmethod
+    def dphi(y: Tensor, out: Tensor | None = None) -> Tensor:
+        """φ'(z) written through y = φ(z), into ``out`` (a new tensor if None); exactly 0 where y is 0 or 1."""
+        raise NotImplementedError
+
+    @classmethod
+    def mul_dphi_(cls, b: Tensor, y: Tensor) -> Tensor:
+        """b ← b φ'(z), in place (the backward's one buffer)."""
+        return b.mul_(cls.dphi(y))
 
     @staticmethod
     def phi_inv(p: Tensor) -> Tensor:
         """z with φ(z) = p for p in (0, 1)."""
         raise NotImplementedError
-
-    @classmethod
-    def dsum(cls, y: Tensor, aux: object) -> Tensor:
-        """Σ φ'(z) along the last dim (= −dS/dτ), given the output of :meth:`phi_`."""
-        return cls.dphi(y).sum(-1, keepdim=True)
 
 
 class Sigmoid(Family):
@@ -79,12 +84,20 @@ class Sigmoid(Family):
     log_newton = True
 
     @staticmethod
-    def phi_(z):
-        return z.sigmoid_(), None
+    def phi_(z, scratch):
+        z.sigmoid_()
 
     @staticmethod
-    def dphi(y):
-        return torch.addcmul(y, y, y, value=-1.0)  # y (1 - y)
+    def dsum(y, aux, scratch):
+        return torch.addcmul(y, y, y, value=-1.0, out=scratch).sum(-1, keepdim=True)
+
+    @staticmethod
+    def dphi(y, out=None):
+        return torch.addcmul(y, y, y, value=-1.0, out=out)  # y (1 - y)
+
+    @staticmethod
+    def mul_dphi_(b, y):
+        return b.mul_(y).addcmul_(b, y, value=-1.0)  # b y − b y y, no temporary
 
     phi_inv = staticmethod(torch.logit)
 
@@ -94,17 +107,21 @@ class Laplace(Family):
     log_newton = True
 
     @staticmethod
-    def phi_(z):
-        half_e = torch.abs(z).neg_().exp_().mul_(0.5)  # ½ e^{-|z|} = φ'(z)
-        return torch.where(z < 0, half_e, 1.0 - half_e), half_e
-
-    @classmethod
-    def dsum(cls, y, half_e):
-        return half_e.sum(-1, keepdim=True)
+    def phi_(z, scratch):
+        e = torch.abs(z, out=scratch).neg_().exp_()  # e^{-|z|} = 2 φ'(z)
+        half_dsum = e.sum(-1, keepdim=True)
+        # φ(z) = ½ + copysign(½ − ½ e^{-|z|}, z); ±inf entries give exactly 0 and 1
+        torch.copysign(e.mul_(-0.5).add_(0.5), z, out=z).add_(0.5)
+        return half_dsum
 
     @staticmethod
-    def dphi(y):
-        return torch.minimum(y, 1.0 - y)  # ½ e^{-|z|}
+    def dsum(y, half_dsum, scratch):
+        return 0.5 * half_dsum
+
+    @staticmethod
+    def dphi(y, out=None):
+        q = torch.neg(y, out=out).add_(1.0)
+        return torch.minimum(y, q, out=q)  # ½ e^{-|z|} = min(y, 1 − y)
 
     @staticmethod
     def phi_inv(p):
@@ -117,12 +134,16 @@ class Euclidean(Family):
     name = "sparse"
 
     @staticmethod
-    def phi_(z):
-        return z.clamp(0.0, 1.0), None
+    def phi_(z, scratch):
+        z.clamp_(0.0, 1.0)
 
     @staticmethod
-    def dphi(y):  # 1 strictly inside (0, 1), else 0; float ops only (boolean reductions are slow on CPU)
-        return torch.addcmul(y, y, y, value=-1.0).sign_()
+    def dsum(y, aux, scratch):  # the count of 0 < y < 1, by float ops (boolean reductions are slow on CPU)
+        return torch.addcmul(y, y, y, value=-1.0, out=scratch).sign_().sum(-1, keepdim=True)
+
+    @staticmethod
+    def dphi(y, out=None):
+        return torch.addcmul(y, y, y, value=-1.0, out=out).sign_()
 
     @staticmethod
     def phi_inv(p):
@@ -135,19 +156,20 @@ class Cubic(Family):
     name = "sparse(p=4/3)"
 
     @staticmethod
-    def phi_(z):
-        c = z.clamp(0.0, 1.0)
-        c2 = c * c
-        return c2 * c, (c, c2)
+    def phi_(z, scratch):
+        c = z.clamp_(0.0, 1.0)
+        inside = torch.neg(c, out=scratch).add_(1.0).sign_().mul_(c).mul_(c)  # c² on c < 1, else 0
+        dsum = 3.0 * inside.sum(-1, keepdim=True)  # φ'(z) = 3 z² on 0 < z < 1
+        c.pow_(3)
+        return dsum
 
     @staticmethod
-    def dphi(y):
-        return torch.where(y < 1, 3.0 * y.pow(2.0 / 3.0), 0.0)
+    def dsum(y, dsum, scratch):
+        return dsum
 
-    @classmethod
-    def dsum(cls, y, aux):  # φ'(z) = 3 z² on 0 < z < 1
-        c, c2 = aux
-        return 3.0 * torch.where(c < 1, c2, 0.0).sum(-1, keepdim=True)
+    @staticmethod
+    def dphi(y, out=None):
+        return torch.pow(y, 2.0 / 3.0, out=out).mul_(3.0).masked_fill_(y >= 1, 0.0)
 
     @staticmethod
     def phi_inv(p):
@@ -169,6 +191,7 @@ _SUBSAMPLE = 2048  # rows longer than 4x this get a warm start from a strided su
 #: Newton iterations at most. Eager mode stops at convergence; under torch.compile / vmap all of them run.
 MAX_ITER = 50
 _BLOCK = 1 << 20  # elements per block of rows (see _row_blocks)
+_CHUNK = 1 << 18  # elements per column chunk of an evaluation (see _evaluate)
 
 
 def _row_stats(x: Tensor, eager: bool):
@@ -185,11 +208,40 @@ def _row_stats(x: Tensor, eager: bool):
     return xmin, xmax, n_live, n_pinf
 
 
-def _warm_start(family, u, k, lo, hi, tau, degenerate, eager):
+def _evaluate(family, x, rt, centre, tau, out):
+    """y = clip(φ((x − c)/t − τ), 0, 1) into ``out``, with S = Σ y and Σ φ' (both (..., 1)).
+
+    In eager mode the work runs over column chunks of about ``_CHUNK`` elements: each chunk of y is finished
+    while it sits in the cache, and the families' scratch space is one chunk instead of a second full-size
+    tensor (fresh multi-megabyte tensors cost page faults, more than the arithmetic on CPU). Under
+    torch.compile and vmap (``out`` None) it is one whole-tensor expression.
+    """
+    if out is None:
+        z = (x * rt if centre is None else (x - centre) * rt) - tau
+        aux = family.phi_(z, None)
+        return z, z.sum(-1, keepdim=True), family.dsum(z, aux, None)
+    n = x.shape[-1]
+    width = max(_CHUNK // max(x.numel() // max(n, 1), 1), 1024)
+    scratch = x.new_empty(x.shape[:-1] + (min(width, n),))
+    s = dsum = 0.0
+    for j in range(0, n, width):
+        xc, zc = x[..., j : j + width], out[..., j : j + width]
+        sc = scratch[..., : zc.shape[-1]]
+        if centre is None:
+            torch.mul(xc, rt, out=zc)
+        else:
+            torch.sub(xc, centre, out=zc).mul_(rt)
+        aux = family.phi_(zc.sub_(tau), sc)
+        s = s + zc.sum(-1, keepdim=True)
+        dsum = dsum + family.dsum(zc, aux, sc)
+    return out, s, dsum
+
+
+def _warm_start(family, x, rt, k, lo, hi, tau, degenerate, eager):
     """τ of the same problem on a strided subsample of each row (k scaled), started from the midpoint of the
     sample's order statistics around rank k and solved loosely: within a few percent of the full solution."""
-    n = u.shape[-1]
-    sub = u[..., :: n // _SUBSAMPLE].contiguous()
+    n = x.shape[-1]
+    sub = x[..., :: n // _SUBSAMPLE] * rt
     m = sub.shape[-1]
     k_sub = (k * (m / n)).clamp(1e-3, m - 1e-3)
     rank = k_sub.floor().long().clamp(1, m - 1)
@@ -197,30 +249,31 @@ def _warm_start(family, u, k, lo, hi, tau, degenerate, eager):
     ranked = torch.topk(sub, top).values if top <= m // 2 else sub.sort(-1, descending=True).values
     mid = 0.5 * (ranked.gather(-1, rank - 1) + ranked.gather(-1, rank)) - family.phi_inv(torch.full_like(k_sub, 0.5))
     tau = torch.where((mid > lo) & (mid < hi), mid, tau)
-    _, tau, _ = _newton(family, sub, k_sub, m, tau, lo, hi, degenerate, 1e-3 * k_sub.clamp(min=1.0), 30, eager)
+    one = torch.ones_like(rt)
+    tol = 1e-3 * k_sub.clamp(min=1.0)
+    buf = torch.empty_like(sub) if eager else None
+    tau = _newton(family, sub, one, None, k_sub, m, tau, lo, hi, degenerate, tol, 30, eager, buf)[1]
     return torch.minimum(torch.maximum(tau, lo), hi)
 
 
-def _newton(family, u, k, n_live, tau, lo, hi, done, tol, max_iter, eager):
-    """Safeguarded Newton on S(τ) = Σ φ(u − τ) = k, with u = x/t.
+def _newton(family, x, rt, centre, k, n_live, tau, lo, hi, done, tol, max_iter, eager, buf=None):
+    """Safeguarded Newton on S(τ) = Σ φ((x − c)/t − τ) = k.
 
     Keeps a bracket [lo, hi] with S(lo) ≥ k ≥ S(hi) and falls back to bisection when a Newton step leaves it.
-    Stops a row at |S − k| ≤ tol or when the step no longer moves τ. Returns (y, τ, ok) with y evaluated at τ
-    and ok the rows within tol (or given as ``done``).
+    Stops a row at |S − k| ≤ tol or when the step no longer moves τ. Returns (y, τ, ok, Σφ') with y and Σφ'
+    evaluated at τ (y in ``buf`` when given; None allocates) and ok the rows within tol (or given as ``done``).
     """
     logit_k = torch.log(k / (n_live - k)) if family.log_newton else None
     ok = done
     for it in range(max_iter + 1):
-        y, aux = family.phi_(u - tau)
+        y, s, dsum = _evaluate(family, x, rt, centre, tau, buf)  # dsum = Σ φ' = −dS/dτ
         if it == max_iter:
             break
-        s = y.sum(-1, keepdim=True)
         resid = s - k
         ok = ok | (resid.abs() <= tol)
         done = done | ok
         if eager and bool(done.all()):
             break
-        dsum = family.dsum(y, aux)  # −dS/dτ
         lo = torch.where(resid > 0, tau, lo)
         hi = torch.where(resid < 0, tau, hi)
         if family.log_newton:
@@ -234,7 +287,7 @@ def _newton(family, u, k, n_live, tau, lo, hi, done, tol, max_iter, eager):
         new = torch.where(inside, new, 0.5 * (lo + hi))
         done = done | (new == tau)  # stalled at machine precision (ok tells whether within tol)
         tau = torch.where(done, tau, new)
-    return y, tau, ok
+    return y, tau, ok, dsum
 
 
 def _row_blocks(fn, *args):
@@ -263,8 +316,9 @@ def _row_blocks(fn, *args):
 
 
 def threshold_mask_solve(family: type[Family], x: Tensor, k: Tensor, t: Tensor, tol: float, max_iter: int):
-    """Forward of a normalised threshold mask along the last dim. Returns (y, τ, c): y = clip(φ((x − c)/t − τ)),
-    with c a per-row centre (0 unless the row needed re-centring for precision).
+    """Forward of a normalised threshold mask along the last dim. Returns (y, Σφ', τ, c) with
+    y = clip(φ((x − c)/t − τ), 0, 1), Σφ' its row sums of derivatives (for the backward) and c a per-row
+    centre (0 unless the row needed re-centring for precision).
 
     ``x`` (..., n) in the compute dtype; ``k`` and ``t`` of shape (..., 1).
     """
@@ -276,7 +330,6 @@ def _solve(family, x, k, t, tol, max_iter):
     n = x.shape[-1]
     xmin, xmax, n_live, n_pinf = _row_stats(x, eager)
     rt = t.reciprocal()
-    u = x * rt  # the problem in units of t: y = clip(φ(u − τ), 0, 1)
     # Rows with nothing left to choose among the finite entries are exact 0/1 masks (τ = ±∞).
     k_fin = k - n_pinf
     none = k_fin <= 0
@@ -284,25 +337,27 @@ def _solve(family, x, k, t, tol, max_iter):
     degenerate = none | full
     p_max = 1.0 - 1e-16 if x.dtype == torch.float64 else 1.0 - 1e-7
     zp = family.phi_inv((k_fin / (n_live - n_pinf)).clamp(1e-30, p_max))
-    lo = torch.where(degenerate, 0.0, xmin * rt - zp)  # S(lo) >= k
+    lo = torch.where(degenerate, 0.0, xmin * rt - zp)  # S(lo) >= k, in units of t
     hi = torch.where(degenerate, 0.0, xmax * rt - zp)  # S(hi) <= k
     tau = 0.5 * (lo + hi)
     if n > 4 * _SUBSAMPLE:
-        tau = _warm_start(family, u, k, lo, hi, tau, degenerate, eager)
+        tau = _warm_start(family, x, rt, k, lo, hi, tau, degenerate, eager)
     tol = tol * k.clamp(min=1.0)
-    y, tau, ok = _newton(family, u, k, n_live, tau, lo, hi, degenerate, tol, max_iter, eager)
+    buf = torch.empty_like(x) if eager else None  # every iteration writes y here (see _evaluate)
+    y, tau, ok, dsum = _newton(family, x, rt, None, k, n_live, tau, lo, hi, degenerate, tol, max_iter, eager, buf)
     centre = torch.zeros_like(tau)
     if eager:
-        # u = x/t carries an error of ulp(|u|): near the threshold that is ulp(|τ|), too coarse for the
-        # tolerance when |τ| is large (offset logits, tiny t), and a row may stall short of it. Such rows are
-        # polished in a frame centred at the threshold, where x − c is exact for the entries that matter.
+        # x/t carries an error of ulp(|x/t|): near the threshold that is ulp(|τ|), too coarse for the tolerance
+        # when |τ| is large (offset logits, tiny t), and a row may stall short of it. Such rows are polished in
+        # a frame centred at the threshold, where x − c is exact for the entries that matter (Sterbenz).
         far = (tau.abs() > 0.1 * tol / torch.finfo(x.dtype).eps) & ~degenerate
         redo = far | ~ok
         if bool(redo.any()):
             shift = torch.where(redo, tau, 0.0)
             centre = shift * t
-            u = (x - centre) * rt
-            y, tau2, ok = _newton(family, u, k, n_live, tau - shift, lo - shift, hi - shift, ~redo, tol, max_iter, eager)
+            y, tau2, ok, dsum = _newton(
+                family, x, rt, centre, k, n_live, tau - shift, lo - shift, hi - shift, ~redo, tol, max_iter, eager, buf
+            )
             tau = torch.where(redo, tau2, tau)
     if eager and not bool(ok.all()):
         worst = (y.sum(-1, keepdim=True) - k).abs().max().item()
@@ -315,21 +370,22 @@ def _solve(family, x, k, t, tol, max_iter):
     if not eager or bool(degenerate.any()):
         exact = torch.where(none, (x == math.inf).to(y.dtype), (x > -math.inf).to(y.dtype))
         y = torch.where(degenerate, exact, y)
-    return y, tau, centre
+        dsum = torch.where(degenerate, 0.0, dsum)
+    return y, dsum, tau, centre
 
 
-def _implicit_backward(family, x, t, y, tau, centre, gy, needs_k, needs_t):
+def _implicit_backward(family, y, dsum, x, t, tau, centre, gy, needs_k, needs_t):
     # ∂y/∂x = diag(d) − d dᵀ/Σd,  ∂y/∂k = d/Σd,  ∂y/∂t = −(∂y/∂x) z,   d = φ'(z)/t on 0 < y < 1.
-    d = family.dphi(y) / t
-    gd = gy * d
-    dsum = d.sum(-1, keepdim=True)
-    gbar = torch.where(dsum > 0, gd.sum(-1, keepdim=True) / dsum, 0.0)
-    gx = torch.addcmul(gd, d, gbar, value=-1.0)
+    # One buffer: b = g φ' gives ḡ = Σ g d / Σ d, then b = (g − ḡ) φ' / t is the gradient.
+    b = family.mul_dphi_(gy.clone(), y)
+    gbar = torch.where(dsum > 0, b.sum(-1, keepdim=True) / dsum, 0.0)
+    gx = family.mul_dphi_(torch.sub(gy, gbar, out=b if can_read_data(b) else None), y).div_(t)
     gk = gbar if needs_k else None
     gt = None
     if needs_t:
-        z = ((x - centre) / t).sub_(tau)
-        gt = -torch.where(d > 0, z * gx, 0.0).sum(-1, keepdim=True)
+        # Σ z gx with z = (x − c)/t − τ; gx = 0 wherever φ' = 0, which covers the infinite x (inf·0 → nan → 0)
+        zg = torch.sub(x, centre).div_(t).sub_(tau).mul_(gx)
+        gt = -zg.nan_to_num_(0.0, 0.0, 0.0).sum(-1, keepdim=True)
     return gx, gk, gt
 
 
@@ -344,16 +400,16 @@ def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
         @staticmethod
         def setup_context(ctx, inputs, output):
             x, k, t, _, _ = inputs
-            y, tau, centre = output
-            ctx.mark_non_differentiable(tau, centre)
-            ctx.save_for_backward(x, t, y, tau, centre)
+            y, dsum, tau, centre = output
+            ctx.mark_non_differentiable(dsum, tau, centre)
+            ctx.save_for_backward(y, dsum, x if ctx.needs_input_grad[2] else None, t, tau, centre)
 
         @staticmethod
         @once_differentiable
-        def backward(ctx, gy, _gtau, _gcentre):
-            x, t, y, tau, centre = ctx.saved_tensors
+        def backward(ctx, gy, _gdsum, _gtau, _gcentre):
+            y, dsum, x, t, tau, centre = ctx.saved_tensors
             needs_k, needs_t = ctx.needs_input_grad[1:3]
-            gx, gk, gt = _row_blocks(_implicit_backward, family, x, t, y, tau, centre, gy, needs_k, needs_t)
+            gx, gk, gt = _row_blocks(_implicit_backward, family, y, dsum, x, t, tau, centre, gy, needs_k, needs_t)
             return gx, gk, gt, None, None
 
     ThresholdMask.__name__ = ThresholdMask.__qualname__ = f"ThresholdMask_{family.__name__}"
