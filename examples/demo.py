@@ -30,6 +30,16 @@ def main() -> None:
     y = softtopk.topk_mask(scores, torch.tensor([[1, 2, 3], [4, 0, 5]]), dim=1, method="sparse")
     print("  row sums along dim=1:", [[round(v, 4) for v in row] for row in y.sum(1).tolist()])
 
+    print("\nPermutahedron operators (Blondel et al. 2020; Sander et al. 2023):")
+    print("  soft_rank     ", [round(v, 3) for v in softtopk.soft_rank(x, strength=0.5).tolist()])
+    print("  soft_sort     ", [round(v, 3) for v in softtopk.soft_sort(x, strength=0.5).tolist()])
+    mag = softtopk.topk_magnitude(x, k, temperature=0.5)
+    print("  topk_magnitude", [round(v, 3) + 0.0 for v in mag.tolist()])  # + 0.0: no "-0.0"
+
+    print("\nSOFT sorted top-k (Xie et al. 2020): row j of the plan is the soft j-th largest entry")
+    plan = softtopk.topk_permutation(x, k, temperature=0.05)
+    print("  sorted top-k values (plan @ x):", [round(v, 3) for v in (plan @ x).tolist()])
+
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,29 @@
 """
 
 from .api import METHODS, SoftTopK, topk_mask
+from .ot import topk_permutation
+from .permutahedron import (
+    isotonic,
+    pav_backend,
+    permutahedron_projection,
+    permutahedron_topk,
+    soft_rank,
+    soft_sort,
+    topk_magnitude,
+)
 
 __version__ = "0.1.0"
-__all__ = ["METHODS", "SoftTopK", "__version__", "topk_mask"]
+__all__ = [
+    "METHODS",
+    "SoftTopK",
+    "__version__",
+    "isotonic",
+    "pav_backend",
+    "permutahedron_projection",
+    "permutahedron_topk",
+    "soft_rank",
+    "soft_sort",
+    "topk_magnitude",
+    "topk_mask",
+    "topk_permutation",
+]
