@@ -444,3 +444,21 @@ def test_double_backward_message(variant):
     (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_kth_pair_selection_on_long_rows(ties):
+    """The sampled-window selection of DFTopK (rows of n >= 16384) returns exactly the k-th and (k+1)-th largest
+    values, and indices that hold them, for small, middle and large k, with and without ties."""
+    from softtopk.threshold import _kth_pair
+
+    g = torch.Generator().manual_seed(21)
+    n = 20000
+    x = torch.randn(4, n, generator=g)
+    if ties:
+        x = (x * 20).round()
+    ref = x.sort(-1, descending=True).values
+    for k in (1, 10, 300, n // 32 + 1, n // 3, n // 2, n - 100, n - 1):
+        vals, idx = _kth_pair(x, k)
+        assert torch.equal(vals, ref[:, [k - 1, k]]), k
+        assert torch.equal(x.gather(-1, idx), vals), k

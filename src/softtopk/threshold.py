@@ -516,8 +516,8 @@ def _kth_pair(x: Tensor, k: Tensor | int):
 
 def _kth_pair_window(x: Tensor, k: int):
     """:func:`_kth_pair` for 2-D ``x`` by sampling: a strided sample of each row brackets x_(k) and x_(k+1) in a
-    window [a, b] that holds a few percent of the row; one comparison pass counts the entries above the window
-    and collects those inside it, and a small top-k over the window finishes exactly. Returns None when the
+    window [a, b] that holds a few percent of the row (b = +inf when k ≤ n/32); one comparison pass counts the
+    entries above the window and collects those inside it, and a small top-k over the window finishes exactly. Returns None when the
     bracket misses (rare; the caller then selects with ``torch.topk``). About 2x faster than ``torch.topk``.
     """
     rows, n = x.shape
@@ -532,21 +532,23 @@ def _kth_pair_window(x: Tensor, k: int):
     a = ranked[:, j_lo - 1 :]
     inside = x >= a
     above = torch.zeros(rows, 1, dtype=torch.int32, device=x.device)
-    if j_hi >= 1:
+    if j_hi >= 1 and 32 * k > n:  # for small k the whole top of the row is a small window: no upper bound
         b = ranked[:, j_hi - 1 : j_hi]
         over = x > b
         above = over.sum(-1, keepdim=True, dtype=torch.int32)
         inside &= ~over
-    count = inside.sum(-1, keepdim=True, dtype=torch.int32)
+    flat = inside.reshape(-1).nonzero().squeeze(-1)  # flat indices of the window entries, row-major
+    row = flat // n
+    col = flat - row * n
+    count = torch.bincount(row, minlength=rows).unsqueeze(-1)
     rank = k - above  # rank of x_(k) inside the window, 1-based
     if not bool(((rank >= 1) & (rank + 1 <= count)).all()):
         return None
-    where = inside.nonzero()  # (N, 2), row-major
-    row, col = where[:, 0], where[:, 1]
     start = (torch.cumsum(count, 0) - count).squeeze(-1)
-    pos = torch.arange(row.numel(), device=x.device) - start[row]
+    pos = torch.arange(row.numel(), device=x.device) - start.index_select(0, row)
     width = int(count.max())
-    window = x.new_full((rows, width), -math.inf).index_put_((row, pos), x[row, col])
+    vals = x.reshape(-1).index_select(0, flat)
+    window = x.new_full((rows, width), -math.inf).index_put_((row, pos), vals)
     window_idx = torch.full((rows, width), -1, dtype=torch.long, device=x.device).index_put_((row, pos), col)
     vals, order = torch.topk(window, int(rank.max()) + 1, sorted=True)
     pick = torch.cat([rank - 1, rank], -1).long()
