@@ -84,8 +84,7 @@ def _hard(x, k, t, largest):
 
 def _straight_through(x, k, t, largest, **opts):
     kf = k.to(x.dtype) if isinstance(k, Tensor) else torch.full_like(t, k)
-    soft = _sigmoid(x, kf, t, largest, **opts)
-    return hard_mask(x.detach(), k) + (soft - soft.detach())
+    return threshold.straight_through(x, k, kf, t, **opts)
 
 
 _SOLVER = ("tol", "max_iter")

@@ -37,8 +37,17 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._utils import can_read_data
+from .baselines import hard_topk_mask
 
-__all__ = ["FAMILIES", "Family", "dftopk", "normalised_mask", "soft_temperature", "threshold_mask_solve"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "dftopk",
+    "normalised_mask",
+    "soft_temperature",
+    "straight_through",
+    "threshold_mask_solve",
+]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -187,11 +196,11 @@ FAMILIES: dict[str, type[Family]] = {
 # --------------------------------------------------------------------------------------------------------------
 # The root-finder.
 # --------------------------------------------------------------------------------------------------------------
-_SUBSAMPLE = 2048  # rows longer than 4x this get a warm start from a strided subsample
+_SUBSAMPLE = 2048  # rows longer than 4x this get a warm start from a strided subsample of about this size
 #: Newton iterations at most. Eager mode stops at convergence; under torch.compile / vmap all of them run.
 MAX_ITER = 50
 _BLOCK = 1 << 20  # elements per block of rows (see _row_blocks)
-_CHUNK = 1 << 18  # elements per column chunk of an evaluation (see _evaluate)
+_CHUNK = 1 << 20  # elements per column chunk of an evaluation (see _evaluate)
 
 
 def _row_stats(x: Tensor, eager: bool):
@@ -419,6 +428,44 @@ def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
 _FUNCTIONS = {name: _make_function(fam) for name, fam in FAMILIES.items()}
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the hard mask. Backward: the implicit gradient of the sigmoid (LML) mask at the same t."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, k, kf, t, tol, max_iter):
+        y, dsum, tau, centre = threshold_mask_solve(Sigmoid, x, kf, t, tol, max_iter)
+        return hard_topk_mask(x, k), y, dsum, tau, centre
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, _, t, _, _ = inputs
+        _, y, dsum, tau, centre = output
+        ctx.mark_non_differentiable(y, dsum, tau, centre)
+        ctx.save_for_backward(y, dsum, x if ctx.needs_input_grad[3] else None, t, tau, centre)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, *_):
+        y, dsum, x, t, tau, centre = ctx.saved_tensors
+        needs_k, needs_t = ctx.needs_input_grad[2:4]
+        gx, gk, gt = _row_blocks(_implicit_backward, Sigmoid, y, dsum, x, t, tau, centre, gy, needs_k, needs_t)
+        return gx, None, gk, gt, None, None
+
+
+def straight_through(
+    x: Tensor, k: int | Tensor, kf: Tensor, t: Tensor, *, tol: float | None = None, max_iter: int = MAX_ITER
+) -> Tensor:
+    """The hard top-k mask of x in the forward, the gradient of its sigmoid mask in the backward.
+
+    ``k`` is the int or (..., 1) integer tensor of the hard mask, ``kf`` the same as a float (..., 1) tensor.
+    """
+    if tol is None:
+        tol = 1e-9 if x.dtype == torch.float64 else 1e-5
+    return _StraightThrough.apply(x, k, kf, t, tol, max_iter)[0]
+
+
 def normalised_mask(
     family: str, x: Tensor, k: Tensor, t: Tensor, *, tol: float | None = None, max_iter: int = MAX_ITER
 ) -> Tensor:
@@ -517,8 +564,8 @@ def _kth_pair(x: Tensor, k: Tensor | int):
 def _kth_pair_window(x: Tensor, k: int):
     """:func:`_kth_pair` for 2-D ``x`` by sampling: a strided sample of each row brackets x_(k) and x_(k+1) in a
     window [a, b] that holds a few percent of the row (b = +inf when k ≤ n/32); one comparison pass counts the
-    entries above the window and collects those inside it, and a small top-k over the window finishes exactly. Returns None when the
-    bracket misses (rare; the caller then selects with ``torch.topk``). About 2x faster than ``torch.topk``.
+    entries above the window and collects those inside it, and a small top-k over the window finishes exactly.
+    Returns None when the bracket misses (rare; the caller then selects with ``torch.topk``).
     """
     rows, n = x.shape
     sample = x[:, :: n // _SUBSAMPLE]
