@@ -296,7 +296,38 @@ def _newton(family, x, rt, centre, k, n_live, tau, lo, hi, done, tol, max_iter, 
         new = torch.where(inside, new, 0.5 * (lo + hi))
         done = done | (new == tau)  # stalled at machine precision (ok tells whether within tol)
         tau = torch.where(done, tau, new)
+        if eager and buf is not None and it + 1 < max_iter:
+            left = int((~done).sum())
+            if 0 < 4 * left <= 3 * done.numel() and x.is_contiguous() and buf.is_contiguous():
+                # Most rows have converged: iterate on the others only (their y is already final in buf).
+                state = (rt, centre, k, n_live, tau, lo, hi, tol)
+                return _finish_rows(family, x, state, done, ok, y, dsum, max_iter - it - 1)
     return y, tau, ok, dsum
+
+
+def _finish_rows(family, x, state, done, ok, y, dsum, max_iter):
+    """:func:`_newton` continued on the rows that are not done, gathered into a smaller problem; their results
+    are written back into y (in place), τ, ok and Σφ'."""
+    n = x.shape[-1]
+    act = (~done).reshape(-1).nonzero().squeeze(-1)
+
+    def rows_of(a):
+        if not isinstance(a, Tensor):
+            return a
+        return torch.broadcast_to(a, done.shape).reshape(-1, 1).index_select(0, act)
+
+    rt, centre, k, n_live, tau, lo, hi, tol = (rows_of(a) for a in state)
+    xs = x.reshape(-1, n).index_select(0, act)
+    none_done = torch.zeros_like(tau, dtype=torch.bool)
+    ys, taus, oks, dsums = _newton(
+        family, xs, rt, centre, k, n_live, tau, lo, hi, none_done, tol, max_iter, True, torch.empty_like(xs)
+    )
+
+    def merged(full, part):
+        return torch.broadcast_to(full, done.shape).reshape(-1, 1).index_copy(0, act, part).reshape(done.shape)
+
+    y.reshape(-1, n).index_copy_(0, act, ys)
+    return y, merged(state[4], taus), merged(ok, oks), merged(dsum, dsums)
 
 
 def _row_blocks(fn, *args):
