@@ -61,6 +61,9 @@ class Family:
     name = "?"
     #: exponential tails: Newton on logit(S/n) instead of S (exact for a single exponential tail).
     log_newton = False
+    #: the warm start samples this many times ``_SUBSAMPLE`` entries (compact support needs more: S of a sample
+    #: counts only the entries near the top, so it is noisier)
+    sample_factor = 1
 
     @staticmethod
     def phi_(z: Tensor, scratch: Tensor | None) -> object:
@@ -77,10 +80,9 @@ class Family:
         """φ'(z) written through y = φ(z), into ``out`` (a new tensor if None); exactly 0 where y is 0 or 1."""
         raise NotImplementedError
 
-    @classmethod
-    def mul_dphi_(cls, b: Tensor, y: Tensor) -> Tensor:
-        """b ← b φ'(z), in place (the backward's one buffer)."""
-        return b.mul_(cls.dphi(y))
+    #: optional ``mul_dphi_(b, y)``: b ← b φ'(z) in place without a temporary (the backward then needs one
+    #: buffer instead of two); families without it get φ' materialised once.
+    mul_dphi_ = None
 
     @staticmethod
     def phi_inv(p: Tensor) -> Tensor:
@@ -141,6 +143,7 @@ class Euclidean(Family):
     """Sander et al., p = 2: φ(z) = z, i.e. the Euclidean projection of x/t onto the capped simplex."""
 
     name = "sparse"
+    sample_factor = 4
 
     @staticmethod
     def phi_(z, scratch):
@@ -163,6 +166,7 @@ class Cubic(Family):
     """Sander et al., p = 4/3: φ(z) = max(z, 0)³."""
 
     name = "sparse(p=4/3)"
+    sample_factor = 4
 
     @staticmethod
     def phi_(z, scratch):
@@ -250,7 +254,7 @@ def _warm_start(family, x, rt, k, lo, hi, tau, degenerate, eager):
     """τ of the same problem on a strided subsample of each row (k scaled), started from the midpoint of the
     sample's order statistics around rank k and solved loosely: within a few percent of the full solution."""
     n = x.shape[-1]
-    sub = x[..., :: n // _SUBSAMPLE] * rt
+    sub = x[..., :: n // (_SUBSAMPLE * family.sample_factor)] * rt
     m = sub.shape[-1]
     k_sub = (k * (m / n)).clamp(1e-3, m - 1e-3)
     rank = k_sub.floor().long().clamp(1, m - 1)
@@ -416,10 +420,16 @@ def _solve(family, x, k, t, tol, max_iter):
 
 def _implicit_backward(family, y, dsum, x, t, tau, centre, gy, needs_k, needs_t):
     # ∂y/∂x = diag(d) − d dᵀ/Σd,  ∂y/∂k = d/Σd,  ∂y/∂t = −(∂y/∂x) z,   d = φ'(z)/t on 0 < y < 1.
-    # One buffer: b = g φ' gives ḡ = Σ g d / Σ d, then b = (g − ḡ) φ' / t is the gradient.
-    b = family.mul_dphi_(gy.clone(), y)
+    # b = g φ' gives ḡ = Σ g d / Σ d, then b = (g − ḡ) φ' / t is the gradient: in one buffer when the family
+    # multiplies by φ' in place, else with φ' materialised once.
+    p = None if family.mul_dphi_ is not None else family.dphi(y)
+
+    def times_dphi(b):
+        return b.mul_(p) if p is not None else family.mul_dphi_(b, y)
+
+    b = torch.mul(gy, p) if p is not None else family.mul_dphi_(gy.clone(), y)
     gbar = torch.where(dsum > 0, b.sum(-1, keepdim=True) / dsum, 0.0)
-    gx = family.mul_dphi_(torch.sub(gy, gbar, out=b if can_read_data(b) else None), y).div_(t)
+    gx = times_dphi(torch.sub(gy, gbar, out=b if can_read_data(b) else None)).div_(t)
     gk = gbar if needs_k else None
     gt = None
     if needs_t:
