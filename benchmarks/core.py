@@ -157,11 +157,41 @@ def wide_table(results: list[Result]) -> str:
     return "\n".join(rows) + f"\n\ntorch.topk forward+backward: {base}"
 
 
+def write_plot(path: str, results: list[Result], title: str) -> None:
+    """Ratio to torch.topk against n, one line per method (log-log), saved to ``path`` (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]'") from None
+    sizes = sorted({r.n for r in results})
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for case in dict.fromkeys(r.case for r in results):
+        pts = sorted((r.n, r.ratio) for r in results if r.case == case)
+        style = {"color": "black", "linestyle": "--"} if case == BASELINE else {"marker": "o"}
+        ax.plot([n for n, _ in pts], [v for _, v in pts], label=case, **style)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(sizes, [fmt_n(n) for n in sizes])
+    ax.set_xlabel("n (batch 32, k = n/100, float32)")
+    ax.set_ylabel("forward+backward time / torch.topk")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 README_START, README_END = "<!-- BENCHMARK:START -->", "<!-- BENCHMARK:END -->"
 
 
-def write_readme(path: str, header: list[str], results: list[Result], footer: list[str]) -> None:
-    """Replace the text between the benchmark markers of the README with this run's table."""
+def write_readme(
+    path: str, header: list[str], results: list[Result], footer: list[str], plot: str | None = None
+) -> None:
+    """Replace the text between the benchmark markers of the README with this run's table (and plot)."""
     with open(path) as f:
         text = f.read()
     if README_START not in text or README_END not in text:
@@ -183,6 +213,9 @@ def write_readme(path: str, header: list[str], results: list[Result], footer: li
         *footer,
         "```",
     ]
+    if plot:
+        rel = os.path.relpath(plot, os.path.dirname(os.path.abspath(path)))
+        body += ["", f"![forward+backward time relative to torch.topk]({rel})"]
     with open(path, "w") as f:
         f.write(head + README_START + "\n" + "\n".join(body) + "\n" + README_END + tail)
 
@@ -237,6 +270,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write all results and metadata as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     p.add_argument("--readme", metavar="PATH", help="write the table into PATH between the benchmark markers")
+    p.add_argument("--plot", metavar="PATH", help="save the ratios against n as an image (needs matplotlib)")
     args = p.parse_args(argv)
     args.sizes = args.sizes or list(QUICK_SIZES if args.quick else DEFAULT_SIZES)
     if args.budget is None:
@@ -312,8 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n".join(header) + "\n\n" + table + "\n\n" + "\n".join(footer) + "\n")
+    if args.plot:
+        write_plot(args.plot, results, f"softtopk {meta['softtopk']}, torch {meta['torch']}, {meta['machine']}")
     if args.readme:
-        write_readme(args.readme, header, results, footer)
+        write_readme(args.readme, header, results, footer, args.plot)
     if args.json:
         meta["total_s"] = elapsed
         with open(args.json, "w") as f:
