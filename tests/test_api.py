@@ -4,6 +4,7 @@ torch.compile / vmap, and hypothesis properties of every method."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -476,7 +477,7 @@ def test_module_validates_other_arguments_at_construction(kwargs, exc):
 # ----------------------------------------------------------------------------------------------------------
 # torch.compile and torch.func.vmap.
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["sigmoid", "sparse", "sparse43"])
+@pytest.mark.parametrize("variant", NORMALISED_VARIANTS)
 def test_vmap_over_rows(variant):
     g = torch.Generator().manual_seed(10)
     x = torch.randn(5, 9, generator=g, dtype=torch.float64)
@@ -493,6 +494,21 @@ def test_vmap_over_rows(variant):
     per = torch.func.vmap(torch.func.grad(lambda r: (run(r, 3, variant, temperature=0.5) * w).sum()))(x)
     xr = x.clone().requires_grad_()
     (run(xr, 3, variant, temperature=0.5) * w).sum().backward()
+    torch.testing.assert_close(per, xr.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_vmap_without_fallback_warnings(variant):
+    """Every method has real batching rules under vmap (no per-sample fallback loop, which warns)."""
+    x = torch.randn(4, 3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    w = torch.arange(20.0, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = torch.func.vmap(lambda r: run(r, 4, variant))(x)
+        per = torch.func.vmap(torch.func.grad(lambda r: (run(r, 4, variant) * w).sum()))(x[0])
+    torch.testing.assert_close(out, run(x, 4, variant), rtol=0, atol=1e-12)
+    xr = x[0].clone().requires_grad_()
+    (run(xr, 4, variant) * w).sum().backward()
     torch.testing.assert_close(per, xr.grad, rtol=0, atol=1e-12)
 
 

@@ -54,9 +54,12 @@ __all__ = [
 # The maths of each family, in three small hooks (entmax-style): subclasses override, the solver is shared.
 # --------------------------------------------------------------------------------------------------------------
 class Family:
-    """:math:`\\varphi` and what the solver needs of it. The hooks work in place on buffers the solver owns, so
-    that an iteration allocates nothing (fresh multi-megabyte tensors cost more than the arithmetic on CPU).
-    ``scratch`` is a buffer of z's shape, or None when the hook must allocate (under torch.compile / vmap)."""
+    """:math:`\\varphi` and what the solver needs of it, as small elementwise hooks.
+
+    :meth:`phi` is the definition, out of place (used under torch.compile and vmap); :meth:`phi_` is the same
+    in place on buffers the solver owns (eager), so that an iteration allocates nothing: a fresh multi-megabyte
+    tensor costs more than the arithmetic on CPU.
+    """
 
     name = "?"
     #: exponential tails: Newton on logit(S/n) instead of S (exact for a single exponential tail).
@@ -66,18 +69,23 @@ class Family:
     sample_factor = 1
 
     @staticmethod
-    def phi_(z: Tensor, scratch: Tensor | None) -> object:
-        """Overwrite z with clip(φ(z), 0, 1); return whatever :meth:`dsum` can reuse."""
+    def phi(z: Tensor) -> tuple[Tensor, Tensor]:
+        """(clip(φ(z), 0, 1), Σ φ'(z) along the last dim)."""
         raise NotImplementedError
 
     @staticmethod
-    def dsum(y: Tensor, aux: object, scratch: Tensor | None) -> Tensor:
-        """Σ φ'(z) along the last dim (= −dS/dτ), given y and the output of :meth:`phi_`."""
+    def phi_(z: Tensor, scratch: Tensor) -> Tensor:
+        """:meth:`phi` in place: overwrites z with the mask, may use ``scratch`` (z's shape); returns Σ φ'."""
         raise NotImplementedError
 
     @staticmethod
-    def dphi(y: Tensor, out: Tensor | None = None) -> Tensor:
-        """φ'(z) written through y = φ(z), into ``out`` (a new tensor if None); exactly 0 where y is 0 or 1."""
+    def dphi(y: Tensor) -> Tensor:
+        """φ'(z) written through y = φ(z); exactly 0 where y is 0 or 1."""
+        raise NotImplementedError
+
+    @staticmethod
+    def dphi_(y: Tensor, out: Tensor) -> Tensor:
+        """:meth:`dphi` written into ``out`` (eager)."""
         raise NotImplementedError
 
     #: optional ``mul_dphi_(b, y)``: b ← b φ'(z) in place without a temporary (the backward then needs one
@@ -90,21 +98,31 @@ class Family:
         raise NotImplementedError
 
 
+def _rowsum(v: Tensor) -> Tensor:
+    return v.sum(-1, keepdim=True)
+
+
 class Sigmoid(Family):
     name = "sigmoid"
     log_newton = True
 
     @staticmethod
+    def phi(z):
+        y = torch.sigmoid(z)
+        return y, _rowsum(y * (1.0 - y))
+
+    @staticmethod
     def phi_(z, scratch):
         z.sigmoid_()
+        return _rowsum(torch.addcmul(z, z, z, value=-1.0, out=scratch))
 
     @staticmethod
-    def dsum(y, aux, scratch):
-        return torch.addcmul(y, y, y, value=-1.0, out=scratch).sum(-1, keepdim=True)
+    def dphi(y):
+        return y * (1.0 - y)
 
     @staticmethod
-    def dphi(y, out=None):
-        return torch.addcmul(y, y, y, value=-1.0, out=out)  # y (1 - y)
+    def dphi_(y, out):
+        return torch.addcmul(y, y, y, value=-1.0, out=out)
 
     @staticmethod
     def mul_dphi_(b, y):
@@ -118,21 +136,25 @@ class Laplace(Family):
     log_newton = True
 
     @staticmethod
+    def phi(z):
+        half_e = 0.5 * torch.exp(-torch.abs(z))  # = φ'(z)
+        return torch.where(z < 0, half_e, 1.0 - half_e), _rowsum(half_e)
+
+    @staticmethod
     def phi_(z, scratch):
         e = torch.abs(z, out=scratch).neg_().exp_()  # e^{-|z|} = 2 φ'(z)
-        half_dsum = e.sum(-1, keepdim=True)
+        dsum = 0.5 * _rowsum(e)
         # φ(z) = ½ + copysign(½ − ½ e^{-|z|}, z); ±inf entries give exactly 0 and 1
         torch.copysign(e.mul_(-0.5).add_(0.5), z, out=z).add_(0.5)
-        return half_dsum
+        return dsum
 
     @staticmethod
-    def dsum(y, half_dsum, scratch):
-        return 0.5 * half_dsum
+    def dphi(y):
+        return torch.minimum(y, 1.0 - y)  # ½ e^{-|z|}
 
     @staticmethod
-    def dphi(y, out=None):
-        q = torch.neg(y, out=out).add_(1.0)
-        return torch.minimum(y, q, out=q)  # ½ e^{-|z|} = min(y, 1 − y)
+    def dphi_(y, out):
+        return torch.minimum(y, torch.neg(y, out=out).add_(1.0), out=out)
 
     @staticmethod
     def phi_inv(p):
@@ -146,15 +168,21 @@ class Euclidean(Family):
     sample_factor = 4
 
     @staticmethod
-    def phi_(z, scratch):
+    def phi(z):
+        y = z.clamp(0.0, 1.0)
+        return y, _rowsum(Euclidean.dphi(y))
+
+    @staticmethod
+    def phi_(z, scratch):  # Σφ' counts 0 < y < 1, by float ops (boolean reductions are slow on CPU)
         z.clamp_(0.0, 1.0)
+        return _rowsum(torch.addcmul(z, z, z, value=-1.0, out=scratch).sign_())
 
     @staticmethod
-    def dsum(y, aux, scratch):  # the count of 0 < y < 1, by float ops (boolean reductions are slow on CPU)
-        return torch.addcmul(y, y, y, value=-1.0, out=scratch).sign_().sum(-1, keepdim=True)
+    def dphi(y):
+        return torch.sign(y * (1.0 - y))
 
     @staticmethod
-    def dphi(y, out=None):
+    def dphi_(y, out):
         return torch.addcmul(y, y, y, value=-1.0, out=out).sign_()
 
     @staticmethod
@@ -169,19 +197,23 @@ class Cubic(Family):
     sample_factor = 4
 
     @staticmethod
+    def phi(z):
+        c = z.clamp(0.0, 1.0)
+        return c * c * c, 3.0 * _rowsum(torch.where(c < 1, c * c, 0.0))  # φ'(z) = 3 z² on 0 < z < 1
+
+    @staticmethod
     def phi_(z, scratch):
         c = z.clamp_(0.0, 1.0)
-        inside = torch.neg(c, out=scratch).add_(1.0).sign_().mul_(c).mul_(c)  # c² on c < 1, else 0
-        dsum = 3.0 * inside.sum(-1, keepdim=True)  # φ'(z) = 3 z² on 0 < z < 1
+        dsum = 3.0 * _rowsum(torch.neg(c, out=scratch).add_(1.0).sign_().mul_(c).mul_(c))  # 3 c² on c < 1
         c.pow_(3)
         return dsum
 
     @staticmethod
-    def dsum(y, dsum, scratch):
-        return dsum
+    def dphi(y):
+        return torch.where(y < 1, 3.0 * y.pow(2.0 / 3.0), 0.0)
 
     @staticmethod
-    def dphi(y, out=None):
+    def dphi_(y, out):
         return torch.pow(y, 2.0 / 3.0, out=out).mul_(3.0).masked_fill_(y >= 1, 0.0)
 
     @staticmethod
@@ -230,9 +262,8 @@ def _evaluate(family, x, rt, centre, tau, out):
     torch.compile and vmap (``out`` None) it is one whole-tensor expression.
     """
     if out is None:
-        z = (x * rt if centre is None else (x - centre) * rt) - tau
-        aux = family.phi_(z, None)
-        return z, z.sum(-1, keepdim=True), family.dsum(z, aux, None)
+        y, dsum = family.phi((x * rt if centre is None else (x - centre) * rt) - tau)
+        return y, _rowsum(y), dsum
     n = x.shape[-1]
     width = max(_CHUNK // max(x.numel() // max(n, 1), 1), 1024)
     scratch = x.new_empty(x.shape[:-1] + (min(width, n),))
@@ -244,9 +275,8 @@ def _evaluate(family, x, rt, centre, tau, out):
             torch.mul(xc, rt, out=zc)
         else:
             torch.sub(xc, centre, out=zc).mul_(rt)
-        aux = family.phi_(zc.sub_(tau), sc)
-        s = s + zc.sum(-1, keepdim=True)
-        dsum = dsum + family.dsum(zc, aux, sc)
+        dsum = dsum + family.phi_(zc.sub_(tau), sc)
+        s = s + _rowsum(zc)
     return out, s, dsum
 
 
@@ -422,20 +452,25 @@ def _implicit_backward(family, y, dsum, x, t, tau, centre, gy, needs_k, needs_t)
     # ∂y/∂x = diag(d) − d dᵀ/Σd,  ∂y/∂k = d/Σd,  ∂y/∂t = −(∂y/∂x) z,   d = φ'(z)/t on 0 < y < 1.
     # b = g φ' gives ḡ = Σ g d / Σ d, then b = (g − ḡ) φ' / t is the gradient: in one buffer when the family
     # multiplies by φ' in place, else with φ' materialised once.
-    p = None if family.mul_dphi_ is not None else family.dphi(y)
-
-    def times_dphi(b):
-        return b.mul_(p) if p is not None else family.mul_dphi_(b, y)
-
-    b = torch.mul(gy, p) if p is not None else family.mul_dphi_(gy.clone(), y)
-    gbar = torch.where(dsum > 0, b.sum(-1, keepdim=True) / dsum, 0.0)
-    gx = times_dphi(torch.sub(gy, gbar, out=b if can_read_data(b) else None)).div_(t)
+    if not can_read_data(y):  # under torch.compile / vmap: out of place
+        p = family.dphi(y)
+        gbar = torch.where(dsum > 0, _rowsum(gy * p) / dsum, 0.0)
+        gx = (gy - gbar) * p / t
+    elif family.mul_dphi_ is not None:
+        b = family.mul_dphi_(gy.clone(), y)
+        gbar = torch.where(dsum > 0, _rowsum(b) / dsum, 0.0)
+        gx = family.mul_dphi_(torch.sub(gy, gbar, out=b), y).div_(t)
+    else:
+        p = family.dphi_(y, torch.empty_like(y))
+        b = torch.mul(gy, p)
+        gbar = torch.where(dsum > 0, _rowsum(b) / dsum, 0.0)
+        gx = torch.sub(gy, gbar, out=b).mul_(p).div_(t)
     gk = gbar if needs_k else None
     gt = None
     if needs_t:
         # Σ z gx with z = (x − c)/t − τ; gx = 0 wherever φ' = 0, which covers the infinite x (inf·0 → nan → 0)
-        zg = torch.sub(x, centre).div_(t).sub_(tau).mul_(gx)
-        gt = -zg.nan_to_num_(0.0, 0.0, 0.0).sum(-1, keepdim=True)
+        zg = ((x - centre) / t - tau) * gx
+        gt = -_rowsum(torch.nan_to_num(zg, 0.0, 0.0, 0.0))
     return gx, gk, gt
 
 
