@@ -88,10 +88,6 @@ class Family:
         """:meth:`dphi` written into ``out`` (eager)."""
         raise NotImplementedError
 
-    #: optional ``mul_dphi_(b, y)``: b ← b φ'(z) in place without a temporary (the backward then needs one
-    #: buffer instead of two); families without it get φ' materialised once.
-    mul_dphi_ = None
-
     @staticmethod
     def phi_inv(p: Tensor) -> Tensor:
         """z with φ(z) = p for p in (0, 1)."""
@@ -123,10 +119,6 @@ class Sigmoid(Family):
     @staticmethod
     def dphi_(y, out):
         return torch.addcmul(y, y, y, value=-1.0, out=out)
-
-    @staticmethod
-    def mul_dphi_(b, y):
-        return b.mul_(y).addcmul_(b, y, value=-1.0)  # b y − b y y, no temporary
 
     phi_inv = staticmethod(torch.logit)
 
@@ -253,6 +245,17 @@ def _row_stats(x: Tensor, eager: bool):
     return xmin, xmax, n_live, n_pinf
 
 
+def _chunks(x: Tensor):
+    """(column slice, scratch view) pairs covering the last dim of ``x`` in chunks of about ``_CHUNK`` elements
+    (at least 1024 columns), with one scratch buffer of a chunk's shape shared by all of them."""
+    n = x.shape[-1]
+    width = min(max(_CHUNK // max(x.numel() // max(n, 1), 1), 1024), n)
+    scratch = x.new_empty(x.shape[:-1] + (width,))
+    for j in range(0, n, width):
+        cols = slice(j, min(j + width, n))
+        yield cols, scratch[..., : cols.stop - cols.start]
+
+
 def _evaluate(family, x, rt, centre, tau, out):
     """y = clip(φ((x − c)/t − τ), 0, 1) into ``out``, with S = Σ y and Σ φ' (both (..., 1)).
 
@@ -264,13 +267,9 @@ def _evaluate(family, x, rt, centre, tau, out):
     if out is None:
         y, dsum = family.phi((x * rt if centre is None else (x - centre) * rt) - tau)
         return y, _rowsum(y), dsum
-    n = x.shape[-1]
-    width = max(_CHUNK // max(x.numel() // max(n, 1), 1), 1024)
-    scratch = x.new_empty(x.shape[:-1] + (min(width, n),))
     s = dsum = 0.0
-    for j in range(0, n, width):
-        xc, zc = x[..., j : j + width], out[..., j : j + width]
-        sc = scratch[..., : zc.shape[-1]]
+    for cols, sc in _chunks(x):
+        xc, zc = x[..., cols], out[..., cols]
         if centre is None:
             torch.mul(xc, rt, out=zc)
         else:
@@ -450,21 +449,22 @@ def _solve(family, x, k, t, tol, max_iter):
 
 def _implicit_backward(family, y, dsum, x, t, tau, centre, gy, needs_k, needs_t):
     # ∂y/∂x = diag(d) − d dᵀ/Σd,  ∂y/∂k = d/Σd,  ∂y/∂t = −(∂y/∂x) z,   d = φ'(z)/t on 0 < y < 1.
-    # b = g φ' gives ḡ = Σ g d / Σ d, then b = (g − ḡ) φ' / t is the gradient: in one buffer when the family
-    # multiplies by φ' in place, else with φ' materialised once.
     if not can_read_data(y):  # under torch.compile / vmap: out of place
         p = family.dphi(y)
         gbar = torch.where(dsum > 0, _rowsum(gy * p) / dsum, 0.0)
         gx = (gy - gbar) * p / t
-    elif family.mul_dphi_ is not None:
-        b = family.mul_dphi_(gy.clone(), y)
-        gbar = torch.where(dsum > 0, _rowsum(b) / dsum, 0.0)
-        gx = family.mul_dphi_(torch.sub(gy, gbar, out=b), y).div_(t)
     else:
-        p = family.dphi_(y, torch.empty_like(y))
-        b = torch.mul(gy, p)
-        gbar = torch.where(dsum > 0, _rowsum(b) / dsum, 0.0)
-        gx = torch.sub(gy, gbar, out=b).mul_(p).div_(t)
+        # Two passes over column chunks, φ' recomputed in a chunk of scratch: gx = g φ' gives ḡ = Σ g d / Σ d,
+        # then gx −= ḡ φ' and gx /= t. The gradient is the only full-size tensor allocated.
+        gx = torch.empty_like(y)
+        num = 0.0
+        for cols, sc in _chunks(y):
+            num = num + _rowsum(torch.mul(gy[..., cols], family.dphi_(y[..., cols], sc), out=gx[..., cols]))
+        gbar = torch.where(dsum > 0, num / dsum, 0.0)
+        rt = t.reciprocal()
+        for cols, sc in _chunks(y):
+            gxc = gx[..., cols].addcmul_(family.dphi_(y[..., cols], sc), gbar, value=-1.0)
+            gxc.mul_(rt)
     gk = gbar if needs_k else None
     gt = None
     if needs_t:
