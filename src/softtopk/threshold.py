@@ -660,7 +660,7 @@ def _kth_pair_window(x: Tensor, k: int):
         over = x > b
         above = over.sum(-1, keepdim=True, dtype=torch.int32)
         inside &= ~over
-    flat = inside.reshape(-1).nonzero().squeeze(-1)  # flat indices of the window entries, row-major
+    flat = _sparse_nonzero(inside.reshape(-1))  # flat indices of the window entries, row-major
     row = flat // n
     col = flat - row * n
     count = torch.bincount(row, minlength=rows).unsqueeze(-1)
@@ -671,11 +671,25 @@ def _kth_pair_window(x: Tensor, k: int):
     pos = torch.arange(row.numel(), device=x.device) - start.index_select(0, row)
     width = int(count.max())
     vals = x.reshape(-1).index_select(0, flat)
-    window = x.new_full((rows, width), -math.inf).index_put_((row, pos), vals)
+    # x_(k) and x_(k+1) are the (c − rank)-th and (c − rank − 1)-th smallest of a row's c window entries
+    # (0-based); selecting from the bottom picks far fewer than rank when the window sits near the top.
+    window = x.new_full((rows, width), math.inf).index_put_((row, pos), vals)
     window_idx = torch.full((rows, width), -1, dtype=torch.long, device=x.device).index_put_((row, pos), col)
-    vals, order = torch.topk(window, int(rank.max()) + 1, sorted=True)
-    pick = torch.cat([rank - 1, rank], -1).long()
+    low = count - rank  # ≥ 1
+    vals, order = torch.topk(window, int(low.max()) + 1, largest=False, sorted=True)
+    pick = torch.cat([low, low - 1], -1)
     return vals.gather(-1, pick), window_idx.gather(-1, order.gather(-1, pick))
+
+
+def _sparse_nonzero(mask: Tensor) -> Tensor:
+    """``mask.nonzero()`` of a 1-D boolean mask that is mostly False, in increasing order: the mask is scanned
+    as 64-bit words (8 entries each), and only the entries of nonzero words are looked at."""
+    m = mask.numel()
+    if m % 8 or m < 1 << 16:
+        return mask.nonzero().squeeze(-1)
+    words = mask.view(torch.int64).nonzero().squeeze(-1)
+    hit = mask.view(-1, 8).index_select(0, words).nonzero()  # (word number among the nonzero ones, byte)
+    return words.index_select(0, hit[:, 0]) * 8 + hit[:, 1]
 
 
 class _DFTopK(torch.autograd.Function):
