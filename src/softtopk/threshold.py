@@ -245,15 +245,15 @@ def _row_stats(x: Tensor, eager: bool):
     return xmin, xmax, n_live, n_pinf
 
 
-def _chunks(x: Tensor):
+def _chunks(x: Tensor, scratch: bool = True):
     """(column slice, scratch view) pairs covering the last dim of ``x`` in chunks of about ``_CHUNK`` elements
-    (at least 1024 columns), with one scratch buffer of a chunk's shape shared by all of them."""
+    (at least 1024 columns), with one scratch buffer of a chunk's shape shared by all of them (or None)."""
     n = x.shape[-1]
     width = min(max(_CHUNK // max(x.numel() // max(n, 1), 1), 1024), n)
-    scratch = x.new_empty(x.shape[:-1] + (width,))
+    buf = x.new_empty(x.shape[:-1] + (width,)) if scratch else None
     for j in range(0, n, width):
         cols = slice(j, min(j + width, n))
-        yield cols, scratch[..., : cols.stop - cols.start]
+        yield cols, None if buf is None else buf[..., : cols.stop - cols.start]
 
 
 def _evaluate(family, x, rt, centre, tau, out):
@@ -699,9 +699,14 @@ class _DFTopK(torch.autograd.Function):
     def forward(x, t, kth_vals, kth_idx):
         tau = kth_vals.mean(-1, keepdim=True)  # ±inf when an order statistic is ±inf: the mask is then exact
         rt = t.reciprocal()
-        y = (x * rt).sub_(tau * rt).sigmoid_()  # σ((x − τ)/t)
-        if can_read_data(tau) and bool(torch.isfinite(tau).all()):
-            return y, tau
+        if not can_read_data(x):
+            y = torch.sigmoid(x * rt - tau * rt)  # σ((x − τ)/t)
+        else:  # the same, chunk by chunk in the cache, into one output buffer
+            y, shift = torch.empty_like(x), tau * rt
+            for cols, _ in _chunks(x, scratch=False):
+                torch.mul(x[..., cols], rt, out=y[..., cols]).sub_(shift).sigmoid_()
+            if bool(torch.isfinite(tau).all()):
+                return y, tau
         # x = τ = ±inf (+inf entries at k = #(+inf), -inf padding at k = #live): selected iff +inf
         return torch.where(y.isnan(), (tau > 0).to(y.dtype), y), tau
 
@@ -718,13 +723,20 @@ class _DFTopK(torch.autograd.Function):
         # y = σ(z), z = (x − τ)/t, τ = (x_a + x_b)/2:
         #   ∂L/∂x = s − (Σ s)(e_a + e_b)/2,  s = g σ'(z)/t;   ∂L/∂t = −Σ s z.
         x, t, y, tau, idx = ctx.saved_tensors
-        s = torch.addcmul(y, y, y, value=-1.0).mul_(gy).div_(t)
+        if not can_read_data(y):
+            s = y * (1.0 - y) * gy / t
+        else:
+            s, rt = torch.empty_like(y), t.reciprocal()
+            for cols, _ in _chunks(y, scratch=False):
+                yc = y[..., cols]
+                torch.addcmul(yc, yc, yc, value=-1.0, out=s[..., cols]).mul_(gy[..., cols]).mul_(rt)
         gt = None
         if ctx.needs_input_grad[1]:
             z = (x - tau) / t
             gt = -torch.where(s != 0, s * z, 0.0).sum(-1, keepdim=True)
-        share = (-0.5 * s.sum(-1, keepdim=True)).expand_as(idx)
-        gx = s.scatter_add_(-1, idx.clamp(min=0), torch.where(idx >= 0, share, 0.0))
+        src = torch.where(idx >= 0, (-0.5 * _rowsum(s)).expand_as(idx), 0.0)
+        index = idx.clamp(min=0)
+        gx = s.scatter_add_(-1, index, src) if can_read_data(s) else s.scatter_add(-1, index, src)
         return gx, gt, None, None
 
 
