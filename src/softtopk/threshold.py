@@ -454,17 +454,18 @@ def _implicit_backward(family, y, dsum, x, t, tau, centre, gy, needs_k, needs_t)
         gbar = torch.where(dsum > 0, _rowsum(gy * p) / dsum, 0.0)
         gx = (gy - gbar) * p / t
     else:
-        # Two passes over column chunks, φ' recomputed in a chunk of scratch: gx = g φ' gives ḡ = Σ g d / Σ d,
-        # then gx −= ḡ φ' and gx /= t. The gradient is the only full-size tensor allocated.
+        # Two passes over column chunks: φ' is written into the gradient buffer and Σ g φ' summed through a chunk
+        # of scratch, which gives ḡ = Σ g d / Σ d; then gx = φ' (g − ḡ) / t in place. The gradient is the only
+        # full-size tensor allocated.
         gx = torch.empty_like(y)
         num = 0.0
         for cols, sc in _chunks(y):
-            num = num + _rowsum(torch.mul(gy[..., cols], family.dphi_(y[..., cols], sc), out=gx[..., cols]))
+            p = family.dphi_(y[..., cols], gx[..., cols])
+            num = num + _rowsum(torch.mul(gy[..., cols], p, out=sc))
         gbar = torch.where(dsum > 0, num / dsum, 0.0)
         rt = t.reciprocal()
         for cols, sc in _chunks(y):
-            gxc = gx[..., cols].addcmul_(family.dphi_(y[..., cols], sc), gbar, value=-1.0)
-            gxc.mul_(rt)
+            gx[..., cols].mul_(torch.sub(gy[..., cols], gbar, out=sc)).mul_(rt)
     gk = gbar if needs_k else None
     gt = None
     if needs_t:
