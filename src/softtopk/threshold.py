@@ -136,8 +136,8 @@ class Laplace(Family):
     def phi_(z, scratch):
         e = torch.abs(z, out=scratch).neg_().exp_()  # e^{-|z|} = 2 φ'(z)
         dsum = 0.5 * _rowsum(e)
-        # φ(z) = ½ + copysign(½ − ½ e^{-|z|}, z); ±inf entries give exactly 0 and 1
-        torch.copysign(e.mul_(-0.5).add_(0.5), z, out=z).add_(0.5)
+        # φ(z) = ½ + ½ copysign(1 − e^{-|z|}, z) (copysign takes |e − 1|); ±inf entries give exactly 0 and 1
+        torch.copysign(e.sub_(1.0), z, out=z).lerp_(z.new_ones(()), 0.5)  # (w + 1)/2 in one pass
         return dsum
 
     @staticmethod
