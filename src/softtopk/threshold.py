@@ -469,9 +469,14 @@ def _implicit_backward(family, y, dsum, x, t, tau, centre, gy, needs_k, needs_t)
     gk = gbar if needs_k else None
     gt = None
     if needs_t:
-        # Σ z gx with z = (x − c)/t − τ; gx = 0 wherever φ' = 0, which covers the infinite x (inf·0 → nan → 0)
-        zg = ((x - centre) / t - tau) * gx
-        gt = -_rowsum(torch.nan_to_num(zg, 0.0, 0.0, 0.0))
+        # −Σ z gx with z = (x − c)/t − τ; gx = 0 wherever φ' = 0, which covers the infinite x (inf·0 → nan → 0)
+        if not can_read_data(y):
+            gt = -_rowsum(torch.nan_to_num(((x - centre) / t - tau) * gx, 0.0, 0.0, 0.0))
+        else:
+            gt = 0.0
+            for cols, sc in _chunks(y):
+                zg = torch.sub(x[..., cols], centre, out=sc).mul_(rt).sub_(tau).mul_(gx[..., cols])
+                gt = gt - _rowsum(zg.nan_to_num_(0.0, 0.0, 0.0))
     return gx, gk, gt
 
 
