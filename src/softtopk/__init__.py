@@ -17,12 +17,14 @@ from .permutahedron import (
     soft_sort,
     topk_magnitude,
 )
+from .stochastic import gumbel_topk
 
 __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "SoftTopK",
     "__version__",
+    "gumbel_topk",
     "isotonic",
     "pav_backend",
     "permutahedron_projection",
