@@ -17,9 +17,9 @@ from scipy.special import expit, logsumexp
 
 import softtopk
 
-ALL_METHODS = ("hard", "straight_through", "dftopk", "sigmoid", "soft", "sparse", "lapsum")
+ALL_METHODS = ("hard", "straight_through", "dftopk", "sigmoid", "soft", "sparse", "lapsum", "perturbed")
 NORMALISED = ("sigmoid", "soft", "sparse", "lapsum")
-INTEGER_ONLY = ("hard", "straight_through", "dftopk")
+INTEGER_ONLY = ("hard", "straight_through", "dftopk", "perturbed")
 # method name -> extra options; "sparse" is run with both of its regularisers wherever it matters
 METHOD_VARIANTS = {
     "hard": {},

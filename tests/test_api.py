@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import softtopk
 from conftest import (
     ALL_METHODS,
+    INTEGER_ONLY,
     METHOD_VARIANTS,
     NORMALISED_VARIANTS,
     SOFT_VARIANTS,
@@ -302,7 +303,7 @@ def test_k_out_of_range_raises(method):
     ):
         with pytest.raises(ValueError, match="`k`"):
             topk_mask(x, k, method=method)
-    if method in ("hard", "straight_through", "dftopk"):
+    if method in INTEGER_ONLY:
         for k in (2.5, torch.tensor([1.5, 2.0])):
             with pytest.raises(ValueError, match="`k`"):
                 topk_mask(x, k, method=method)

@@ -17,6 +17,7 @@ from .permutahedron import (
     soft_sort,
     topk_magnitude,
 )
+from .routing import threshold_mask
 from .stochastic import gumbel_topk
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "permutahedron_topk",
     "soft_rank",
     "soft_sort",
+    "threshold_mask",
     "topk_magnitude",
     "topk_mask",
     "topk_permutation",

@@ -8,6 +8,7 @@ data-dependent Python branch would break the graph or the transform; there NaN p
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Union
 
@@ -133,3 +134,17 @@ def check_k(k: KArg, n: int, *, integer: bool, fn: str = "topk_mask") -> None:
         raise ValueError(f"{fn}: `k` must be a whole number for this method, got {k}")
     if not 0 <= k <= n:
         raise ValueError(f"{fn}: `k`={k} is out of range [0, n={n}] for a dimension of size {n}")
+
+
+def check_infinities(xl: Tensor, k: KArg, *, fn: str = "topk_mask") -> None:
+    """Eager check along the last dim: each row needs at least k entries > -inf and at most k equal to +inf."""
+    if not can_read_data(xl) or xl.numel() == 0:
+        return
+    lo, hi = xl.detach().amin(), xl.detach().amax()
+    if not (lo == -math.inf or hi == math.inf):
+        return
+    kk = k.detach().squeeze(-1) if isinstance(k, Tensor) else k
+    if lo == -math.inf and bool(((xl > -math.inf).sum(-1) < kk).any()):
+        raise ValueError(f"{fn}: `x` has a row with fewer than k entries above -inf (padding)")
+    if hi == math.inf and bool(((xl == math.inf).sum(-1) > kk).any()):
+        raise ValueError(f"{fn}: `x` has a row with more than k entries equal to +inf")

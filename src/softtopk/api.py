@@ -10,10 +10,10 @@ from typing import Callable, Union
 import torch
 from torch import Tensor, nn
 
-from . import threshold
+from . import stochastic, threshold
 from ._utils import (
     KArg,
-    can_read_data,
+    check_infinities,
     check_input,
     check_k,
     check_temperature,
@@ -87,6 +87,10 @@ def _straight_through(x, k, t, largest, **opts):
     return threshold.straight_through(x, k, kf, t, **opts)
 
 
+def _perturbed(x, k, t, largest, **opts):
+    return stochastic.perturbed_mask(x, k, t, **opts)
+
+
 _SOLVER = ("tol", "max_iter")
 METHODS: dict[str, _Method] = {
     "hard": _Method(_hard, normalised=False),
@@ -96,6 +100,9 @@ METHODS: dict[str, _Method] = {
     "soft": _Method(_soft, _solver_opts, _SOLVER, own_largest=True),
     "sparse": _Method(_sparse, _sparse_opts, ("p",) + _SOLVER),
     "lapsum": _Method(_lapsum, _solver_opts, _SOLVER),
+    "perturbed": _Method(
+        _perturbed, stochastic.parse_perturbed_options, ("n_samples", "noise", "generator"), normalised=False
+    ),
 }
 
 
@@ -116,20 +123,6 @@ def _method(method: str, options: dict) -> tuple[_Method, dict]:
 def _check_largest(largest: object) -> None:
     if not isinstance(largest, bool):
         raise TypeError(f"topk_mask: `largest` must be a bool, got {type(largest).__name__}")
-
-
-def _check_infinities(xl: Tensor, k: KArg) -> None:
-    """Eager check: each row needs at least k entries > -inf and at most k entries equal to +inf."""
-    if not can_read_data(xl) or xl.numel() == 0:
-        return
-    lo, hi = xl.detach().amin(), xl.detach().amax()
-    if not (lo == -math.inf or hi == math.inf):
-        return
-    kk = k.detach().squeeze(-1) if isinstance(k, Tensor) else k
-    if lo == -math.inf and bool(((xl > -math.inf).sum(-1) < kk).any()):
-        raise ValueError("topk_mask: `x` has a row with fewer than k entries above -inf (padding)")
-    if hi == math.inf and bool(((xl == math.inf).sum(-1) > kk).any()):
-        raise ValueError("topk_mask: `x` has a row with more than k entries equal to +inf")
 
 
 def topk_mask(
@@ -162,6 +155,8 @@ def topk_mask(
     ``"sparse"``          Sander et al. 2023: ``p=2`` (default) φ(z) = z, the Euclidean projection of x/t;
                           ``p=4/3`` φ(z) = max(z, 0)³. Exactly sparse
     ``"lapsum"``          LapSum (Struski et al. 2025): φ = Laplace CDF with scale t
+    ``"perturbed"``       perturbed optimizer (Berthet et al. 2020): :math:`E[\mathrm{hard}(x + tZ)]` by Monte
+                          Carlo, Z Gaussian or Gumbel; Σ y = k; stochastic (``n_samples``, ``generator``)
     ====================  ==================================================================================
 
     Args:
@@ -173,7 +168,11 @@ def topk_mask(
         temperature: positive number or per-row tensor (differentiable for the normalised methods).
         largest: select the k largest (default) or the k smallest entries.
         **options: method options: ``tol`` and ``max_iter`` of the threshold search (normalised methods and
-            ``straight_through``), ``p`` for ``"sparse"``. Unknown options raise ``TypeError``.
+            ``straight_through``), ``p`` for ``"sparse"``; ``n_samples`` (default 100), ``noise``
+            (``"gaussian"`` default, or ``"gumbel"``) and ``generator`` for ``"perturbed"``, whose backward is
+            the estimator :math:`E[\langle g, \mathrm{hard}(x+tZ)\rangle \nabla\nu(Z)]/t` on the forward's noise
+            (regenerated from a seed: O(batch · n) memory; not usable under ``vmap``). Unknown options raise
+            ``TypeError``.
 
     Returns:
         A tensor of ``x``'s shape and dtype with entries in [0, 1]; the normalised methods sum to k along
@@ -205,7 +204,7 @@ def topk_mask(
         kt = row_param(k, x, d, name="k", dtype=cdtype) if spec.normalised else int(k)
     signed = xl if largest else -xl  # the problem is always "k largest of signed"
     if not finite:
-        _check_infinities(signed, kt)
+        check_infinities(signed, kt)
     t = row_param(temperature, x, d, name="temperature", dtype=cdtype)
     y = spec.fn(xl if spec.own_largest else signed, kt, t, largest, **opts)
     return move_back(y.to(x.dtype), d)

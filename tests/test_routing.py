@@ -1,0 +1,70 @@
+"""threshold_mask (threshold-p routing) against its definition written out in float64."""
+
+import math
+
+import pytest
+import torch
+
+from softtopk import threshold_mask
+
+
+def ref(x, p, t, normalize, dim):
+    s = {"sigmoid": torch.sigmoid(x), "softmax": torch.softmax(x, dim), "none": x}[normalize]
+    return torch.sigmoid((s - p) / t), (s > p).to(x.dtype)
+
+
+@pytest.mark.parametrize("normalize", ["sigmoid", "softmax", "none"])
+@pytest.mark.parametrize("dim", [0, -1])
+def test_definition_and_variants(normalize, dim):
+    x = torch.randn(4, 6, dtype=torch.float64)
+    p = 0.2 if normalize == "softmax" else 0.4
+    soft, hard = ref(x, p, 0.3, normalize, dim)
+    torch.testing.assert_close(threshold_mask(x, p, temperature=0.3, dim=dim, normalize=normalize), soft)
+    assert torch.equal(threshold_mask(x, p, dim=dim, normalize=normalize, method="hard"), hard)
+    # straight-through: the hard forward, the relaxation's gradient
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.randn(4, 6, dtype=torch.float64)
+    st = threshold_mask(xa, p, temperature=0.3, dim=dim, normalize=normalize, method="straight_through")
+    assert torch.equal(st.detach(), hard)
+    (st * w).sum().backward()
+    (threshold_mask(xb, p, temperature=0.3, dim=dim, normalize=normalize) * w).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    # t -> 0: the hard mask
+    assert torch.equal(threshold_mask(x, p, temperature=1e-12, dim=dim, normalize=normalize).round(), hard)
+
+
+def test_gradcheck_per_row_p_and_temperature():
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    p = torch.tensor([0.3, 0.5, 0.6], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: threshold_mask(a, b, temperature=c), (x, p, t))
+    h = threshold_mask(x, p, method="hard")
+    h.sum().backward()
+    assert x.grad.abs().sum() == 0
+
+
+def test_dtypes_infinities_and_errors():
+    x = torch.tensor([[2.0, -1.0, math.inf, -math.inf]])
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for method in ("sigmoid", "hard", "straight_through"):
+            y = threshold_mask(x.to(dt), 0.5, method=method)
+            assert y.dtype == dt and bool(torch.isfinite(y).all())
+    with pytest.raises(ValueError, match="`p`"):
+        threshold_mask(x, 1.5)
+    with pytest.raises(ValueError, match="`p`"):
+        threshold_mask(x, torch.tensor([-0.1]))
+    threshold_mask(x, 3.0, normalize="none")
+    with pytest.raises(TypeError, match="`p`"):
+        threshold_mask(x, "0.5")
+    with pytest.raises(ValueError, match="`normalize`"):
+        threshold_mask(x, 0.5, normalize="max")
+    with pytest.raises(ValueError, match="`method`"):
+        threshold_mask(x, 0.5, method="sparse")
+    with pytest.raises(ValueError, match="`temperature`"):
+        threshold_mask(x, 0.5, temperature=0)
+    with pytest.raises(ValueError, match="`dim`"):
+        threshold_mask(x, 0.5, dim=2)
+    with pytest.raises(ValueError, match="NaN"):
+        threshold_mask(torch.tensor([float("nan")]), 0.5)
+    with pytest.raises(TypeError, match="`x`"):
+        threshold_mask(torch.arange(3), 0.5)
