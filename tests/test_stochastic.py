@@ -79,8 +79,10 @@ def test_perturbed_properties():
     # small noise: the hard mask; largest=False selects the smallest
     hard = topk_mask(x, 3, method="hard")
     assert torch.equal(perturbed(x, 3, 1e-9, n_samples=4), hard)
-    assert torch.equal(topk_mask(x, 3, method="perturbed", temperature=1e-9, largest=False, n_samples=4),
-                       topk_mask(-x, 3, method="hard"))
+    assert torch.equal(
+        topk_mask(x, 3, method="perturbed", temperature=1e-9, largest=False, n_samples=4),
+        topk_mask(-x, 3, method="hard"),
+    )
     # per-row k
     k = torch.tensor([[1, 2, 3, 4]] * 3)
     y = perturbed(x, k, 0.5, n_samples=20)
