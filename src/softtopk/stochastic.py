@@ -30,7 +30,7 @@ from .threshold import normalised_mask
 __all__ = ["gumbel_topk", "perturbed_mask"]
 
 NOISES = ("gaussian", "gumbel")
-_SAMPLE_BLOCK = 1 << 22  # elements of noise drawn at once (samples × batch × n)
+_SAMPLE_BLOCK = 1 << 20  # elements of noise drawn at once (samples × batch × n)
 
 
 def _check_generator(generator: object, fn: str) -> None:

@@ -1,0 +1,189 @@
+"""Forward+backward time and peak memory vs n of the operators beyond ``topk_mask``'s threshold family.
+
+Stochastic (perturbed optimizer, Gumbel top-k), threshold-p routing, the soft permutations of
+``topk_permutation`` (SOFT k+1 anchors and the sorting networks, k = 10), and the top-k losses — each against
+``torch.topk`` forward+backward on the same input, measured interleaved in one process (``_timing``).
+Batch 32, float32, k = max(n // 100, 1) unless the case says otherwise. Cases whose cost grows faster than
+O(n · k) stop at the size given in ``MAX_N``.
+
+    python -m benchmarks.operators                    # n in 1e2..1e5, a few minutes on a 2-core CPU
+    python -m benchmarks.operators --quick            # n in {1e2, 1e3}
+    python -m benchmarks.operators --readme README.md # the table between the OPS-BENCHMARK markers
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable
+
+import torch
+
+import softtopk
+
+from ._timing import interleaved, median, peak_extra_bytes_each
+from .core import fmt_n, parse_size
+
+BATCH = 32
+SIZES = (10**2, 10**3, 10**4, 10**5)
+QUICK = (10**2, 10**3)
+README_START, README_END = "<!-- OPS-BENCHMARK:START -->", "<!-- OPS-BENCHMARK:END -->"
+
+
+def _k(n: int) -> int:
+    return max(n // 100, 1)
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _mask(**kw) -> Callable:
+    return lambda x, n: softtopk.topk_mask(x, _k(n), **kw)
+
+
+def _perm(method: str, **kw) -> Callable:
+    return lambda x, n: softtopk.topk_permutation(x, min(10, n), method=method, **kw)
+
+
+def _network_available(method: str) -> bool:
+    try:
+        softtopk.topk_permutation(torch.randn(4), 2, method=method)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _losses() -> dict[str, Callable]:
+    try:
+        from softtopk import losses
+    except ImportError:
+        return {}
+    out = {}
+    label = lambda x: torch.arange(x.shape[0]) % x.shape[-1]  # noqa: E731
+    if hasattr(losses, "lml_loss"):
+        out["LMLLoss (k=5)"] = lambda x, n: losses.lml_loss(x, label(x), 5)
+    if hasattr(losses, "topk_cross_entropy"):
+        out["TopKCrossEntropyLoss (soft)"] = lambda x, n: losses.topk_cross_entropy(x, label(x))
+    if hasattr(losses, "smooth_topk_hinge_loss"):
+        out["SmoothTopKHingeLoss (k=5)"] = lambda x, n: losses.smooth_topk_hinge_loss(x, label(x), 5)
+    return out
+
+
+#: case name -> f(x, n) returning a tensor (reduced to a scalar with a fixed random weight)
+CASES: dict[str, Callable] = {
+    "perturbed S=10": _mask(method="perturbed", n_samples=10, temperature=0.5, generator=_gen()),
+    "perturbed S=100": _mask(method="perturbed", n_samples=100, temperature=0.5, generator=_gen()),
+    "gumbel_topk softmax (k=10)": lambda x, n: softtopk.gumbel_topk(x, min(10, n), generator=_gen()),
+    "gumbel_topk sigmoid": lambda x, n: softtopk.gumbel_topk(x, _k(n), relaxation="sigmoid", generator=_gen()),
+    "threshold_mask": lambda x, n: softtopk.threshold_mask(x, 0.5, temperature=0.1),
+    "topk_permutation soft (k=10)": _perm("soft", temperature=0.1),
+    "topk_permutation odd_even (k=10)": _perm("odd_even", temperature=0.1),
+    "topk_permutation bitonic (k=10)": _perm("bitonic", temperature=0.1),
+}
+#: cases that stop at a size (their cost grows faster than the rest)
+MAX_N = {
+    "perturbed S=100": 10**4,
+    "topk_permutation odd_even (k=10)": 10**3,
+    "topk_permutation bitonic (k=10)": 10**4,
+    "TopKCrossEntropyLoss (soft)": 10**4,
+}
+
+
+def _size_cases(n: int, cases: dict[str, Callable]):
+    """The forward+backward callables at size n (``topk`` first), the reset between runs, and x."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, n, generator=gen).requires_grad_()
+    k = _k(n)
+    gk = torch.randn(BATCH, k, generator=gen)
+    fns = {"topk": lambda: torch.topk(x, k).values.backward(gk)}
+    for name, f in cases.items():
+        if n > MAX_N.get(name, 10**9):
+            continue
+        with torch.no_grad():
+            shape = f(x, n).shape  # a fixed random upstream gradient of the output's shape, made once
+        w = torch.randn(shape, generator=gen)
+        fns[name] = lambda f=f, w=w: (f(x, n) * w).sum().backward()
+
+    def reset():
+        x.grad = None
+
+    return fns, reset, x
+
+
+def bench(sizes, budget: float) -> list[dict]:
+    cases = dict(CASES)
+    for m in ("odd_even", "bitonic"):
+        if not _network_available(m):
+            print(f"# skipped topk_permutation {m}: not available in this softtopk", flush=True)
+            cases.pop(f"topk_permutation {m} (k=10)")
+    cases.update(_losses())
+    rows = []
+    for n in sizes:
+        fns, reset, x = _size_cases(n, cases)
+        t0 = time.perf_counter()
+        peaks = peak_extra_bytes_each(fns, reset=reset)
+        times = interleaved(fns, 100, 0, budget_s=budget, min_rounds=3, reset=reset)
+        print(f"# n={fmt_n(n)}: {len(times['topk'])} rounds, {time.perf_counter() - t0:.1f} s", flush=True)
+        base = median(times["topk"])
+        for name, ts in times.items():
+            rows.append(
+                {
+                    "n": n,
+                    "case": name,
+                    "median_ms": median(ts) * 1e3,
+                    "ratio": median(ts) / base,
+                    "bytes_per_element": peaks[name] / x.numel(),
+                }
+            )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    sizes = sorted({r["n"] for r in rows})
+    at = {(r["case"], r["n"]): r for r in rows}
+    out = [
+        "| operator | " + " | ".join(f"n={fmt_n(n)}" for n in sizes) + " | bytes/elem (largest n run) |",
+        "|:---|" + "---:|" * (len(sizes) + 1),
+    ]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        cells = [f"{at[case, n]['ratio']:.1f}x" if (case, n) in at else "—" for n in sizes]
+        top = max(n for n in sizes if (case, n) in at)
+        out.append(f"| {case} | " + " | ".join(cells) + f" | {at[case, top]['bytes_per_element']:.0f} |")
+    base = " · ".join(f"n={fmt_n(n)}: {at['topk', n]['median_ms']:.2f} ms" for n in sizes)
+    return "\n".join(out) + f"\n\ntorch.topk forward+backward (k = n/100): {base}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.operators", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=parse_size, nargs="+")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--budget", type=float, help="seconds of timed rounds per size (default 20, --quick 1)")
+    p.add_argument("--readme", metavar="PATH", help="write the table between the OPS-BENCHMARK markers of PATH")
+    args = p.parse_args(argv)
+    sizes = args.sizes or (QUICK if args.quick else SIZES)
+    budget = args.budget if args.budget is not None else (1.0 if args.quick else 20.0)
+    t0 = time.perf_counter()
+    text = table(bench(sizes, budget))
+    print(text)
+    print(f"# total time {time.perf_counter() - t0:.1f} s")
+    if args.readme:
+        with open(args.readme) as f:
+            readme = f.read()
+        if README_START not in readme or README_END not in readme:
+            raise SystemExit(f"--readme {args.readme}: markers {README_START} / {README_END} not found")
+        head, rest = readme.split(README_START, 1)
+        _, tail = rest.split(README_END, 1)
+        note = (
+            f"Forward+backward time / `torch.topk` forward+backward, batch {BATCH}, float32, "
+            f"{torch.get_num_threads()} threads; peak extra bytes per element of x. "
+            "Generated by `python -m benchmarks.operators --readme README.md`.\n\n"
+        )
+        with open(args.readme, "w") as f:
+            f.write(head + README_START + "\n" + note + text + "\n" + README_END + tail)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
