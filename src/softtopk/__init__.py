@@ -6,7 +6,9 @@
 (torch.Size([8, 100]), True)
 """
 
+from . import losses
 from .api import METHODS, SoftTopK, topk_mask
+from .networks import topk_distribution
 from .ot import topk_permutation
 from .permutahedron import (
     isotonic,
@@ -26,6 +28,7 @@ __all__ = [
     "SoftTopK",
     "__version__",
     "gumbel_topk",
+    "losses",
     "isotonic",
     "pav_backend",
     "permutahedron_projection",
@@ -34,6 +37,7 @@ __all__ = [
     "soft_sort",
     "threshold_mask",
     "topk_magnitude",
+    "topk_distribution",
     "topk_mask",
     "topk_permutation",
 ]

@@ -1,0 +1,804 @@
+r"""Top-k classification and selection losses built on the operators of :mod:`softtopk`.
+
+Each loss is a function (``lml_loss``, ``topk_cross_entropy``, ``smooth_topk_hinge_loss``, ``cascade_topk_loss``)
+and an ``nn.Module`` (``LMLLoss``, ``TopKCrossEntropyLoss``, ``SmoothTopKHingeLoss``, ``CascadeTopKLoss``). They
+take scores of shape (batch, classes) in any floating dtype (float16 and bfloat16 are computed in float32; the
+loss has the scores' dtype) and reduce over the batch like ``torch.nn`` losses: ``reduction="mean"`` (default),
+``"sum"`` or ``"none"`` (one loss per row).
+
+Logarithms of probabilities are taken as :math:`\log\max(p, \mathrm{tiny})`, tiny the smallest normal number of
+the compute dtype (1.2e-38 in float32, 2.2e-308 in float64): finite losses (at most 87.3 in float32) where a
+probability underflows to 0; there the gradient through that term is 0.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._utils import can_read_data, check_input, check_temperature
+from .api import METHODS, topk_mask
+from .ot import PERMUTATION_METHODS, topk_permutation
+
+__all__ = [
+    "DEFAULT_P_K",
+    "CascadeTopKLoss",
+    "LMLLoss",
+    "SmoothTopKHingeLoss",
+    "TopKCrossEntropyLoss",
+    "cascade_topk_loss",
+    "lml_loss",
+    "smooth_topk_hinge_loss",
+    "topk_cross_entropy",
+]
+
+REDUCTIONS = ("mean", "sum", "none")
+#: The distribution P_K of :func:`topk_cross_entropy` when neither ``k`` nor ``p_k`` is given: half top-1, half
+#: top-5 (Petersen et al. 2022, the difftopk library's example and one of the paper's settings).
+DEFAULT_P_K = (0.5, 0.0, 0.0, 0.0, 0.5)
+TOP1_MODES = ("softmax", "cross_entropy", "sort")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation and reduction shared by the losses
+# ----------------------------------------------------------------------------------------------------------------
+def _check_logits(x: object, fn: str, name: str = "logits") -> None:
+    """A finite floating tensor of shape (batch, classes) with at least one class."""
+    finite = check_input(x, name, fn=fn)  # Tensor, floating dtype, no NaN
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: `{name}` must have shape (batch, classes), got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{fn}: `{name}` must have at least one class, got shape {tuple(x.shape)}")
+    if not finite and can_read_data(x) and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{fn}: `{name}` must be finite (it contains ±inf)")
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _check_target(target: object, logits: Tensor, fn: str, name: str = "target") -> None:
+    """Class indices: an integer tensor of shape (batch,) with values in [0, classes)."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{fn}: `{name}` must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if not _is_integer_dtype(target.dtype):
+        raise TypeError(f"{fn}: `{name}` must hold integer class indices, got dtype {target.dtype}")
+    if target.shape != logits.shape[:1]:
+        raise ValueError(
+            f"{fn}: `{name}` must have shape (batch,) = {tuple(logits.shape[:1])} to match `logits` of shape "
+            f"{tuple(logits.shape)}, got {tuple(target.shape)}"
+        )
+    n = logits.shape[1]
+    if target.numel() and can_read_data(target) and not bool(((target >= 0) & (target < n)).all()):
+        raise ValueError(f"{fn}: `{name}` must hold class indices in [0, {n - 1}]; got values outside it")
+
+
+def _check_reduction(reduction: object, fn: str) -> None:
+    if not isinstance(reduction, str):
+        raise TypeError(f"{fn}: `reduction` must be a string, got {type(reduction).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: unknown `reduction`={reduction!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
+
+
+def _check_int(value: object, name: str, lo: int, hi: int, fn: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: `{name}` must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{fn}: `{name}`={value} is out of range [{lo}, {hi}]")
+    return int(value)
+
+
+def _check_real(value: object, name: str, fn: str, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: `{name}` must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        kind = "positive" if positive else "nonnegative"
+        raise ValueError(f"{fn}: `{name}` must be a finite {kind} number, got {value}")
+    return value
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _safe_log(p: Tensor) -> Tensor:
+    """log max(p, tiny): finite where p underflows (module docstring)."""
+    return p.clamp_min(torch.finfo(p.dtype).tiny).log()
+
+
+def _reduce(loss: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    if reduction == "mean":
+        loss = loss.mean()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LML
+# ----------------------------------------------------------------------------------------------------------------
+def lml_loss(
+    logits: Tensor,
+    target: Tensor,
+    k: int,
+    *,
+    temperature: Union[float, Tensor] = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Top-k loss of the Limited Multi-Label projection layer: :math:`-\log y_{\mathrm{target}}`.
+
+    :math:`y = \arg\max_{0 \le y \le 1,\ \sum_i y_i = k} \langle x/t, y\rangle + H_b(y)` is the LML projection
+    (Amos, Koltun & Kolter 2019, "The Limited Multi-Label Projection Layer"), i.e. ``topk_mask(logits, k,
+    method="sigmoid", temperature=t)``: :math:`y_i = \sigma((x_i - \tau)/t)` with :math:`\sum_i y_i = k`. The loss
+    is the negative log-likelihood of the target class under y, taken as :math:`-\log\max(y, \mathrm{tiny})` (tiny
+    of the compute dtype; see :mod:`softtopk.losses`). It is 0 for k = classes and tends to 0 (target among the
+    k largest) or grows without bound (target outside) as t → 0. k = 1 is not softmax cross-entropy: the LML
+    layer with k = 1 is a sigmoid of the logits with a common threshold τ.
+
+    Args:
+        logits: scores of shape (batch, classes), finite.
+        target: class indices of shape (batch,), an integer tensor.
+        k: the size of the predicted set, an int in [1, classes].
+        temperature: t > 0, a number or a per-row tensor of shape (batch,).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> import torch
+        >>> from softtopk.losses import lml_loss
+        >>> logits = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+        >>> lml_loss(logits, torch.tensor([2, 0]), k=2, reduction="none")
+        tensor([0.4741, 1.7014])
+    """
+    fn = "lml_loss"
+    _check_logits(logits, fn)
+    _check_target(target, logits, fn)
+    k = _check_int(k, "k", 1, logits.shape[1], fn)
+    check_temperature(temperature, fn=fn)
+    _check_reduction(reduction, fn)
+    x = logits.to(_compute_dtype(logits))
+    y = topk_mask(x, k, method="sigmoid", temperature=temperature)
+    loss = -_safe_log(y.gather(1, target.long().unsqueeze(1)).squeeze(1))
+    return _reduce(loss, reduction, logits.dtype)
+
+
+class LMLLoss(nn.Module):
+    """``nn.Module`` form of :func:`lml_loss`: ``LMLLoss(k, temperature=1.0)(logits, target)``.
+
+    Example:
+        >>> import torch
+        >>> from softtopk.losses import LMLLoss
+        >>> LMLLoss(k=2)(torch.tensor([[3.0, 1.0, 2.0, 0.0]]), torch.tensor([2]))
+        tensor(0.4741)
+    """
+
+    def __init__(self, k: int, *, temperature: Union[float, Tensor] = 1.0, reduction: str = "mean"):
+        super().__init__()
+        _check_int(k, "k", 1, math.inf, "LMLLoss")
+        check_temperature(temperature, fn="LMLLoss")
+        _check_reduction(reduction, "LMLLoss")
+        self.k, self.temperature, self.reduction = k, temperature, reduction
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return lml_loss(logits, target, self.k, temperature=self.temperature, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Differentiable top-k cross-entropy (Petersen et al. 2022)
+# ----------------------------------------------------------------------------------------------------------------
+def _parse_p_k(k: object, p_k: object, fn: str) -> tuple[float, ...]:
+    """The distribution P_K over k = 1, …, K_max as a tuple of floats (see :func:`topk_cross_entropy`)."""
+    if p_k is None:
+        if k is None:
+            return DEFAULT_P_K
+        kk = _check_int(k, "k", 1, math.inf, fn)
+        return (1.0,) if kk == 1 else (0.5,) + (0.0,) * (kk - 2) + (0.5,)
+    if isinstance(p_k, Tensor):
+        if p_k.dim() != 1:
+            raise ValueError(f"{fn}: `p_k` must be 1-D, got shape {tuple(p_k.shape)}")
+        p_k = p_k.tolist()
+    if isinstance(p_k, (str, bytes)) or not isinstance(p_k, Sequence):
+        raise TypeError(f"{fn}: `p_k` must be a sequence of weights, got {type(p_k).__name__}")
+    if len(p_k) == 0:
+        raise ValueError(f"{fn}: `p_k` must hold at least one weight")
+    if any(isinstance(p, bool) or not isinstance(p, numbers.Real) for p in p_k):
+        raise TypeError(f"{fn}: `p_k` must hold numbers, got {list(p_k)!r}")
+    p = tuple(float(v) for v in p_k)
+    if not all(math.isfinite(v) and v >= 0 for v in p):
+        raise ValueError(f"{fn}: `p_k` must hold finite nonnegative weights, got {list(p)!r}")
+    if not math.isclose(math.fsum(p), 1.0, rel_tol=0.0, abs_tol=1e-6):
+        raise ValueError(f"{fn}: `p_k` must sum to 1, got {list(p)!r} summing to {math.fsum(p):.6g}")
+    if k is not None and _check_int(k, "k", 1, math.inf, fn) != len(p):
+        raise ValueError(f"{fn}: `k`={k} must equal len(p_k)={len(p)} (the largest k of P_K) when both are given")
+    return p
+
+
+def _check_top1(top1: object, fn: str) -> None:
+    if not isinstance(top1, str) or top1 not in TOP1_MODES:
+        raise ValueError(f"{fn}: unknown `top1`={top1!r}; choose one of {', '.join(map(repr, TOP1_MODES))}")
+
+
+def _check_options(method: str, options: dict, allowed: tuple[str, ...], fn: str) -> None:
+    unknown = [name for name in options if name not in allowed]
+    if unknown:
+        names = ", ".join(f"`{name}`" for name in unknown)
+        raise TypeError(f"{fn}: method={method!r} takes no option {names}; its options: {', '.join(allowed) or 'none'}")
+
+
+def _check_permutation_method(method: object, options: dict, fn: str) -> None:
+    if not isinstance(method, str):
+        raise TypeError(f"{fn}: `method` must be a string, got {type(method).__name__}")
+    if method not in PERMUTATION_METHODS:
+        raise ValueError(
+            f"{fn}: unknown `method`={method!r}; choose one of {', '.join(map(repr, PERMUTATION_METHODS))}"
+        )
+    _check_options(method, options, tuple(PERMUTATION_METHODS[method]), fn)
+
+
+def _preselect(x: Tensor, target: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """The target's score and the m − 1 largest other scores, (batch, m), with the target moved to column 0."""
+    others = x.detach().scatter(1, target.unsqueeze(1), -math.inf)
+    idx = torch.cat([target.unsqueeze(1), others.topk(m - 1, dim=1).indices], dim=1)
+    return x.gather(1, idx), torch.zeros_like(target)
+
+
+def topk_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    k: int | None = None,
+    p_k: Sequence[float] | None = None,
+    m: int | None = None,
+    method: str = "soft",
+    temperature: Union[float, Tensor, None] = None,
+    top1: str = "softmax",
+    reduction: str = "mean",
+    **method_options,
+) -> Tensor:
+    r"""Differentiable top-k cross-entropy (Petersen, Kuehne, Borgelt & Deussen 2022, "Differentiable Top-k
+    Classification Learning"): :math:`-\log \sum_{k=1}^{K} p_k\, P_k[\mathrm{target}]`.
+
+    :math:`\Gamma` = ``topk_permutation(logits, K, method=method, temperature=temperature)`` (row j softly
+    indicates the (j + 1)-th largest class) gives :math:`P_k = \sum_{j<k} \Gamma_j`, the soft probability that a
+    class is among the top k, and the loss is the cross-entropy of the mixture
+    :math:`p = \sum_k p_k P_k = \sum_j w_j \Gamma_j`, :math:`w_j = \sum_{k > j} p_k` (the paper's Figure 1: the
+    weights of the ranks are a cumulative sum of P_K). The mixture is inside the logarithm, as in the paper and
+    its code, not a mixture of per-k cross-entropies. ``top1`` sets the top-1 component:
+
+    - ``"softmax"`` (default, the paper's and difftopk's ``top1_mode='sm'``): :math:`P_1` is replaced by
+      softmax(logits), :math:`p = p_1\,\mathrm{softmax} + \sum_{k\ge2} p_k P_k`, its log taken as a log-sum-exp
+      so that the softmax part keeps its gradient when the sorted part underflows. With ``p_k=(1,)`` the loss is
+      exactly softmax cross-entropy.
+    - ``"cross_entropy"`` (difftopk's ``'smce'``): :math:`p_1\,\mathrm{CE}(\mathrm{logits}) - (1 - p_1)
+      \log\bigl(\sum_{k\ge2} p_k P_k / (1 - p_1)\bigr)`. (difftopk omits the ``/ (1 - p_1)``, which only shifts
+      the loss by the constant :math:`(1 - p_1)\log(1 - p_1)`.)
+    - ``"sort"``: :math:`P_1` from Γ like the other components.
+
+    ``m`` (the paper's m, e.g. 16 for ImageNet-1K; not a margin): only m classes are sorted, the target and the
+    m − 1 largest other logits, selected hard (the gradient flows to the m selected logits only; the softmax of
+    the top-1 term is then over these m as well, as in difftopk). ``m=None`` sorts all classes.
+
+    Args:
+        logits: scores of shape (batch, classes), finite.
+        target: class indices of shape (batch,), an integer tensor.
+        k: shorthand for P_K when ``p_k`` is not given: ``k=K`` means :math:`P_K = (1/2, 0, \dots, 0, 1/2)` of
+            length K (half top-1, half top-K, as in difftopk's example; (1,) for K = 1). With ``p_k``, k must
+            equal ``len(p_k)``. Neither: P_K = (0.5, 0, 0, 0, 0.5).
+        p_k: weights :math:`(p_1, \dots, p_K)` of top-1 … top-K, nonnegative, summing to 1 (e.g. the paper's
+            (.5, 0, 0, 0, .5), (.25, 0, 0, 0, .75), (.2, .2, .2, .2, .2)).
+        m: the number of classes sorted, an int in [K, classes], or None (all).
+        method: a method of :func:`softtopk.topk_permutation`: ``"soft"`` (SOFT optimal transport, default),
+            ``"odd_even"`` or ``"bitonic"`` (differentiable sorting networks, the paper's choice).
+        temperature: of ``topk_permutation`` (ε for ``"soft"``, t = 1/steepness for the networks; the paper used
+            steepness 0.5 – 2 on logits); None uses ``topk_permutation``'s default.
+        top1: ``"softmax"`` (default), ``"cross_entropy"`` or ``"sort"``, see above.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        **method_options: passed to ``topk_permutation`` (``relaxation`` for the networks, ``tol`` and
+            ``max_iter`` for ``"soft"``).
+
+    Example:
+        >>> import torch
+        >>> from softtopk.losses import topk_cross_entropy
+        >>> logits = torch.tensor([[3.0, 1.0, 2.0, 0.0, -1.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
+        >>> target = torch.tensor([2, 2])
+        >>> topk_cross_entropy(logits, target, p_k=[0.5, 0.5], method="odd_even", temperature=0.5,
+        ...                    reduction="none")
+        tensor([0.7044, 2.1954])
+        >>> ce = torch.nn.functional.cross_entropy(logits, target)
+        >>> bool(torch.allclose(topk_cross_entropy(logits, target, p_k=[1.0]), ce))
+        True
+    """
+    fn = "topk_cross_entropy"
+    _check_logits(logits, fn)
+    _check_target(target, logits, fn)
+    p = _parse_p_k(k, p_k, fn)
+    kmax = len(p)
+    n = logits.shape[1]
+    if kmax > n:
+        raise ValueError(f"{fn}: P_K has K={kmax} weights (`p_k` or `k`), more than the {n} classes")
+    m = n if m is None else _check_int(m, "m", kmax, n, fn)
+    _check_permutation_method(method, method_options, fn)
+    if temperature is not None:
+        check_temperature(temperature, fn=fn)
+    _check_top1(top1, fn)
+    _check_reduction(reduction, fn)
+
+    cdtype = _compute_dtype(logits)
+    x = logits.to(cdtype)
+    t = target.long()
+    if m < n:
+        x, t = _preselect(x, t, m)
+    tcol = t.unsqueeze(1)
+    weights = torch.tensor(p, dtype=cdtype, device=x.device).flip(0).cumsum(0).flip(0)  # w_j = Σ_{i≥j} p_i
+    if top1 != "sort":
+        weights[0] = weights[1] if kmax > 1 else 0.0  # row 0 enters only the components k ≥ 2
+    rest = None
+    if bool((weights > 0).any()):
+        opts = dict(method_options)
+        if temperature is not None:
+            opts["temperature"] = temperature
+        gamma = topk_permutation(x, kmax, method=method, **opts)  # (batch, K, m)
+        g_target = gamma.gather(2, tcol.unsqueeze(1).expand(-1, kmax, 1)).squeeze(2)  # (batch, K)
+        rest = (g_target * weights).sum(1)
+    p1 = p[0]
+    if top1 == "sort":
+        loss = -_safe_log(rest)
+    elif top1 == "softmax":
+        log_sm = F.log_softmax(x, dim=1).gather(1, tcol).squeeze(1)
+        if rest is None:
+            loss = -log_sm
+        elif p1 == 0.0:
+            loss = -_safe_log(rest)
+        else:
+            loss = -torch.logaddexp(math.log(p1) + log_sm, _safe_log(rest))
+    else:  # "cross_entropy"
+        loss = -p1 * F.log_softmax(x, dim=1).gather(1, tcol).squeeze(1) if p1 > 0 else 0.0
+        if rest is not None:
+            loss = loss - (1.0 - p1) * _safe_log(rest / (1.0 - p1))
+    return _reduce(loss, reduction, logits.dtype)
+
+
+class TopKCrossEntropyLoss(nn.Module):
+    """``nn.Module`` form of :func:`topk_cross_entropy`: ``TopKCrossEntropyLoss(p_k=..., method=...)(logits,
+    target)``. The arguments are checked when the module is built.
+
+    Example:
+        >>> import torch
+        >>> from softtopk.losses import TopKCrossEntropyLoss
+        >>> loss = TopKCrossEntropyLoss(p_k=[0.5, 0.5], method="odd_even", temperature=0.5)
+        >>> loss(torch.tensor([[3.0, 1.0, 2.0, 0.0, -1.0]]), torch.tensor([2]))
+        tensor(0.7044)
+    """
+
+    def __init__(
+        self,
+        *,
+        k: int | None = None,
+        p_k: Sequence[float] | None = None,
+        m: int | None = None,
+        method: str = "soft",
+        temperature: Union[float, Tensor, None] = None,
+        top1: str = "softmax",
+        reduction: str = "mean",
+        **method_options,
+    ):
+        super().__init__()
+        fn = "TopKCrossEntropyLoss"
+        self.p_k = _parse_p_k(k, p_k, fn)
+        if m is not None:
+            _check_int(m, "m", len(self.p_k), math.inf, fn)
+        _check_permutation_method(method, method_options, fn)
+        if temperature is not None:
+            check_temperature(temperature, fn=fn)
+        _check_top1(top1, fn)
+        _check_reduction(reduction, fn)
+        self.m, self.method, self.temperature, self.top1 = m, method, temperature, top1
+        self.reduction, self.method_options = reduction, method_options
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return topk_cross_entropy(
+            logits,
+            target,
+            p_k=self.p_k,
+            m=self.m,
+            method=self.method,
+            temperature=self.temperature,
+            top1=self.top1,
+            reduction=self.reduction,
+            **self.method_options,
+        )
+
+    def extra_repr(self) -> str:
+        opts = "".join(f", {key}={val!r}" for key, val in self.method_options.items())
+        return (
+            f"p_k={self.p_k}, m={self.m}, method={self.method!r}, temperature={self.temperature}, "
+            f"top1={self.top1!r}, reduction={self.reduction!r}{opts}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stochastically smoothed top-K hinge loss (Garcin et al. 2022)
+# ----------------------------------------------------------------------------------------------------------------
+class _NoisedKthLargest(torch.autograd.Function):
+    """φ̂(x) = (1/S) Σ_s top_j(x + σ Z_s) along dim 1, the j-th largest of each noised copy, averaged.
+
+    Forward: noise (batch, n, S) is σZ; the j-th largest of each of the S copies is found by selection
+    (``kthvalue``), O(n S) per row, and only its index is kept, (batch, S).
+    Backward (perturbed optimizer, Berthet et al. 2020; Garcin et al. 2022):
+        ∇φ̂(x) = (1/S) Σ_s e_{i_s},   i_s = the index of the j-th largest entry of x + σ Z_s,
+    the Monte Carlo estimate of ∇ E[top_j(x + σZ)] = E[arg top_j(x + σZ)] (the one-hot of the j-th largest), which
+    is also the exact gradient of the piecewise-linear φ̂. O(batch · (n + S)) memory, no n × n tensor.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, noise: Tensor, j: int) -> Tensor:
+        vals, idx = torch.kthvalue(-(x.unsqueeze(-1) + noise), j, dim=1)  # j-th smallest of −(x + σZ)
+        return -vals.mean(-1), idx
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.n = inputs[0].shape[1]
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_idx):
+        (idx,) = ctx.saved_tensors
+        counts = torch.zeros(idx.shape[0], ctx.n, dtype=grad.dtype, device=grad.device)
+        counts.scatter_add_(1, idx, torch.ones(idx.shape, dtype=grad.dtype, device=grad.device))
+        return counts * (grad / idx.shape[1]).unsqueeze(1), None, None
+
+
+def _class_margins(class_counts: object, n: int, margin: float, fn: str, device, dtype) -> Tensor:
+    """m_c = margin · (min_j n_j / n_c)^{1/4}: LDAM margins ∝ n_c^{-1/4}, the largest (``margin``) on the rarest."""
+    if isinstance(class_counts, Tensor):
+        counts = class_counts.detach().to(device="cpu", dtype=torch.float64)
+    else:
+        if isinstance(class_counts, (str, bytes)) or not isinstance(class_counts, Sequence):
+            raise TypeError(
+                f"{fn}: `class_counts` must be a sequence or tensor of counts, got {type(class_counts).__name__}"
+            )
+        if any(isinstance(c, bool) or not isinstance(c, numbers.Real) for c in class_counts):
+            raise TypeError(f"{fn}: `class_counts` must hold numbers")
+        counts = torch.tensor([float(c) for c in class_counts], dtype=torch.float64)
+    if counts.shape != (n,):
+        raise ValueError(f"{fn}: `class_counts` must hold one count per class ({n}), got shape {tuple(counts.shape)}")
+    if not bool((torch.isfinite(counts) & (counts > 0)).all()):
+        raise ValueError(f"{fn}: `class_counts` must be positive and finite")
+    return (margin * (counts.min() / counts) ** 0.25).to(device=device, dtype=dtype)
+
+
+def smooth_topk_hinge_loss(
+    logits: Tensor,
+    target: Tensor,
+    k: int,
+    *,
+    sigma: float = 1.0,
+    n_samples: int = 5,
+    margin: float = 1.0,
+    balanced: bool = True,
+    class_counts: Union[Sequence[float], Tensor, None] = None,
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Stochastically smoothed top-K calibrated hinge loss: :math:`s\,(m_y + \widehat{\mathrm{top}}_{K+1,\sigma}
+    (x) - x_y)_+`.
+
+    Garcin, Servajean, Joly & Salmon 2022 (ICML), "Stochastic smoothing of the top-K calibrated hinge loss for deep
+    imbalanced classification". The top-K calibrated hinge loss :math:`(1 + \mathrm{top}_{K+1}(x) - x_y)_+`
+    (Yang & Koyejo 2020; :math:`\mathrm{top}_j` the j-th largest entry, over all classes, the target's included)
+    is smoothed by the perturbed optimizer: :math:`\mathrm{top}_{K+1}` is replaced by
+    :math:`\mathrm{top}_{K+1,\sigma}(x) = E[\mathrm{top}_{K+1}(x + \sigma Z)]`, Z standard Gaussian, estimated
+    by Monte Carlo over ``n_samples`` draws (fresh at every call), with gradient
+    :math:`E[\arg\mathrm{top}_{K+1}(x + \sigma Z)]` estimated on the same draws (the one-hot of the (K + 1)-th
+    largest noised entry; O(batch · (classes + n_samples)) memory). σ = 0 gives the unsmoothed loss.
+
+    - ``balanced=True`` (the paper's balanced loss): the same margin :math:`m_y = ` ``margin`` for every class
+      (the paper: 1).
+    - ``balanced=False`` (the paper's imbalanced loss): label-dependent margins from the training class
+      frequencies ``class_counts`` (:math:`n_c`), as in LDAM (Cao et al. 2019): :math:`m_c \propto n_c^{-1/4}`,
+      the largest, ``margin``, on the rarest class: :math:`m_c = \mathrm{margin}\,(\min_j n_j / n_c)^{1/4}`.
+
+    ``scale`` s multiplies the hinge. The paper uses it (with ``balanced=False``) on cosine logits, i.e.
+    normalised last-layer weights and features, with s = 60, largest margin 0.2, σ = 0.01 and 5 samples on
+    Pl@ntNet-300K; on raw logits s = 1 (default) is the natural choice. The paper's balanced experiments use
+    σ = 0.2 (CIFAR-100, 10 samples) and σ = 1 (Pl@ntNet-300K, 5 samples); the defaults here are σ = 1,
+    5 samples, margin 1 (the authors' code's defaults).
+
+    Args:
+        logits: scores of shape (batch, classes), finite.
+        target: class indices of shape (batch,), an integer tensor.
+        k: K, an int in [1, classes − 1].
+        sigma: σ ≥ 0, the noise scale (the paper's ε).
+        n_samples: the number of noise draws per row, a positive int.
+        margin: the margin (balanced) or the largest margin (imbalanced), ≥ 0.
+        balanced: the balanced (default) or the imbalanced loss, which needs ``class_counts``.
+        class_counts: the number of training examples of each class (``balanced=False`` only).
+        scale: s > 0.
+        generator: a ``torch.Generator`` on the logits' device for reproducible noise.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> import torch
+        >>> from softtopk.losses import smooth_topk_hinge_loss
+        >>> logits = torch.tensor([[2.0, 1.5, -3.0, 0.5], [7.5, 4.0, -1.5, 0.0]])
+        >>> target = torch.tensor([3, 2])
+        >>> smooth_topk_hinge_loss(logits, target, k=2, sigma=0.0, reduction="none")  # unsmoothed
+        tensor([1.0000, 2.5000])
+        >>> g = torch.Generator().manual_seed(0)
+        >>> loss = smooth_topk_hinge_loss(logits, target, k=2, sigma=1.0, n_samples=1000, generator=g,
+        ...                               reduction="none")
+        >>> loss.round(decimals=2)
+        tensor([0.7300, 2.6100])
+    """
+    fn = "smooth_topk_hinge_loss"
+    _check_logits(logits, fn)
+    _check_target(target, logits, fn)
+    n = logits.shape[1]
+    if n < 2:
+        raise ValueError(
+            f"{fn}: `logits` must have at least 2 classes (the loss compares the target with the "
+            f"(k+1)-th largest), got {n}"
+        )
+    k = _check_int(k, "k", 1, n - 1, fn)
+    sigma = _check_real(sigma, "sigma", fn)
+    n_samples = _check_int(n_samples, "n_samples", 1, math.inf, fn)
+    margin = _check_real(margin, "margin", fn)
+    scale = _check_real(scale, "scale", fn, positive=True)
+    if not isinstance(balanced, bool):
+        raise TypeError(f"{fn}: `balanced` must be a bool, got {type(balanced).__name__}")
+    if balanced and class_counts is not None:
+        raise ValueError(f"{fn}: `class_counts` is used only by the imbalanced loss; pass balanced=False")
+    if not balanced and class_counts is None:
+        raise ValueError(f"{fn}: the imbalanced loss (balanced=False) needs `class_counts`")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{fn}: `generator` must be a torch.Generator or None, got {type(generator).__name__}")
+    _check_reduction(reduction, fn)
+
+    cdtype = _compute_dtype(logits)
+    x = logits.to(cdtype)
+    t = target.long()
+    if sigma > 0:
+        z = torch.randn((x.shape[0], n, n_samples), generator=generator, device=x.device, dtype=cdtype)
+        kth, _ = _NoisedKthLargest.apply(x, z.mul_(sigma), k + 1)
+    else:
+        kth = x.topk(k + 1, dim=1).values[:, -1]
+    if balanced:
+        m_y = margin
+    else:
+        m_y = _class_margins(class_counts, n, margin, fn, x.device, cdtype)[t]
+    loss = scale * F.relu(m_y + kth - x.gather(1, t.unsqueeze(1)).squeeze(1))
+    return _reduce(loss, reduction, logits.dtype)
+
+
+class SmoothTopKHingeLoss(nn.Module):
+    """``nn.Module`` form of :func:`smooth_topk_hinge_loss`; each call draws fresh noise (from ``generator`` if
+    given).
+
+    Example:
+        >>> import torch
+        >>> from softtopk.losses import SmoothTopKHingeLoss
+        >>> loss = SmoothTopKHingeLoss(k=2, balanced=False, class_counts=[5, 15, 10, 20], sigma=0.0)
+        >>> loss(torch.tensor([[2.0, 1.5, -3.0, 0.5]]), torch.tensor([2]))
+        tensor(4.3409)
+    """
+
+    def __init__(
+        self,
+        k: int,
+        *,
+        sigma: float = 1.0,
+        n_samples: int = 5,
+        margin: float = 1.0,
+        balanced: bool = True,
+        class_counts: Union[Sequence[float], Tensor, None] = None,
+        scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        reduction: str = "mean",
+    ):
+        super().__init__()
+        fn = "SmoothTopKHingeLoss"
+        _check_int(k, "k", 1, math.inf, fn)
+        _check_real(sigma, "sigma", fn)
+        _check_int(n_samples, "n_samples", 1, math.inf, fn)
+        _check_real(margin, "margin", fn)
+        _check_real(scale, "scale", fn, positive=True)
+        if not isinstance(balanced, bool):
+            raise TypeError(f"{fn}: `balanced` must be a bool, got {type(balanced).__name__}")
+        if balanced and class_counts is not None:
+            raise ValueError(f"{fn}: `class_counts` is used only by the imbalanced loss; pass balanced=False")
+        if not balanced:
+            if class_counts is None:
+                raise ValueError(f"{fn}: the imbalanced loss (balanced=False) needs `class_counts`")
+            n = len(class_counts)
+            _class_margins(class_counts, n, margin, fn, "cpu", torch.float64)  # validates
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"{fn}: `generator` must be a torch.Generator or None, got {type(generator).__name__}")
+        _check_reduction(reduction, fn)
+        self.k, self.sigma, self.n_samples, self.margin, self.scale = k, sigma, n_samples, margin, scale
+        self.balanced, self.class_counts, self.generator, self.reduction = balanced, class_counts, generator, reduction
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return smooth_topk_hinge_loss(
+            logits,
+            target,
+            self.k,
+            sigma=self.sigma,
+            n_samples=self.n_samples,
+            margin=self.margin,
+            balanced=self.balanced,
+            class_counts=self.class_counts,
+            scale=self.scale,
+            generator=self.generator,
+            reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"k={self.k}, sigma={self.sigma}, n_samples={self.n_samples}, margin={self.margin}, "
+            f"balanced={self.balanced}, scale={self.scale}, reduction={self.reduction!r}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cascade top-K selection loss (DFTopK, Zhu et al. 2025)
+# ----------------------------------------------------------------------------------------------------------------
+def _relevance(relevant: object, scores: Tensor, fn: str) -> Tensor:
+    """The 0/1 relevance indicator (batch, n) in the scores' compute dtype."""
+    if not isinstance(relevant, Tensor):
+        raise TypeError(f"{fn}: `relevant` must be a torch.Tensor, got {type(relevant).__name__}")
+    cdtype = _compute_dtype(scores)
+    b, n = scores.shape
+    if relevant.dtype == torch.bool or relevant.dtype.is_floating_point:
+        if relevant.shape != scores.shape:
+            raise ValueError(
+                f"{fn}: a boolean or floating `relevant` is a 0-1 indicator of the scores' shape {tuple(scores.shape)}"
+                f", got shape {tuple(relevant.shape)}"
+            )
+        rel = relevant.to(device=scores.device, dtype=cdtype)
+        if can_read_data(rel) and not bool(((rel == 0) | (rel == 1)).all()):
+            raise ValueError(f"{fn}: `relevant` as an indicator must hold only 0 and 1")
+        return rel
+    if not _is_integer_dtype(relevant.dtype):
+        raise TypeError(
+            f"{fn}: `relevant` must be a bool/float indicator or an integer index tensor, got {relevant.dtype}"
+        )
+    if relevant.dim() != 2 or relevant.shape[0] != b or relevant.shape[1] > n:
+        raise ValueError(
+            f"{fn}: an integer `relevant` holds item indices of shape (batch, K) with batch={b} and K <= {n}, got "
+            f"shape {tuple(relevant.shape)} (pass a 0-1 indicator as bool or float)"
+        )
+    idx = relevant.to(device=scores.device, dtype=torch.long)
+    if idx.numel() and can_read_data(idx) and not bool(((idx >= 0) & (idx < n)).all()):
+        raise ValueError(f"{fn}: `relevant` must hold item indices in [0, {n - 1}]; got values outside it")
+    rel = torch.zeros((b, n), dtype=cdtype, device=scores.device).scatter_(1, idx, 1.0)
+    if can_read_data(rel) and idx.numel() and bool((rel.sum(1) != idx.shape[1]).any()):
+        raise ValueError(
+            f"{fn}: `relevant` has a repeated index in a row (an integer `relevant` holds item indices; pass a 0-1 "
+            f"indicator as bool or float)"
+        )
+    return rel
+
+
+def _check_mask_method(method: object, options: dict, fn: str) -> None:
+    if not isinstance(method, str):
+        raise TypeError(f"{fn}: `method` must be a string, got {type(method).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"{fn}: unknown `method`={method!r}; choose one of {', '.join(map(repr, METHODS))}")
+    _check_options(method, options, tuple(METHODS[method].options), fn)
+
+
+def cascade_topk_loss(
+    scores: Tensor,
+    relevant: Tensor,
+    m: int | None = None,
+    *,
+    method: str = "dftopk",
+    temperature: Union[float, Tensor] = 1.0,
+    reduction: str = "mean",
+    **method_options,
+) -> Tensor:
+    r"""Top-K selection loss of cascade ranking (Zhu et al. 2025, "Differentiable Fast Top-K Selection for
+    Large-Scale Recommendation", DFTopK): :math:`-\frac1n \sum_i [r_i \log y_i + (1 - r_i)\log(1 - y_i)]`.
+
+    :math:`y` = ``topk_mask(scores, m, method=method, temperature=temperature)`` is a soft top-m selection of the
+    n candidates (with ``"dftopk"``, the paper's operator, :math:`y_i = \sigma((x_i - \theta)/\tau)`, θ the
+    midpoint of the m-th and (m + 1)-th largest scores), and :math:`r` the indicator of the ground-truth set G of
+    K relevant items (the top-K of the later stage). The loss is the binary cross-entropy of y against r averaged
+    over the n candidates (as in the authors' code), :math:`\log` taken as :math:`\log\max(\cdot, \mathrm{tiny})`.
+    The authors train with m = K = |G| (``m=None``, the default: m is each row's number of relevant items); m > K
+    relaxes Recall@K@M (select M items that contain G): the m − K extra selected items are still pushed towards 0.
+    The paper's joint term for two cascade stages (BCE of the product of both stages' masks) and its
+    uncertainty weighting are not included; combine single-stage losses for them.
+
+    Args:
+        scores: candidate scores of shape (batch, n), finite.
+        relevant: the ground-truth set, either a 0-1 indicator of the scores' shape (bool or float) or an integer
+            tensor of item indices of shape (batch, K) (no repeats within a row).
+        m: the selection size, an int in [0, n], or None: K per row.
+        method: a method of :func:`softtopk.topk_mask` (``"dftopk"``, default; ``"sigmoid"``, ``"lapsum"``, …).
+        temperature: τ > 0 (the authors use large τ, e.g. 500, on unnormalised scores), a number or per-row
+            tensor of shape (batch,).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` over the batch.
+        **method_options: passed to ``topk_mask``.
+
+    Example:
+        >>> import torch
+        >>> from softtopk.losses import cascade_topk_loss
+        >>> scores = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+        >>> relevant = torch.tensor([[0, 2], [0, 1]])  # the ground-truth top-2 of each row
+        >>> cascade_topk_loss(scores, relevant, reduction="none")
+        tensor([0.3377, 1.3377])
+        >>> mask = torch.tensor([[True, False, True, False], [True, True, False, False]])
+        >>> cascade_topk_loss(scores, mask, m=2, reduction="none")
+        tensor([0.3377, 1.3377])
+    """
+    fn = "cascade_topk_loss"
+    _check_logits(scores, fn, "scores")
+    rel = _relevance(relevant, scores, fn)
+    _check_mask_method(method, method_options, fn)
+    n = scores.shape[1]
+    if m is None:
+        kk: Union[int, Tensor] = rel.sum(1).round().long()
+    else:
+        kk = _check_int(m, "m", 0, n, fn)
+    check_temperature(temperature, fn=fn)
+    _check_reduction(reduction, fn)
+    x = scores.to(_compute_dtype(scores))
+    y = topk_mask(x, kk, method=method, temperature=temperature, **method_options)
+    loss = -(rel * _safe_log(y) + (1.0 - rel) * _safe_log(1.0 - y)).mean(1)
+    return _reduce(loss, reduction, scores.dtype)
+
+
+class CascadeTopKLoss(nn.Module):
+    """``nn.Module`` form of :func:`cascade_topk_loss`: ``CascadeTopKLoss(m, method="dftopk")(scores, relevant)``.
+
+    Example:
+        >>> import torch
+        >>> from softtopk.losses import CascadeTopKLoss
+        >>> CascadeTopKLoss()(torch.tensor([[3.0, 1.0, 2.0, 0.0]]), torch.tensor([[0, 2]]))
+        tensor(0.3377)
+    """
+
+    def __init__(
+        self,
+        m: int | None = None,
+        *,
+        method: str = "dftopk",
+        temperature: Union[float, Tensor] = 1.0,
+        reduction: str = "mean",
+        **method_options,
+    ):
+        super().__init__()
+        fn = "CascadeTopKLoss"
+        if m is not None:
+            _check_int(m, "m", 0, math.inf, fn)
+        _check_mask_method(method, method_options, fn)
+        check_temperature(temperature, fn=fn)
+        _check_reduction(reduction, fn)
+        self.m, self.method, self.temperature = m, method, temperature
+        self.reduction, self.method_options = reduction, method_options
+
+    def forward(self, scores: Tensor, relevant: Tensor) -> Tensor:
+        return cascade_topk_loss(
+            scores,
+            relevant,
+            self.m,
+            method=self.method,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            **self.method_options,
+        )
+
+    def extra_repr(self) -> str:
+        opts = "".join(f", {key}={val!r}" for key, val in self.method_options.items())
+        return f"m={self.m}, method={self.method!r}, temperature={self.temperature}, reduction={self.reduction!r}{opts}"

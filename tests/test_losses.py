@@ -1,0 +1,631 @@
+"""Losses of ``softtopk.losses`` against independent computations written here: the LML threshold by brentq
+(conftest), the literal DFTopK formula (conftest), a plain float64 Sinkhorn to k + 1 anchors and a dense odd-even
+network for the top-k cross-entropy, quadrature of the Gaussian order statistics for the smoothed hinge; float64
+gradchecks, reductions, bad inputs, half precision, and short training runs on sklearn's digits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.special import logsumexp, xlogy
+from scipy.stats import norm
+from torch.autograd import gradcheck
+
+from conftest import ref_dftopk, ref_threshold_mask, spaced
+from softtopk.losses import (
+    DEFAULT_P_K,
+    CascadeTopKLoss,
+    LMLLoss,
+    SmoothTopKHingeLoss,
+    TopKCrossEntropyLoss,
+    cascade_topk_loss,
+    lml_loss,
+    smooth_topk_hinge_loss,
+    topk_cross_entropy,
+)
+from softtopk.ot import topk_permutation
+
+NETWORKS = ("odd_even", "bitonic")
+
+
+def _network_available(method: str) -> bool:
+    try:
+        topk_permutation(torch.tensor([0.0, 1.0, 2.0]), 2, method=method)
+    except ValueError:
+        return False
+    return True
+
+
+def skip_unavailable(method: str) -> None:
+    if method != "soft" and not _network_available(method):
+        pytest.skip(f"topk_permutation has no method {method!r} yet")
+
+
+def rows(b, n, seed=0, dtype=torch.float64):
+    """(b, n) distinct scores, well separated (safe for finite differences and hard limits)."""
+    g = torch.Generator().manual_seed(seed)
+    return spaced(n, batch=(b,), generator=g, dtype=dtype) * 3.0
+
+
+def labels(b, n, seed=1):
+    return torch.randint(0, n, (b,), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# references
+# ----------------------------------------------------------------------------------------------------------------
+def ref_soft_gamma(x, k, eps, iters=20000):
+    """Γ (k, n) of SOFT sorted top-k by plain float64 log-domain Sinkhorn on one row: mass 1/n on each score,
+    anchors (k, k−1, …, 1, 0) with masses (1/n, …, 1/n, (n−k)/n), cost (x_i − a_j)² / max C, Γ = n P[:k]."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.size
+    j = k + 1 if k < n else k
+    a = k - np.arange(j, dtype=np.float64)
+    cost = (x[None, :] - a[:, None]) ** 2
+    cost = cost / cost.max()
+    nu = np.full(j, 1.0 / n)
+    if j > k:
+        nu[k] = (n - k) / n
+    f, g = np.zeros(n), np.zeros(j)
+    for _ in range(iters):
+        f = -eps * math.log(n) - eps * logsumexp((g[:, None] - cost) / eps, axis=0)
+        g = eps * np.log(nu) - eps * logsumexp((f[None, :] - cost) / eps, axis=1)
+        plan = np.exp((f[None, :] + g[:, None] - cost) / eps)
+        if np.abs(plan.sum(0) * n - 1).max() < 1e-14:
+            break
+    assert np.abs(plan.sum(0) * n - 1).max() < 1e-12
+    return n * plan[:k]
+
+
+def ref_odd_even_gamma(x, k, t):
+    """Γ (k, n) of the relaxed odd-even transposition network, built densely: n layers, layer l compares wires
+    (i, i+1) for i ≡ l (mod 2), swap probability α = sigmoid((b − a)/t), larger value to the upper wire."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    n = x.numel()
+    perm, vals = torch.eye(n, dtype=torch.float64), x.clone()
+    for layer in range(n):
+        mix = torch.eye(n, dtype=torch.float64)
+        for i in range(layer % 2, n - 1, 2):
+            alpha = torch.sigmoid((vals[i + 1] - vals[i]) / t)
+            mix[i, i] = mix[i + 1, i + 1] = 1 - alpha
+            mix[i, i + 1] = mix[i + 1, i] = alpha
+        vals, perm = mix @ vals, mix @ perm
+    return perm[:k]
+
+
+def ref_topk_ce(gamma, x, y, p_k, top1):
+    """The loss of Petersen et al. 2022 from Γ (k, n), written with an explicit loop over k."""
+    gamma = torch.as_tensor(gamma, dtype=torch.float64)
+    x = torch.as_tensor(x, dtype=torch.float64)
+    softmax = torch.softmax(x, 0)[y]
+    parts = [float(gamma[:kk, y].sum()) for kk in range(1, len(p_k) + 1)]  # P_k[y] = Σ_{j<k} Γ_jy
+    if top1 == "sort":
+        return -math.log(sum(p * part for p, part in zip(p_k, parts)))
+    rest = sum(p * part for p, part in zip(p_k[1:], parts[1:]))
+    if top1 == "softmax":
+        return -math.log(p_k[0] * float(softmax) + rest)
+    return -p_k[0] * math.log(float(softmax)) - (1 - p_k[0]) * math.log(rest / (1 - p_k[0]))
+
+
+def ref_smoothed_kth(s, j, sigma, points=40001):
+    """E[top_j(s + σZ)] and its gradient P(i is the j-th largest), Z standard Gaussian, by quadrature: the density
+    of the j-th largest at u is Σ_i φ_i(u) P(exactly j − 1 of the others exceed u) (a Poisson-binomial DP)."""
+    s = np.asarray(s, dtype=np.float64)
+    n = s.size
+    u = np.linspace(s.min() - 12 * sigma, s.max() + 12 * sigma, points)
+    pdf = norm.pdf((u[None] - s[:, None]) / sigma) / sigma
+    above = norm.sf((u[None] - s[:, None]) / sigma)
+    grad = np.empty(n)
+    dens = np.zeros_like(u)
+    for i in range(n):
+        count = np.zeros((n, u.size))
+        count[0] = 1.0
+        for other in (o for o in range(n) if o != i):
+            count[1:] = count[1:] * (1 - above[other]) + count[:-1] * above[other]
+            count[0] = count[0] * (1 - above[other])
+        w = pdf[i] * count[j - 1]
+        grad[i] = np.trapezoid(w, u) if hasattr(np, "trapezoid") else np.trapz(w, u)
+        dens += w
+    value = np.trapezoid(u * dens, u) if hasattr(np, "trapezoid") else np.trapz(u * dens, u)
+    return value, grad
+
+
+def bce(y, r):
+    """Binary cross-entropy of the soft mask y against the 0/1 relevance r, averaged over the items."""
+    return -(xlogy(r, y) + xlogy(1 - r, 1 - y)).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LML
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k,t", [(1, 1.0), (3, 0.5), (5, 2.0)])
+def test_lml_matches_brentq_reference(k, t):
+    x, y = rows(4, 7), labels(4, 7)
+    got = lml_loss(x, y, k, temperature=t, reduction="none")
+    want = [-math.log(ref_threshold_mask(x[b].numpy(), k, t, "sigmoid")[y[b]]) for b in range(4)]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-10)
+
+
+def test_lml_per_row_temperature_and_limits():
+    x, y = rows(3, 6), labels(3, 6)
+    t = torch.tensor([0.3, 1.0, 3.0], dtype=torch.float64)
+    got = lml_loss(x, y, 2, temperature=t, reduction="none")
+    want = torch.stack([lml_loss(x[b : b + 1], y[b : b + 1], 2, temperature=float(t[b])) for b in range(3)])
+    torch.testing.assert_close(got, want)
+    assert float(lml_loss(x, y, 6)) == 0.0  # k = n: every class is selected
+    hard = lml_loss(x, y, 2, temperature=1e-3, reduction="none")
+    in_top = (x.topk(2, dim=1).indices == y[:, None]).any(1)
+    assert bool((hard[in_top] < 1e-6).all()) and bool((hard[~in_top] > 100).all())
+
+
+def test_lml_gradcheck():
+    x = rows(3, 6).requires_grad_()
+    t = torch.tensor([0.7, 1.5, 1.0], dtype=torch.float64, requires_grad=True)
+    y = labels(3, 6)
+    assert gradcheck(lambda x, t: lml_loss(x, y, 3, temperature=t, reduction="none"), (x, t))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# top-k cross-entropy
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ("soft",) + NETWORKS)
+def test_topk_ce_with_one_weight_is_cross_entropy(method):
+    skip_unavailable(method)
+    x, y = rows(4, 6).requires_grad_(), labels(4, 6)
+    got = topk_cross_entropy(x, y, p_k=[1.0], method=method, temperature=0.5)
+    want = F.cross_entropy(x, y)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(topk_cross_entropy(x, y, k=1), want)
+    (g1,) = torch.autograd.grad(got, x)
+    (g2,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("top1", ["softmax", "cross_entropy", "sort"])
+def test_topk_ce_soft_matches_reference_sinkhorn(top1):
+    x, y = rows(3, 6), labels(3, 6)
+    p_k, eps = (0.4, 0.1, 0.5), 0.5
+    got = topk_cross_entropy(x, y, p_k=p_k, temperature=eps, top1=top1, reduction="none", tol=1e-13)
+    want = [ref_topk_ce(ref_soft_gamma(x[b].numpy(), 3, eps), x[b], int(y[b]), p_k, top1) for b in range(3)]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("top1", ["softmax", "cross_entropy", "sort"])
+def test_topk_ce_odd_even_matches_dense_network(top1):
+    skip_unavailable("odd_even")
+    x, y = rows(3, 5), labels(3, 5)
+    p_k, t = (0.25, 0.25, 0.0, 0.5), 2.0
+    got = topk_cross_entropy(x, y, p_k=p_k, method="odd_even", temperature=t, top1=top1, reduction="none")
+    want = [ref_topk_ce(ref_odd_even_gamma(x[b], 4, t), x[b], int(y[b]), p_k, top1) for b in range(3)]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", NETWORKS)
+def test_topk_ce_hard_limit(method):
+    """t → 0: P_k is the indicator of the k largest; the loss is −log(p_1 softmax_y + Σ_{k≥2} p_k 1[rank_y ≤ k])."""
+    skip_unavailable(method)
+    x, y = rows(6, 8), labels(6, 8, seed=3)
+    p_k = (0.5, 0.0, 0.3, 0.2)
+    got = topk_cross_entropy(x, y, p_k=p_k, method=method, temperature=1e-4, reduction="none")
+    rank = (x > x.gather(1, y[:, None])).sum(1) + 1  # 1 for the largest
+    hit = torch.stack([(rank <= kk).double() for kk in range(1, 5)], 1)
+    softmax = torch.softmax(x, 1).gather(1, y[:, None]).squeeze(1)
+    want = -torch.log(p_k[0] * softmax + hit[:, 1:] @ torch.tensor(p_k[1:], dtype=torch.float64))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_topk_ce_preselection_m():
+    """m: the target and the m − 1 largest other logits, hard-selected, then the loss on those m alone."""
+    x, y = rows(4, 9).requires_grad_(), labels(4, 9)
+    p_k = (0.5, 0.0, 0.5)
+    got = topk_cross_entropy(x, y, p_k=p_k, m=5, temperature=0.3, reduction="none", tol=1e-13)
+    for b in range(4):
+        others = [i for i in x[b].detach().argsort(descending=True).tolist() if i != int(y[b])][:4]
+        sub = x[b, [int(y[b])] + others].detach()
+        want = ref_topk_ce(ref_soft_gamma(sub.numpy(), 3, 0.3), sub, 0, p_k, "softmax")
+        assert abs(float(got[b].detach()) - want) < 1e-9
+    (grad,) = torch.autograd.grad(got.sum(), x)
+    top_others = x.detach().scatter(1, y[:, None], -math.inf).topk(4).indices
+    selected = torch.zeros_like(x, dtype=torch.bool).scatter_(1, y[:, None], True).scatter_(1, top_others, True)
+    assert bool((grad[~selected] == 0).all()) and bool((grad[selected] != 0).all())
+    torch.testing.assert_close(
+        topk_cross_entropy(x, y, p_k=p_k, m=9, temperature=0.3, tol=1e-13),
+        topk_cross_entropy(x, y, p_k=p_k, temperature=0.3, tol=1e-13),
+    )
+
+
+def test_topk_ce_k_shorthand_and_default():
+    x, y = rows(3, 6), labels(3, 6)
+    kw = {"method": "soft", "temperature": 0.5, "reduction": "none"}
+    torch.testing.assert_close(topk_cross_entropy(x, y, k=3, **kw), topk_cross_entropy(x, y, p_k=(0.5, 0, 0.5), **kw))
+    torch.testing.assert_close(topk_cross_entropy(x, y, **kw), topk_cross_entropy(x, y, p_k=DEFAULT_P_K, **kw))
+    with pytest.raises(ValueError, match=r"topk_cross_entropy: `k`=2 must equal len\(p_k\)=3"):
+        topk_cross_entropy(x, y, k=2, p_k=(0.5, 0, 0.5))
+
+
+@pytest.mark.parametrize("method", ("soft",) + NETWORKS)
+def test_topk_ce_gradcheck(method):
+    skip_unavailable(method)
+    x, y = rows(2, 5).requires_grad_(), labels(2, 5)
+    opts = {"tol": 1e-14} if method == "soft" else {}
+    t = 0.4 if method == "soft" else 1.5
+    for top1, m in (("softmax", None), ("sort", None), ("cross_entropy", 4)):
+        assert gradcheck(
+            lambda x, m=m, top1=top1: topk_cross_entropy(
+                x, y, p_k=(0.5, 0.2, 0.3), m=m, method=method, temperature=t, top1=top1, reduction="none", **opts
+            ),
+            (x,),
+            atol=1e-6,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# smoothed top-K hinge
+# ----------------------------------------------------------------------------------------------------------------
+def test_hinge_unsmoothed_and_imbalanced_margins():
+    x, y = rows(5, 6), labels(5, 6)
+    kth = x.topk(3, dim=1).values[:, -1]
+    xy = x.gather(1, y[:, None]).squeeze(1)
+    torch.testing.assert_close(smooth_topk_hinge_loss(x, y, 2, sigma=0.0, reduction="none"), F.relu(1 + kth - xy))
+    counts = [50, 10, 200, 7, 7, 30]
+    margins = torch.tensor([0.4 * (7 / c) ** 0.25 for c in counts], dtype=torch.float64)
+    got = smooth_topk_hinge_loss(
+        x, y, 2, sigma=0.0, balanced=False, class_counts=counts, margin=0.4, scale=30.0, reduction="none"
+    )
+    torch.testing.assert_close(got, 30.0 * F.relu(margins[y] + kth - xy))
+
+
+def test_hinge_estimator_converges_to_smoothed_loss():
+    """A large-sample Monte Carlo estimate and its gradient against quadrature of E[top_{K+1}(x + σZ)]."""
+    x = torch.tensor([[0.3, -0.4, 1.1, 0.0, 0.6], [2.0, -1.0, 0.5, 0.4, 0.2]], dtype=torch.float64)
+    y, k, sigma = torch.tensor([1, 4]), 2, 0.7
+    xr = x.clone().requires_grad_()
+    gen = torch.Generator().manual_seed(0)
+    got = smooth_topk_hinge_loss(xr, y, k, sigma=sigma, n_samples=200_000, generator=gen, reduction="none")
+    (grad,) = torch.autograd.grad(got.sum(), xr)
+    for b in range(2):
+        value, dvalue = ref_smoothed_kth(x[b].numpy(), k + 1, sigma)
+        hinge = 1 + value - float(x[b, y[b]])
+        assert hinge > 0.1  # active: the loss is the hinge itself
+        want_grad = dvalue.copy()
+        want_grad[y[b]] -= 1
+        assert abs(float(got[b].detach()) - hinge) < 0.01
+        np.testing.assert_allclose(grad[b].numpy(), want_grad, atol=0.01)
+        np.testing.assert_allclose(want_grad.sum(), 0.0, atol=1e-6)  # the probabilities sum to 1
+
+
+def test_hinge_backward_is_gradient_of_fixed_noise_estimate():
+    """With the noise fixed by the generator, the estimate is piecewise linear; its central differences match."""
+    x, y = rows(3, 6), labels(3, 6)
+
+    def f(z):
+        return smooth_topk_hinge_loss(
+            z, y, 2, sigma=0.5, n_samples=64, generator=torch.Generator().manual_seed(5), reduction="sum"
+        )
+
+    xr = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(f(xr), xr)
+    fd = torch.zeros_like(x)
+    for i in range(x.numel()):
+        e = torch.zeros(x.numel(), dtype=x.dtype)
+        e[i] = 1e-7
+        e = e.view_as(x)
+        fd.view(-1)[i] = (f(x + e) - f(x - e)) / 2e-7
+    torch.testing.assert_close(grad, fd, atol=1e-6, rtol=0)
+
+
+def test_hinge_reproducible_with_generator():
+    x, y = rows(4, 6), labels(4, 6)
+
+    def draw(seed):
+        return smooth_topk_hinge_loss(
+            x, y, 1, sigma=1.0, generator=torch.Generator().manual_seed(seed), reduction="none"
+        )
+
+    torch.testing.assert_close(draw(3), draw(3), rtol=0, atol=0)
+    assert not torch.equal(draw(3), draw(4))
+    mod1 = SmoothTopKHingeLoss(1, sigma=1.0, generator=torch.Generator().manual_seed(3))
+    mod2 = SmoothTopKHingeLoss(1, sigma=1.0, generator=torch.Generator().manual_seed(3))
+    first = mod1(x, y)
+    assert float(first) == float(mod2(x, y)) and float(mod1(x, y)) != float(first)  # fresh noise per call
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cascade top-K selection
+# ----------------------------------------------------------------------------------------------------------------
+def test_cascade_matches_literal_dftopk_bce():
+    x = rows(4, 8)
+    idx = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(b))[:3] for b in range(4)])
+    rel = torch.zeros(4, 8).scatter_(1, idx, 1.0)
+    for m in (3, 5):
+        got = cascade_topk_loss(x, idx, m, temperature=0.7, reduction="none")
+        want = [bce(ref_dftopk(x[b].numpy(), m, 0.7), rel[b].double().numpy()) for b in range(4)]
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(cascade_topk_loss(x, rel.bool(), m, temperature=0.7, reduction="none"), got)
+        torch.testing.assert_close(cascade_topk_loss(x, rel.double(), m, temperature=0.7, reduction="none"), got)
+
+
+def test_cascade_default_m_is_each_rows_set_size():
+    x = rows(3, 7)
+    rel = torch.tensor([[1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    got = cascade_topk_loss(x, rel, reduction="none")
+    want = [bce(ref_dftopk(x[b].numpy(), int(rel[b].sum()), 1.0), rel[b].double().numpy()) for b in range(3)]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["sigmoid", "lapsum"])
+def test_cascade_with_normalised_methods(method):
+    x = rows(3, 6)
+    idx = torch.tensor([[0, 1], [2, 5], [4, 3]])
+    rel = torch.zeros(3, 6).scatter_(1, idx, 1.0).double().numpy()
+    got = cascade_topk_loss(x, idx, 3, method=method, temperature=0.8, reduction="none")
+    want = [bce(ref_threshold_mask(x[b].numpy(), 3, 0.8, method), rel[b]) for b in range(3)]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["dftopk", "sigmoid"])
+def test_cascade_gradcheck(method):
+    x = rows(3, 6).requires_grad_()
+    t = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([[0, 1], [2, 5], [4, 3]])
+    assert gradcheck(lambda x, t: cascade_topk_loss(x, idx, 3, method=method, temperature=t, reduction="none"), (x, t))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared behaviour: reductions, modules, bad inputs, half precision
+# ----------------------------------------------------------------------------------------------------------------
+def _hinge(x, y, reduction="mean"):
+    return smooth_topk_hinge_loss(x, y, 2, sigma=0.3, generator=torch.Generator().manual_seed(0), reduction=reduction)
+
+
+FUNCTIONALS = {
+    "lml": lambda x, y, reduction="mean": lml_loss(x, y, 2, reduction=reduction),
+    "topk_ce": lambda x, y, reduction="mean": topk_cross_entropy(
+        x, y, p_k=(0.5, 0.5), temperature=0.5, reduction=reduction
+    ),
+    "hinge": _hinge,
+    "cascade": lambda x, y, reduction="mean": cascade_topk_loss(x, y[:, None], 2, reduction=reduction),
+}
+MODULES = {
+    "lml": lambda reduction: LMLLoss(2, reduction=reduction),
+    "topk_ce": lambda reduction: TopKCrossEntropyLoss(p_k=(0.5, 0.5), temperature=0.5, reduction=reduction),
+    "hinge": lambda reduction: SmoothTopKHingeLoss(
+        2, sigma=0.3, generator=torch.Generator().manual_seed(0), reduction=reduction
+    ),
+    "cascade": lambda reduction: CascadeTopKLoss(2, reduction=reduction),
+}
+
+
+def _module_call(name, module, x, y):
+    return module(x, y[:, None]) if name == "cascade" else module(x, y)
+
+
+@pytest.mark.parametrize("name", FUNCTIONALS)
+def test_reductions_and_module(name):
+    x, y = rows(5, 6), labels(5, 6)
+    fn = FUNCTIONALS[name]
+    per_row = fn(x, y, "none")
+    assert per_row.shape == (5,) and bool((per_row >= 0).all())
+    torch.testing.assert_close(fn(x, y, "sum"), per_row.sum())
+    torch.testing.assert_close(fn(x, y, "mean"), per_row.mean())
+    torch.testing.assert_close(fn(x, y), per_row.mean())
+    for reduction in ("none", "sum", "mean"):
+        module = MODULES[name](reduction)
+        torch.testing.assert_close(_module_call(name, module, x, y), fn(x, y, reduction))
+    assert "reduction=" in repr(MODULES[name]("mean"))
+
+
+ARG = {"lml": "logits", "topk_ce": "logits", "hinge": "logits", "cascade": "scores"}
+FN_NAME = {
+    "lml": "lml_loss",
+    "topk_ce": "topk_cross_entropy",
+    "hinge": "smooth_topk_hinge_loss",
+    "cascade": "cascade_topk_loss",
+}
+
+
+def poke(x, value):
+    x = x.clone()
+    x[1, 2] = value
+    return x
+
+
+@pytest.mark.parametrize("name", FUNCTIONALS)
+def test_bad_scores(name):
+    fn, arg, pre = FUNCTIONALS[name], ARG[name], FN_NAME[name]
+    x, y = rows(3, 5), labels(3, 5)
+    cases = [
+        (x.tolist(), y, TypeError, f"{pre}: `{arg}` must be a torch.Tensor"),
+        (x.long(), y, TypeError, f"{pre}: `{arg}` must have a floating dtype"),
+        (x[0], y[:1], ValueError, rf"{pre}: `{arg}` must have shape \(batch, classes\)"),
+        (x[None], y, ValueError, rf"{pre}: `{arg}` must have shape \(batch, classes\)"),
+        (poke(x, math.nan), y, ValueError, f"{pre}: `{arg}` contains NaN"),
+        (poke(x, math.inf), y, ValueError, f"{pre}: `{arg}` must be finite"),
+        (poke(x, -math.inf), y, ValueError, f"{pre}: `{arg}` must be finite"),
+    ]
+    for xx, yy, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn(xx, yy)
+    with pytest.raises(ValueError, match=f"{pre}: unknown `reduction`='avg'"):
+        fn(x, y, "avg")
+
+
+@pytest.mark.parametrize("name", ["lml", "topk_ce", "hinge"])
+def test_bad_targets(name):
+    fn, pre = FUNCTIONALS[name], FN_NAME[name]
+    x, y = rows(3, 5), labels(3, 5)
+    with pytest.raises(TypeError, match=f"{pre}: `target` must hold integer class indices"):
+        fn(x, y.double())
+    with pytest.raises(TypeError, match=f"{pre}: `target` must be a torch.Tensor"):
+        fn(x, y.tolist())
+    with pytest.raises(ValueError, match=rf"{pre}: `target` must have shape \(batch,\)"):
+        fn(x, y[:, None])
+    with pytest.raises(ValueError, match=rf"{pre}: `target` must hold class indices in \[0, 4\]"):
+        fn(x, torch.tensor([0, 5, 1]))
+    with pytest.raises(ValueError, match=rf"{pre}: `target` must hold class indices"):
+        fn(x, torch.tensor([0, -1, 1]))
+
+
+def test_bad_k_and_options():
+    x, y = rows(3, 5), labels(3, 5)
+    with pytest.raises(ValueError, match=r"lml_loss: `k`=6 is out of range \[1, 5\]"):
+        lml_loss(x, y, 6)
+    with pytest.raises(TypeError, match="lml_loss: `k` must be an int"):
+        lml_loss(x, y, 2.5)
+    with pytest.raises(ValueError, match="lml_loss: `temperature` must be positive"):
+        lml_loss(x, y, 2, temperature=0.0)
+    with pytest.raises(ValueError, match=r"smooth_topk_hinge_loss: `k`=5 is out of range \[1, 4\]"):
+        smooth_topk_hinge_loss(x, y, 5)
+    with pytest.raises(ValueError, match="smooth_topk_hinge_loss: `sigma` must be a finite nonnegative"):
+        smooth_topk_hinge_loss(x, y, 2, sigma=-1.0)
+    with pytest.raises(ValueError, match="smooth_topk_hinge_loss: `n_samples`=0 is out of range"):
+        smooth_topk_hinge_loss(x, y, 2, n_samples=0)
+    with pytest.raises(ValueError, match="smooth_topk_hinge_loss: the imbalanced loss .* needs `class_counts`"):
+        smooth_topk_hinge_loss(x, y, 2, balanced=False)
+    with pytest.raises(ValueError, match="smooth_topk_hinge_loss: `class_counts` is used only by the imbalanced"):
+        smooth_topk_hinge_loss(x, y, 2, class_counts=[1] * 5)
+    with pytest.raises(ValueError, match=r"smooth_topk_hinge_loss: `class_counts` must hold one count per class"):
+        smooth_topk_hinge_loss(x, y, 2, balanced=False, class_counts=[1, 2])
+    with pytest.raises(ValueError, match="smooth_topk_hinge_loss: `class_counts` must be positive"):
+        smooth_topk_hinge_loss(x, y, 2, balanced=False, class_counts=[1, 2, 0, 1, 1])
+    with pytest.raises(TypeError, match="smooth_topk_hinge_loss: `generator` must be a torch.Generator"):
+        smooth_topk_hinge_loss(x, y, 2, generator=0)
+    with pytest.raises(ValueError, match="topk_cross_entropy: `p_k` must sum to 1"):
+        topk_cross_entropy(x, y, p_k=(0.5, 0.4))
+    with pytest.raises(ValueError, match="topk_cross_entropy: `p_k` must hold finite nonnegative"):
+        topk_cross_entropy(x, y, p_k=(1.5, -0.5))
+    with pytest.raises(ValueError, match="topk_cross_entropy: P_K has K=6 weights"):
+        topk_cross_entropy(x, y, k=6)
+    with pytest.raises(ValueError, match=r"topk_cross_entropy: `m`=2 is out of range \[3, 5\]"):
+        topk_cross_entropy(x, y, k=3, m=2)
+    with pytest.raises(ValueError, match="topk_cross_entropy: unknown `method`='nope'"):
+        topk_cross_entropy(x, y, method="nope")
+    with pytest.raises(ValueError, match="topk_cross_entropy: unknown `top1`='argmax'"):
+        topk_cross_entropy(x, y, top1="argmax")
+    with pytest.raises(TypeError, match="topk_cross_entropy: method='soft' takes no option `max_it`"):
+        topk_cross_entropy(x, y, max_it=3)
+    with pytest.raises(TypeError, match="TopKCrossEntropyLoss: method='soft' takes no option `relaxation`"):
+        TopKCrossEntropyLoss(relaxation="cauchy")
+    with pytest.raises(TypeError, match="cascade_topk_loss: method='dftopk' takes no option `tol`"):
+        cascade_topk_loss(x, y[:, None], 2, tol=1e-3)
+    with pytest.raises(ValueError, match=r"cascade_topk_loss: `m`=6 is out of range \[0, 5\]"):
+        cascade_topk_loss(x, y[:, None], 6)
+    with pytest.raises(ValueError, match="cascade_topk_loss: unknown `method`='nope'"):
+        cascade_topk_loss(x, y[:, None], 2, method="nope")
+    with pytest.raises(ValueError, match="cascade_topk_loss: `relevant` has a repeated index"):
+        cascade_topk_loss(x, torch.tensor([[0, 0], [1, 2], [3, 4]]), 2)
+    with pytest.raises(ValueError, match="cascade_topk_loss: `relevant` has a repeated index"):
+        cascade_topk_loss(x, (x > 0).long(), 2)  # a 0-1 mask as integers is read as indices
+    with pytest.raises(ValueError, match=r"cascade_topk_loss: `relevant` must hold item indices in \[0, 4\]"):
+        cascade_topk_loss(x, torch.tensor([[0], [7], [1]]), 2)
+    with pytest.raises(ValueError, match="cascade_topk_loss: `relevant` as an indicator must hold only 0 and 1"):
+        cascade_topk_loss(x, torch.full((3, 5), 0.5), 2)
+    with pytest.raises(ValueError, match="cascade_topk_loss: a boolean or floating `relevant`"):
+        cascade_topk_loss(x, torch.ones(3, 4, dtype=torch.bool), 2)
+    with pytest.raises(TypeError, match="cascade_topk_loss: `relevant` must be a torch.Tensor"):
+        cascade_topk_loss(x, [[0], [1], [2]], 2)
+
+
+def test_module_arguments_checked_at_construction():
+    with pytest.raises(ValueError, match=r"LMLLoss: `k`=0 is out of range"):
+        LMLLoss(0)
+    with pytest.raises(ValueError, match="TopKCrossEntropyLoss: `p_k` must sum to 1"):
+        TopKCrossEntropyLoss(p_k=(0.5, 0.4))
+    with pytest.raises(ValueError, match="TopKCrossEntropyLoss: unknown `reduction`"):
+        TopKCrossEntropyLoss(reduction="avg")
+    with pytest.raises(ValueError, match="SmoothTopKHingeLoss: the imbalanced loss"):
+        SmoothTopKHingeLoss(2, balanced=False)
+    with pytest.raises(ValueError, match="CascadeTopKLoss: unknown `method`='nope'"):
+        CascadeTopKLoss(2, method="nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", FUNCTIONALS)
+def test_half_precision(name, dtype):
+    x, y = rows(6, 8, dtype=torch.float32), labels(6, 8)
+    ref = FUNCTIONALS[name](x, y, "none")
+    xh = x.to(dtype).requires_grad_()
+    got = FUNCTIONALS[name](xh, y, "none")
+    assert got.dtype == dtype and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05)
+    got.sum().backward()
+    assert xh.grad.dtype == dtype and bool(torch.isfinite(xh.grad).all())
+
+
+def test_underflow_is_finite():
+    """A target far below the others: probabilities underflow, the loss stays finite (log max(p, tiny))."""
+    x = torch.tensor([[0.0, 50.0, 60.0, 70.0, 80.0]])
+    y = torch.tensor([0])
+    assert math.isfinite(float(lml_loss(x, y, 2, temperature=0.1)))
+    assert math.isfinite(float(topk_cross_entropy(x, y, p_k=(0.0, 1.0), temperature=0.1, top1="sort")))
+    loss = topk_cross_entropy(x.requires_grad_(), y, p_k=(0.5, 0.5), temperature=0.1)
+    loss.backward()
+    assert math.isfinite(float(loss.detach())) and float(x.grad[0, 0]) < 0  # the softmax term keeps a gradient
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training on sklearn's digits
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:1200], perm[1200:]
+    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-3)
+    x = (x - mean) / std
+    return x[train], y[train], x[test], y[test]
+
+
+TRAINING = {
+    "lml": lambda: LMLLoss(5),
+    "topk_ce_soft": lambda: TopKCrossEntropyLoss(k=5, method="soft", temperature=0.3),
+    "topk_ce_odd_even": lambda: TopKCrossEntropyLoss(k=5, method="odd_even", temperature=1.0),
+    "hinge": lambda: SmoothTopKHingeLoss(5, generator=torch.Generator().manual_seed(2)),
+    "cascade": lambda: CascadeTopKLoss(5),
+}
+
+
+@pytest.fixture
+def one_thread():
+    """The problems are tiny: one intra-op thread is faster, and immune to contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", TRAINING)
+def test_training_on_digits_lowers_top5_error(name, digits, one_thread):
+    if name == "topk_ce_odd_even":
+        skip_unavailable("odd_even")
+    x_train, y_train, x_test, y_test = digits
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 10)
+
+    def top5_error():
+        with torch.no_grad():
+            top = model(x_test).topk(5, dim=1).indices
+        return float((top != y_test[:, None]).all(1).float().mean())
+
+    loss_fn = TRAINING[name]()
+    before = top5_error()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    batches = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        idx = torch.randint(0, len(y_train), (64,), generator=batches)
+        target = y_train[idx][:, None] if name == "cascade" else y_train[idx]
+        loss = loss_fn(model(x_train[idx]), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = top5_error()
+    print(f"{name}: top-5 error {before:.3f} -> {after:.3f}")
+    assert after < 0.25 * before and after < 0.1
