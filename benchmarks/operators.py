@@ -68,6 +68,9 @@ def _losses() -> dict[str, Callable]:
         out["TopKCrossEntropyLoss (soft)"] = lambda x, n: losses.topk_cross_entropy(x, label(x))
     if hasattr(losses, "smooth_topk_hinge_loss"):
         out["SmoothTopKHingeLoss (k=5)"] = lambda x, n: losses.smooth_topk_hinge_loss(x, label(x), 5)
+    if hasattr(losses, "cascade_topk_loss"):
+        relevant = lambda x, n: torch.arange(_k(n)).expand(x.shape[0], _k(n))  # noqa: E731
+        out["CascadeTopKLoss (m=K=n/100)"] = lambda x, n: losses.cascade_topk_loss(x, relevant(x, n))
     return out
 
 
