@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_runs(capsys):
     runpy.run_path(str(ROOT / "examples" / "demo.py"), run_name="__main__")
     out = capsys.readouterr().out
-    for method in ("hard", "dftopk", "sigmoid", "soft", "sparse", "lapsum", "soft_rank", "sorted top-k"):
+    shown = ("hard", "dftopk", "sigmoid", "soft", "sparse", "lapsum", "perturbed", "soft_rank", "bitonic", "Loss")
+    for method in shown:
         assert method in out
 
 
@@ -30,3 +31,15 @@ def test_core_benchmark_tiny(tmp_path, capsys):
     assert "| sigmoid |" in text and "bench.png" in text
     assert plot.stat().st_size > 0 and js.stat().st_size > 0
     assert "ratio vs topk" in capsys.readouterr().out
+
+
+def test_operator_benchmark_tiny(tmp_path, capsys):
+    from benchmarks import operators
+
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- OPS-BENCHMARK:START -->\nSTALE\n<!-- OPS-BENCHMARK:END -->\nb\n")
+    assert operators.main(["--sizes", "100", "--budget", "0.01", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("a\n") and text.endswith("b\n") and "STALE" not in text
+    for case in ("perturbed S=10", "gumbel_topk", "threshold_mask", "bitonic", "LMLLoss", "CascadeTopKLoss"):
+        assert case in text
