@@ -215,3 +215,14 @@ def test_gumbel_padding_and_errors():
     with pytest.raises(ValueError, match="NaN"):
         gumbel_topk(torch.tensor([0.0, float("nan")]), 1)
     assert softtopk.gumbel_topk(x, 0).abs().sum() == 0
+
+
+def test_stochastic_operators_run_under_torch_compile():
+    """The random draws break the graph but the operators still run (and match eager) under torch.compile."""
+    x = torch.randn(4, 20)
+
+    def f(z):
+        a = topk_mask(z, 3, method="perturbed", n_samples=10, generator=gen(0))
+        return a + gumbel_topk(z, 3, generator=gen(1))
+
+    torch.testing.assert_close(torch.compile(f, backend="eager")(x), f(x))
