@@ -21,7 +21,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
-	$(PY) -m benchmarks.core --quick
+	$(PY) -m benchmarks --quick
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.core
