@@ -346,10 +346,10 @@ def inhouse_cases() -> list[Case]:
 #: peer package -> how to install it (shown when it cannot be imported)
 PEER_PACKAGES = {
     "torchsort": "pip install torchsort (builds a C++ extension against the installed torch: needs a compiler)",
-    "entmax": "pip install entmax  (or: pip install 'softtopk[bench]')",
-    "ott": "pip install ott-jax jax  (or: pip install 'softtopk[bench]')",
-    "diffsort": "pip install diffsort  (or: pip install 'softtopk[bench]')",
-    "difftopk": "pip install difftopk  (or: pip install 'softtopk[bench]')",
+    "entmax": "pip install entmax  (or: pip install 'softtopk[peers]')",
+    "ott": "pip install ott-jax jax  (or: pip install 'softtopk[peers]')",
+    "diffsort": "pip install diffsort  (or: pip install 'softtopk[peers]')",
+    "difftopk": "pip install difftopk  (or: pip install 'softtopk[peers]')",
 }
 
 

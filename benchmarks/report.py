@@ -26,7 +26,7 @@ QUALITY_TS = (0.01, 0.1)
 #: what could not be installed here, or only in part (fixed facts of the packages, not measured)
 PEER_INSTALL_NOTES = (
     "torchsort: PyPI has no wheel of it (sdist only); `pip install torchsort` compiles a C++ extension against the "
-    "installed torch (needs a compiler and the torch headers), so it is not in the [bench] extra; it is measured "
+    "installed torch (needs a compiler and the torch headers), so it is not in the [peers] extra; it is measured "
     "when importable ({origin}).",
     "difftopk: its sparse mode needs torch-sparse, a compiled extension with no wheel for this torch; the dense "
     "mode is measured (difftopk itself is pure Python, installed from its sdist).",

@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="softtopk-bench",
         description="Speed, memory, scaling and quality of softtopk's top-k operators and their peers.",
         epilog="Sub-commands: any of speed, memory, scaling, quality (default: all). "
-        "Peers come from the optional [bench] extra; a peer that cannot be imported is skipped with a notice.",
+        "Peers come from the optional [peers] extra; a peer that cannot be imported is skipped with a notice.",
     )
     p.add_argument("suites", nargs="*", metavar="SUITE", help="speed, memory, scaling, quality (default: all)")
     p.add_argument("--quick", action="store_true", help="n in {1e2, 1e3}, short budgets, small quality run (<1 min)")
