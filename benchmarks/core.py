@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -34,6 +33,7 @@ import torch
 import softtopk
 
 from ._timing import Fn, check_peak_extra_bytes, interleaved, median, peak_extra_bytes_each
+from .report import fmt_n
 
 BATCH = 32
 DEFAULT_SIZES = (10**3, 10**4, 10**5, 10**6)
@@ -63,12 +63,6 @@ class Result:
     bytes_per_element: float  # peak_extra_bytes / x.numel()
     rounds: int
     times_ms: list[float]
-
-
-def fmt_n(n: int) -> str:
-    """``1000`` -> ``1e3``; other numbers as they are."""
-    e = round(math.log10(n)) if n > 0 else 0
-    return f"1e{e}" if 10**e == n else str(n)
 
 
 def make_cases(n: int, device: torch.device, seed: int = 0) -> tuple[dict[str, Fn], Fn, torch.Tensor]:
@@ -248,14 +242,14 @@ def machine_note(device: torch.device) -> str:
     return f"{os.cpu_count()}-core CPU"
 
 
-def parse_size(s: str) -> int:
-    """``1e5`` or ``100000`` -> 100000; at least 100, so that k = n // 100 >= 1."""
+def parse_size(s: str, minimum: int = 100) -> int:
+    """``1e5`` or ``100000`` -> 100000; at least ``minimum`` (100 by default, so that k = n // 100 >= 1)."""
     try:
         n = int(float(s))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {s!r}") from None
-    if n < 100:
-        raise argparse.ArgumentTypeError(f"size must be >= 100 (k = n // 100 >= 1), got {s}")
+    if n < minimum:
+        raise argparse.ArgumentTypeError(f"size must be >= {minimum}, got {s}")
     return n
 
 

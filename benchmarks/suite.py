@@ -43,6 +43,7 @@ import softtopk
 
 from . import report
 from ._timing import check_peak_extra_bytes, interleaved, median, peak_extra_bytes_each
+from .core import parse_size as core_parse_size
 from .peers import BASELINE, Case, Skip, first_line, load_cases
 from .quality import mask_curves, quality
 from .report import fmt_n
@@ -468,13 +469,7 @@ def scaling(results: list[Measurement], grids: list[Grid]) -> list[dict[str, Any
 # command line
 # --------------------------------------------------------------------------------------------------------------
 def parse_size(s: str) -> int:
-    try:
-        n = int(float(s))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {s!r}") from None
-    if n < 16:
-        raise argparse.ArgumentTypeError(f"size must be >= 16, got {s}")
-    return n
+    return core_parse_size(s, minimum=16)
 
 
 def default_out() -> Path:

@@ -54,6 +54,11 @@ def check_input(x: object, name: str = "x", *, fn: str = "topk_mask") -> bool:
     return False
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype an operator computes in: float32 for half-precision inputs, the input's own dtype otherwise."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 def normalize_dim(x: Tensor, dim: int, *, fn: str = "topk_mask") -> int:
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise TypeError(f"{fn}: `dim` must be an int, got {type(dim).__name__}")

@@ -17,6 +17,7 @@ from ._utils import (
     check_input,
     check_k,
     check_temperature,
+    compute_dtype,
     move_back,
     move_last,
     normalize_dim,
@@ -196,7 +197,7 @@ def topk_mask(
     if x.numel() == 0 or n == 0:  # nothing to select (k = 0 on empty rows)
         return x * 0.0
 
-    cdtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    cdtype = compute_dtype(x)
     xl = move_last(x, d).to(cdtype)
     if isinstance(k, Tensor):
         kt = row_param(k, x, d, name="k", dtype=cdtype if spec.normalised else torch.long)

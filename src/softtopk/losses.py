@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._utils import can_read_data, check_input, check_temperature
+from ._utils import can_read_data, check_input, check_temperature, compute_dtype
 from .api import METHODS, topk_mask
 from .ot import PERMUTATION_METHODS, topk_permutation
 
@@ -103,10 +103,6 @@ def _check_real(value: object, name: str, fn: str, *, positive: bool = False) ->
     return value
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
 def _safe_log(p: Tensor) -> Tensor:
     """log max(p, tiny): finite where p underflows (module docstring)."""
     return p.clamp_min(torch.finfo(p.dtype).tiny).log()
@@ -161,7 +157,7 @@ def lml_loss(
     k = _check_int(k, "k", 1, logits.shape[1], fn)
     check_temperature(temperature, fn=fn)
     _check_reduction(reduction, fn)
-    x = logits.to(_compute_dtype(logits))
+    x = logits.to(compute_dtype(logits))
     y = topk_mask(x, k, method="sigmoid", temperature=temperature)
     loss = -_safe_log(y.gather(1, target.long().unsqueeze(1)).squeeze(1))
     return _reduce(loss, reduction, logits.dtype)
@@ -331,7 +327,7 @@ def topk_cross_entropy(
     _check_top1(top1, fn)
     _check_reduction(reduction, fn)
 
-    cdtype = _compute_dtype(logits)
+    cdtype = compute_dtype(logits)
     x = logits.to(cdtype)
     t = target.long()
     if m < n:
@@ -564,7 +560,7 @@ def smooth_topk_hinge_loss(
         raise TypeError(f"{fn}: `generator` must be a torch.Generator or None, got {type(generator).__name__}")
     _check_reduction(reduction, fn)
 
-    cdtype = _compute_dtype(logits)
+    cdtype = compute_dtype(logits)
     x = logits.to(cdtype)
     t = target.long()
     if sigma > 0:
@@ -656,7 +652,7 @@ def _relevance(relevant: object, scores: Tensor, fn: str) -> Tensor:
     """The 0/1 relevance indicator (batch, n) in the scores' compute dtype."""
     if not isinstance(relevant, Tensor):
         raise TypeError(f"{fn}: `relevant` must be a torch.Tensor, got {type(relevant).__name__}")
-    cdtype = _compute_dtype(scores)
+    cdtype = compute_dtype(scores)
     b, n = scores.shape
     if relevant.dtype == torch.bool or relevant.dtype.is_floating_point:
         if relevant.shape != scores.shape:
@@ -753,7 +749,7 @@ def cascade_topk_loss(
         kk = _check_int(m, "m", 0, n, fn)
     check_temperature(temperature, fn=fn)
     _check_reduction(reduction, fn)
-    x = scores.to(_compute_dtype(scores))
+    x = scores.to(compute_dtype(scores))
     y = topk_mask(x, kk, method=method, temperature=temperature, **method_options)
     loss = -(rel * _safe_log(y) + (1.0 - rel) * _safe_log(1.0 - y)).mean(1)
     return _reduce(loss, reduction, scores.dtype)

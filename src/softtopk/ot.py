@@ -31,7 +31,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._utils import can_read_data, check_input, check_k, check_temperature, move_last, normalize_dim, row_param
+from ._utils import (
+    can_read_data,
+    check_input,
+    check_k,
+    check_temperature,
+    compute_dtype,
+    move_last,
+    normalize_dim,
+    row_param,
+)
 
 __all__ = ["PERMUTATION_METHODS", "SINKHORN_MAX_ITER", "sinkhorn_plan", "topk_permutation"]
 
@@ -343,7 +352,7 @@ def _topk_permutation(x, k, method, temperature, largest, dim, options: dict, *,
     check_temperature(temperature, fn=fn)
     if not isinstance(largest, bool):
         raise TypeError(f"{fn}: `largest` must be a bool, got {type(largest).__name__}")
-    cdtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    cdtype = compute_dtype(x)
     batch = x.shape[:d] + x.shape[d + 1 :]
     if method != "soft":
         from .networks import network_permutation, parse_relaxation

@@ -47,6 +47,7 @@ from ._utils import (
     check_input,
     check_k,
     check_temperature,
+    compute_dtype,
     move_back,
     move_last,
     normalize_dim,
@@ -79,10 +80,6 @@ def _mode_of_p(p: object, fn: str) -> int:
     if math.isclose(p, 4 / 3, rel_tol=1e-6):
         return Q4
     raise ValueError(f"{fn}: `p` must be 2 or 4/3, got {p}")
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 def _check_finite(x: Tensor, name: str, fn: str) -> None:
@@ -457,7 +454,7 @@ def isotonic(
         raise ValueError(f"{fn}: `max_iter` must be a positive int, got {max_iter!r}")
     if tol is not None and not (isinstance(tol, numbers.Real) and tol > 0):
         raise ValueError(f"{fn}: `tol` must be a positive number, got {tol!r}")
-    cdtype = _compute_dtype(y)
+    cdtype = compute_dtype(y)
     if tol is None:
         tol = 1e-10 if cdtype == torch.float64 else 1e-6
     yl = move_last(y, d).to(cdtype)
@@ -590,7 +587,7 @@ def permutahedron_projection(z: Tensor, w: Tensor, *, p: Number = 2, dim: int = 
         raise ValueError(
             f"{fn}: `w` of shape {tuple(w.shape)} does not broadcast to z's shape {tuple(z.shape)}"
         ) from None
-    cdtype = _compute_dtype(z)
+    cdtype = compute_dtype(z)
     zl = move_last(z, d).to(cdtype)
     ws = torch.sort(_rows(move_last(wb, d).to(device=z.device, dtype=cdtype)), dim=-1, descending=True).values
     mu = _project(_rows(zl), ws, mode)
@@ -655,7 +652,7 @@ def permutahedron_topk(
     mode = _mode_of_p(p, fn)
     if not isinstance(largest, bool):
         raise TypeError(f"{fn}: `largest` must be a bool, got {type(largest).__name__}")
-    cdtype = _compute_dtype(x)
+    cdtype = compute_dtype(x)
     xl = move_last(x, d).to(cdtype)
     if not largest:
         xl = -xl
@@ -777,7 +774,7 @@ def topk_magnitude(
     check_k(k, n, integer=False, fn=fn)
     check_temperature(temperature, fn=fn)
     mode = _mode_of_p(p, fn)
-    cdtype = _compute_dtype(x)
+    cdtype = compute_dtype(x)
     xl = _rows(move_last(x, d).to(cdtype))
     t = _row_scalar(temperature, x, d, "temperature", fn, cdtype)
     kt = _row_scalar(k, x, d, "k", fn, cdtype)
@@ -801,7 +798,7 @@ def _sort_rank_args(x, strength, regularization, descending, dim, fn):
         raise ValueError(f"{fn}: `regularization` must be 'l2' or 'kl', got {regularization!r}")
     if not isinstance(descending, bool):
         raise TypeError(f"{fn}: `descending` must be a bool, got {type(descending).__name__}")
-    cdtype = _compute_dtype(x)
+    cdtype = compute_dtype(x)
     xl = move_last(x, d).to(cdtype)
     eps = _row_scalar(strength, x, d, "strength", fn, cdtype)
     n = x.shape[d]

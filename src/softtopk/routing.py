@@ -11,7 +11,16 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from ._utils import can_read_data, check_input, check_temperature, move_back, move_last, normalize_dim, row_param
+from ._utils import (
+    can_read_data,
+    check_input,
+    check_temperature,
+    compute_dtype,
+    move_back,
+    move_last,
+    normalize_dim,
+    row_param,
+)
 
 __all__ = ["threshold_mask"]
 
@@ -71,7 +80,7 @@ def threshold_mask(
         raise ValueError(f"{fn}: unknown `method`={method!r}; choose one of {', '.join(METHODS)}")
     check_temperature(temperature, fn=fn)
     _check_p(p, bounded=normalize != "none", fn=fn)
-    cdtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    cdtype = compute_dtype(x)
     xl = move_last(x, d).to(cdtype)
     if normalize == "sigmoid":
         s = torch.sigmoid(xl)

@@ -19,6 +19,7 @@ from ._utils import (
     check_input,
     check_k,
     check_temperature,
+    compute_dtype,
     move_back,
     move_last,
     normalize_dim,
@@ -181,7 +182,7 @@ def gumbel_topk(
     if relaxation not in RELAXATIONS:
         raise ValueError(f"{fn}: unknown `relaxation`={relaxation!r}; choose one of {', '.join(RELAXATIONS)}")
     _check_generator(generator, fn)
-    cdtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    cdtype = compute_dtype(x)
     xl = move_last(x, d).to(cdtype)
     if not finite:
         if bool((xl == float("inf")).any()):
