@@ -33,7 +33,7 @@ import torch
 import softtopk
 
 from ._timing import Fn, check_peak_extra_bytes, interleaved, median, peak_extra_bytes_each
-from .report import fmt_n
+from .report import fmt_n, replace_section
 
 BATCH = 32
 DEFAULT_SIZES = (10**3, 10**4, 10**5, 10**6)
@@ -187,12 +187,6 @@ def write_readme(
     path: str, header: list[str], results: list[Result], footer: list[str], plot: str | None = None
 ) -> None:
     """Replace the text between the benchmark markers of the README with this run's table (and plot)."""
-    with open(path) as f:
-        text = f.read()
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"--readme {path}: markers {README_START} / {README_END} not found")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
     body = [
         "Forward+backward time as a ratio to `torch.topk(x, k).values` forward+backward, measured interleaved in",
         "one process (median of rounds), batch 32, k = n/100, float32, temperature 1, random upstream gradient;",
@@ -211,8 +205,7 @@ def write_readme(
     if plot:
         rel = os.path.relpath(plot, os.path.dirname(os.path.abspath(path)))
         body += ["", f"![forward+backward time relative to torch.topk]({rel})"]
-    with open(path, "w") as f:
-        f.write(head + README_START + "\n" + "\n".join(body) + "\n" + README_END + tail)
+    replace_section(path, "\n".join(body), README_START, README_END)
 
 
 def check_targets(results: list[Result]) -> list[dict[str, Any]]:

@@ -30,16 +30,13 @@ from softtopk import permutahedron as perm
 from softtopk.ot import topk_permutation
 
 from ._timing import interleaved, median, peak_extra_bytes_each
+from .report import check_readme_markers, fmt_n, replace_section
 
 BATCH = 32
 SORT_SIZES = (10**2, 10**3, 10**4, 10**5)
 QUICK_SORT_SIZES = (10**2, 10**3)
 TARGET = 20.0
-
-
-def fmt_n(n: int) -> str:
-    e = round(math.log10(n)) if n > 0 else 0
-    return f"1e{e}" if 10**e == n else str(n)
+README_START, README_END = "<!-- PERM-BENCHMARK:START -->", "<!-- PERM-BENCHMARK:END -->"
 
 
 def _torchsort():
@@ -204,6 +201,9 @@ def parse_args(argv):
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     p.add_argument("--perm-batch", type=int, default=8, help="batch of the topk_permutation comparison (default 8)")
     p.add_argument("--markdown", metavar="PATH", help="also write the tables to PATH")
+    p.add_argument(
+        "--readme", metavar="PATH", help=f"rewrite PATH between {README_START} and {README_END} with the tables"
+    )
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
@@ -214,6 +214,8 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = args.device
+    if args.readme:
+        check_readme_markers(args.readme, README_START, README_END)
     t0 = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     header = [
@@ -245,7 +247,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")
+    if args.readme:
+        replace_section(args.readme, readme_body(out), README_START, README_END)
     return 0
+
+
+def readme_body(out: list[str]) -> str:
+    """The README section: this run's tables, the ``## `` headings as ``#### `` ones."""
+    try:
+        import torchsort
+
+        ts = f", torchsort {getattr(torchsort, '__version__', '?')} built from source for the comparison"
+    except ImportError:
+        ts = ", torchsort not installed"
+    lines = [
+        f"Measured by `python -m benchmarks.permutahedron --readme README.md` ({os.cpu_count()}-core CPU, torch "
+        f"{torch.__version__.split('+')[0]}, PAV backend {perm.pav_backend('cpu')}{ts}):",
+    ]
+    for line in out[1:]:
+        lines.append("#### " + line[3:] if line.startswith("## ") else line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

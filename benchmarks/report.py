@@ -14,6 +14,7 @@ __all__ = [
     "README_END",
     "README_START",
     "check_readme_markers",
+    "replace_section",
     "peer_versions",
     "summary_markdown",
     "write_all",
@@ -352,30 +353,35 @@ def write_all(doc: dict, out: Path) -> list[Path]:
     return written
 
 
-def check_readme_markers(path: str) -> None:
+def _split(path: str, start: str, end: str) -> tuple[str, str]:
+    """The text of file ``path`` before ``start`` and after ``end`` (each once, in this order)."""
     with open(path) as f:
         text = f.read()
-    if (
-        text.count(README_START) != 1
-        or text.count(README_END) != 1
-        or text.index(README_START) > text.index(README_END)
-    ):
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
         raise SystemExit(
-            f"--readme {path}: expected the markers {README_START} and {README_END} once each, in this order (add "
-            "them where the generated benchmark section should go)"
+            f"--readme {path}: expected the markers {start} and {end} once each, in this order (add them where the "
+            "generated benchmark section should go)"
         )
+    head, rest = text.split(start, 1)
+    return head, rest.split(end, 1)[1]
+
+
+def check_readme_markers(path: str, start: str = README_START, end: str = README_END) -> None:
+    """Exit with a clear message unless ``path`` holds the markers (checked before a long run)."""
+    _split(path, start, end)
+
+
+def replace_section(path: str, body: str, start: str = README_START, end: str = README_END) -> None:
+    """Rewrite the text of file ``path`` between the markers ``start`` and ``end``."""
+    head, tail = _split(path, start, end)
+    with open(path, "w") as f:
+        f.write(head + start + "\n" + body + "\n" + end + tail)
 
 
 def write_readme(path: str, doc: dict, out: Path | None) -> None:
     """Replace the text between the SUITE markers of ``path`` with this run's summary and plot links."""
     check_readme_markers(path)
-    with open(path) as f:
-        text = f.read()
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    body = summary_markdown(doc, out, readme=path)
-    with open(path, "w") as f:
-        f.write(head + README_START + "\n" + body + "\n" + README_END + tail)
+    replace_section(path, summary_markdown(doc, out, readme=path))
 
 
 # --------------------------------------------------------------------------------------------------------------

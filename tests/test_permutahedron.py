@@ -431,6 +431,102 @@ def test_large_rows_numba_matches_torch(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The fused numba kernel (sort + PAV + un-sort) against the unfused path (torch.sort, then PAV)
+# ----------------------------------------------------------------------------------------------------------
+needs_numba = pytest.mark.skipif("numba" not in BACKENDS, reason="numba not installed")
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_argsort_is_a_stable_descending_sort(dtype):
+    kernel = perm._numba()
+    rng = _rng(18)
+    # packed words (float32, n <= 512), 8-bit and 11-bit radix digits; ties, huge, tiny and subnormal values
+    for n in (1, 2, 7, 512, 513, 3000, 4096, 9000):
+        x = rng.normal(size=n) * 10.0 ** rng.integers(-40, 38, size=n)
+        x[rng.integers(0, n, size=n // 3)] = 1.5  # ties
+        x[: min(n, 3)] = [5e-324 if dtype == np.float64 else 1e-45, -np.finfo(dtype).max, 0.0][: min(n, 3)]
+        x = x.astype(dtype)
+        scratch = kernel._project_scratch(n, np.int32)
+        out = np.empty(n, np.int32)
+        kernel._argsort_descending(x, out, scratch[0][0], scratch[0][1], scratch[3], scratch[4])
+        np.testing.assert_array_equal(out, np.argsort(-x, kind="stable"))
+    x = np.array([0.0, -0.0, 1.0, -0.0, 0.0], dtype=dtype)
+    kernel._argsort_descending(x, out[:5], scratch[0][0], scratch[0][1], scratch[3], scratch[4])
+    np.testing.assert_array_equal(out[:5], [2, 0, 4, 1, 3])  # +0 before -0, each in index order
+
+
+def _unfused(monkeypatch, fn):
+    with monkeypatch.context() as m:
+        m.setattr(perm, "_fused", lambda *t: False)
+        return fn()
+
+
+def _value_and_grads(fn, *inputs, seed=0):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*inputs)
+    y.backward(torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(y.dtype))
+    return [y.detach()] + [t.grad for t in inputs]
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("regularization", ["l2", "kl"])
+def test_fused_sort_rank_match_unfused(dtype, regularization, monkeypatch):
+    g = torch.Generator().manual_seed(19)
+    for n in (3, 300, 700, 5000):
+        # distinct values (ties may be broken either way, which changes subgradients)
+        x = (torch.stack([torch.randperm(n, generator=g) for _ in range(6)]).to(dtype) / n * 6 - 3).reshape(2, 3, n)
+        eps = torch.rand(2, 3, generator=g, dtype=dtype) + 0.2
+        for op in (soft_rank, soft_sort):
+            for descending in (True, False):
+
+                def run(x, e, op=op, descending=descending):
+                    return op(x, strength=e, regularization=regularization, descending=descending)
+
+                # the reference: the unfused path in float64 (in float32 it is the less accurate of the two)
+                x64, eps64 = x.double(), eps.double()
+                fused = _value_and_grads(run, x, eps) + [run(x, 0.7)]  # a number strength: the scalar path
+                ref = _unfused(monkeypatch, lambda run=run, x=x64, e=eps64: _value_and_grads(run, x, e) + [run(x, 0.7)])
+                for a, b in zip(fused, ref):
+                    scale = b.abs().max().clamp(min=1.0)
+                    tol = 2e-6 if dtype == torch.float32 else 1e-10
+                    assert (a.double() - b).abs().max() <= tol * scale, (op.__name__, n, descending)
+
+
+@needs_numba
+@pytest.mark.parametrize("p", [2, P43])
+def test_fused_projection_and_topk_match_unfused(p, monkeypatch):
+    g = torch.Generator().manual_seed(20)
+    z = torch.randn(4, 700, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 700, generator=g, dtype=torch.float64)
+    k = torch.tensor([1.0, 7.5, 350.0, 699.0], dtype=torch.float64)
+
+    def proj(z, w):
+        return permutahedron_projection(z, w, p=p)
+
+    def topk(z, k):
+        return permutahedron_topk(z, k, temperature=0.3, p=p)
+
+    for fn, args in ((proj, (z, w)), (topk, (z, k))):
+        fused = _value_and_grads(fn, *args)
+        ref = _unfused(monkeypatch, lambda fn=fn, args=args: _value_and_grads(fn, *args))
+        for a, b in zip(fused, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@needs_numba
+def test_fused_kernel_rejects_non_finite():
+    for bad in (math.nan, math.inf, -math.inf):
+        for n in (5, 1000):
+            x = torch.randn(2, n)
+            x[1, n // 2] = bad
+            for op in (soft_rank, soft_sort):
+                with pytest.raises(ValueError, match="`x`"):
+                    op(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Argument checking
 # ----------------------------------------------------------------------------------------------------------
 def test_bad_arguments_raise():

@@ -62,16 +62,10 @@ def _logaddexp(x, y):
 
 
 @numba.njit(cache=True)
-def _pav_row(y, a, b, c, mode, v, start):
+def _pav_row(y, a, b, c, mode, v, start, first, stats):
+    """One row of :func:`pav`; ``first`` (n,) int64 and ``stats`` (7, n) float64 are scratch space."""
     n = y.shape[0]
-    first = np.empty(n, np.int64)
-    m = np.empty(n)
-    mu = np.empty(n)
-    m2 = np.zeros(n)
-    m3 = np.zeros(n)
-    bs = np.empty(n)
-    cs = np.empty(n)
-    gam = np.empty(n)
+    m, mu, m2, m3, bs, cs, gam = stats[0], stats[1], stats[2], stats[3], stats[4], stats[5], stats[6]
     top = 0  # number of blocks on the stack
     for i in range(n):
         first[top] = i
@@ -123,10 +117,266 @@ def _pav_row(y, a, b, c, mode, v, start):
             start[i] = lo
 
 
+def lanes(rows: int) -> int:
+    """Parallel tasks for ``rows`` rows: a few per thread (for balance), each with its own scratch space."""
+    return max(1, min(rows, 4 * numba.get_num_threads()))
+
+
+@numba.njit(cache=True)
+def _scratch(n):
+    return np.empty(n, np.int64), np.empty((7, n))
+
+
 @numba.njit(parallel=True, cache=True)
-def pav(y, a, b, c, mode, v, start):
+def pav(y, a, b, c, mode, v, start, lanes):
     """Rows of ``y`` (R, n); ``a``, ``b``, ``c`` of shape (1, n) or (R, n) (broadcast over rows). Writes ``v``
-    (R, n) and ``start`` (R, n)."""
-    rows = y.shape[0]
-    for r in numba.prange(rows):
-        _pav_row(y[r], a[r % a.shape[0]], b[r % b.shape[0]], c[r % c.shape[0]], mode, v[r], start[r])
+    (R, n) and ``start`` (R, n). The rows are shared among ``lanes`` parallel tasks (see :func:`lanes`)."""
+    rows, n = y.shape
+    for lane in numba.prange(lanes):  # scratch space once per lane, not once per row
+        first, stats = _scratch(n)
+        for r in range(lane, rows, lanes):
+            _pav_row(y[r], a[r % a.shape[0]], b[r % b.shape[0]], c[r % c.shape[0]], mode, v[r], start[r], first, stats)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sort + PAV in one pass over the rows: the projections onto the permutahedron (soft rank, soft sort, sparse top-k)
+# ----------------------------------------------------------------------------------------------------------------------
+_PACKED_MAX = 512  # float32 rows up to this length are sorted as packed (key, index) words, longer ones by radix
+
+
+@numba.njit(cache=True)
+def _descending_keys(x, keys):
+    """Unsigned keys of the floats of ``x`` whose increasing order is the decreasing order of ``x`` (-0 after +0).
+    Returns their number of significant bits."""
+    n = x.shape[0]
+    if x.itemsize == 4:
+        u32 = x.view(np.uint32)
+        for i in range(n):
+            b = np.uint64(u32[i])
+            keys[i] = b if b >> np.uint64(31) else np.uint64(0x7FFFFFFF) - b
+        return 32
+    u64 = x.view(np.uint64)
+    for i in range(n):
+        b = u64[i]
+        keys[i] = b if b >> np.uint64(63) else np.uint64(0x7FFFFFFFFFFFFFFF) - b
+    return 64
+
+
+@numba.njit(cache=True)
+def _argsort_descending(x, perm, keys, tmp_keys, tmp_perm, count):
+    """``perm`` = the indices of ``x`` (a contiguous float32/float64 row) in decreasing order of value, ties in
+    increasing order of index. Short float32 rows: one sort of the words key << 32 | index. Otherwise a
+    least-significant-digit radix sort, O(n) per digit (11-bit digits; 8-bit below 4096 entries), skipping the
+    digits that all keys share. ``keys``, ``tmp_keys`` (n,) uint64, ``tmp_perm`` (n,) and ``count`` (2049,)
+    int64 are scratch space."""
+    n = x.shape[0]
+    bits = _descending_keys(x, keys)
+    if bits == 32 and n <= _PACKED_MAX:
+        for i in range(n):
+            keys[i] = (keys[i] << np.uint64(32)) | np.uint64(i)
+        keys[:n].sort()
+        for i in range(n):
+            perm[i] = keys[i] & np.uint64(0xFFFFFFFF)
+        return
+    digit = 8 if n < 4096 else 11
+    mask = np.uint64((1 << digit) - 1)
+    src_k, dst_k, src_i, dst_i = keys, tmp_keys, perm, tmp_perm
+    for i in range(n):
+        perm[i] = i
+    swapped = False
+    for shift in range(0, bits, digit):
+        sh = np.uint64(shift)
+        count[: (1 << digit) + 1] = 0
+        for i in range(n):
+            count[np.intp((src_k[i] >> sh) & mask) + 1] += 1
+        if count[: (1 << digit) + 1].max() == n:  # one bucket: this digit orders nothing
+            continue
+        for j in range(1 << digit):
+            count[j + 1] += count[j]
+        for i in range(n):
+            d = np.intp((src_k[i] >> sh) & mask)
+            pos = count[d]
+            count[d] = pos + 1
+            dst_k[pos] = src_k[i]
+            dst_i[pos] = src_i[i]
+        src_k, dst_k = dst_k, src_k
+        src_i, dst_i = dst_i, src_i
+        swapped = not swapped
+    if swapped:
+        perm[:] = src_i
+
+
+@numba.njit(cache=True)
+def _project_row(y, y_scale, b, b_sign, sort_y, mode, out, perm, start, u_out, scratch):
+    n = perm.shape[0]
+    keys, fl, first, tmp_perm, count = scratch
+    ys, bs, v, ones, zeros = fl[0], fl[1], fl[2], fl[3], fl[4]
+    bad = 0
+    src = y if sort_y else b
+    for i in range(n):
+        bad += not math.isfinite(src[i])
+    _argsort_descending(src, perm, keys[0], keys[1], tmp_perm, count)
+    if (y_scale if sort_y else b_sign) < 0:  # decreasing order of the scaled row: increasing order of the row
+        for i in range(n // 2):
+            perm[i], perm[n - 1 - i] = perm[n - 1 - i], perm[i]
+    for i in range(n):
+        j = perm[i]
+        ys[i] = y_scale * (y[j] if sort_y else y[i])
+        bs[i] = b[i] if sort_y else b_sign * b[j]
+    _pav_row(ys, ones, bs, zeros, mode, v, start, first, fl[5:])
+    for i in range(n):
+        u = ys[i] - v[i]
+        if u_out.shape[0]:
+            u_out[i] = u
+        mu = u * u * u if mode == Q4 else u
+        if sort_y:
+            out[perm[i]] = mu
+        else:
+            out[i] = b_sign * mu
+    return bad
+
+
+@numba.njit(cache=True)
+def _project_scratch(n, perm_dtype):
+    fl = np.empty((12, n))
+    fl[3] = 1.0
+    fl[4] = 0.0
+    return np.empty((2, n), np.uint64), fl, np.empty(n, np.int64), np.empty(n, perm_dtype), np.empty(2049, np.int64)
+
+
+@numba.njit(parallel=True, cache=True)
+def project(y, y_scale, b, b_sign, sort_y, mode, out, perm, start, u_out, lanes):
+    """Projection onto the permutahedron, row by row, with the sort fused in.
+
+    With y' = y_scale · y (one scale per row) and b' = b_sign · b, the rows of y' (``sort_y``) or of b' (not
+    ``sort_y``) are put in decreasing order by ``perm``, v = PAV(y', b') (the isotonic dual of the module
+    docstring, a = 1, c = 0) and ``out`` = R'(y' − v): in the original order of y when ``sort_y`` (soft rank,
+    top-k), else in sorted order and times ``b_sign`` (soft sort). Either side, and ``y_scale``, may have one
+    row for all. ``start`` (block starts, sorted order) and, for Q4, ``u_out`` = y' − v (sorted order; shape
+    (R, 0) otherwise) are kept for :func:`project_backward`. Returns the number of non-finite entries of the
+    sorted side (the caller raises on them).
+    """
+    rows, n = out.shape
+    bad = 0
+    for lane in numba.prange(lanes):
+        scratch = _project_scratch(n, perm.dtype)
+        for r in range(lane, rows, lanes):
+            bad += _project_row(
+                y[r % y.shape[0]],
+                y_scale[r % y_scale.shape[0]],
+                b[r % b.shape[0]],
+                b_sign,
+                sort_y,
+                mode,
+                out[r],
+                perm[r],
+                start[r],
+                u_out[r % u_out.shape[0]],
+                scratch,
+            )
+    return bad
+
+
+@numba.njit(cache=True)
+def _lse_block(x, lo, hi, scale):
+    """logsumexp of scale · x[lo:hi]."""
+    m = -np.inf
+    for i in range(lo, hi):
+        m = max(m, scale * x[i])
+    if m == -np.inf:
+        return m
+    s = 0.0
+    for i in range(lo, hi):
+        s += math.exp(scale * x[i] - m)
+    return m + math.log(s)
+
+
+@numba.njit(cache=True)
+def _project_backward_row(g, y, y_scale, b, b_sign, u, perm, start, sort_y, mode, gy, need_scale, gb, scratch):
+    n = perm.shape[0]
+    gs, ys, bs = scratch[0], scratch[1], scratch[2]
+    for i in range(n):
+        j = perm[i]
+        gs[i] = g[j] if sort_y else b_sign * g[i]
+        if mode == KL or need_scale:
+            ys[i] = y[j] if sort_y else y[i]  # unscaled
+        if mode == KL:
+            bs[i] = b[i] if sort_y else b_sign * b[j]
+    lo = 0
+    while lo < n:
+        hi = lo + 1
+        while hi < n and start[hi] == lo:
+            hi += 1
+        if mode == Q2:
+            gsum = 0.0
+            for i in range(lo, hi):
+                gsum += gs[i]
+            gbar = gsum / (hi - lo)
+            for i in range(lo, hi):
+                gs[i], bs[i] = gs[i] - gbar, gbar
+        elif mode == Q4:
+            hsum = 0.0
+            ghsum = 0.0
+            for i in range(lo, hi):
+                h = 3.0 * u[i] * u[i]
+                hsum += h
+                ghsum += h * gs[i]
+            gbar = ghsum / hsum if hsum > 0.0 else 0.0
+            for i in range(lo, hi):
+                gs[i], bs[i] = 3.0 * u[i] * u[i] * (gs[i] - gbar), gbar
+        else:
+            gsum = 0.0
+            for i in range(lo, hi):
+                gsum += gs[i]
+            ly = _lse_block(ys, lo, hi, y_scale)
+            lb = _lse_block(bs, lo, hi, 1.0)
+            for i in range(lo, hi):
+                gs[i], bs[i] = gs[i] - math.exp(y_scale * ys[i] - ly) * gsum, math.exp(bs[i] - lb) * gsum
+        lo = hi
+    gscale = 0.0
+    if need_scale:
+        for i in range(n):
+            gscale += gs[i] * ys[i]
+    if gy.shape[0]:
+        for i in range(n):
+            gy[perm[i] if sort_y else i] = y_scale * gs[i]
+    if gb.shape[0]:
+        for i in range(n):
+            if sort_y:
+                gb[i] = bs[i]
+            else:
+                gb[perm[i]] = b_sign * bs[i]
+    return gscale
+
+
+@numba.njit(parallel=True, cache=True)
+def project_backward(g, y, y_scale, b, b_sign, u, perm, start, sort_y, mode, gy, gscale, gb, lanes):
+    """Gradients of :func:`project` with respect to y, y_scale (one per row, into ``gscale`` (R,)) and b, from
+    the block structure. With G_B the sum of the incoming gradient over a block B (sorted order), Q2:
+    ∂y' = g − G_B/|B|, ∂b' = G_B/|B|; Q4 (h = 3u²): ∂y' = h (g − Σ_B h g / Σ_B h), ∂b' = Σ_B h g / Σ_B h; KL:
+    ∂y' = g − softmax_B(y') G_B, ∂b' = softmax_B(b') G_B. ``gy`` and ``gb`` are (R, n), each in the order of
+    its input (the unsorted side's gradient in sorted order); each of ``gy``, ``gscale``, ``gb`` may have
+    length 0 along its last axis, and is then not computed."""
+    rows, n = g.shape
+    need_scale = gscale.shape[0] > 0
+    for lane in numba.prange(lanes):
+        scratch = np.empty((3, n))
+        for r in range(lane, rows, lanes):
+            gs = _project_backward_row(
+                g[r],
+                y[r % y.shape[0]],
+                y_scale[r % y_scale.shape[0]],
+                b[r % b.shape[0]],
+                b_sign,
+                u[r % u.shape[0]],
+                perm[r],
+                start[r],
+                sort_y,
+                mode,
+                gy[r],
+                need_scale,
+                gb[r],
+                scratch,
+            )
+            if need_scale:
+                gscale[r] = gs

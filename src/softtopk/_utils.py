@@ -28,8 +28,8 @@ def can_read_data(x: Tensor) -> bool:
     return not _is_wrapped(x)
 
 
-def check_input(x: object, name: str = "x", *, fn: str = "topk_mask") -> bool:
-    """Type, dtype and NaN check of a score tensor.
+def check_input(x: object, name: str = "x", *, fn: str = "topk_mask", data: bool = True) -> bool:
+    """Type, dtype and (``data``) NaN check of a score tensor.
 
     Returns True when ``x`` is known to hold finite values only (no NaN, no ±inf), which spares later checks.
     """
@@ -43,7 +43,7 @@ def check_input(x: object, name: str = "x", *, fn: str = "topk_mask") -> bool:
         raise ValueError(f"{fn}: `{name}` must have at least one dimension, got a 0-d tensor")
     if x.numel() == 0:
         return True
-    if not can_read_data(x):
+    if not data or not can_read_data(x):
         return False
     # One cheap reduction decides the common case; only a non-finite total needs the exact test.
     total = x.detach().sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
