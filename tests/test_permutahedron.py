@@ -526,6 +526,20 @@ def test_fused_kernel_rejects_non_finite():
                     op(x)
 
 
+def test_compile_runs_eagerly_and_vmap_raises_clearly():
+    """The PAV kernels read the data: under torch.compile a call is a graph break that runs eagerly (same values
+    and gradients); a torch.func transform gets a NotImplementedError that names the operator."""
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(21), requires_grad=True)
+    for op in (lambda x: soft_rank(x, strength=0.5), lambda x: permutahedron_topk(x, 3, p=P43)):
+        compiled = torch.compile(lambda x, op=op: (op(x) * torch.arange(40.0)).sum(), backend="eager")
+        value, (grad,) = compiled(x), torch.autograd.grad(compiled(x), x)
+        ref = (op(x) * torch.arange(40.0)).sum()
+        torch.testing.assert_close(value, ref)
+        torch.testing.assert_close(grad, torch.autograd.grad(ref, x)[0])
+    with pytest.raises(NotImplementedError, match="soft_sort: torch.func"):
+        torch.func.vmap(lambda r: soft_sort(r))(x.detach())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Argument checking
 # ----------------------------------------------------------------------------------------------------------

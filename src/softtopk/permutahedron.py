@@ -44,6 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from ._utils import (
     KArg,
+    _is_wrapped,
     can_read_data,
     check_input,
     check_k,
@@ -103,6 +104,24 @@ def _unrows(out: Tensor, xl: Tensor) -> Tensor:
 def _row_scalar(value: Union[Number, Tensor], x: Tensor, d: int, name: str, fn: str, dtype: torch.dtype) -> Tensor:
     """A per-row parameter as an (R, 1) tensor (R = number of rows of ``x`` along ``d``)."""
     return row_param(value, x, d, name=name, fn=fn, dtype=dtype).reshape(-1, 1)
+
+
+def _eager(fn):
+    """The public operators of this module run eagerly: their PAV kernels read the data. Under ``torch.compile``
+    a call is a graph break (the operator runs as in eager mode, autograd included); under a ``torch.func``
+    transform (vmap, grad) it raises a clear error instead of failing inside the kernel."""
+    inner = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def public(*args, **kwargs):
+        if any(isinstance(a, Tensor) and _is_wrapped(a) for a in (*args, *kwargs.values())):
+            raise NotImplementedError(
+                f"{fn.__name__}: torch.func transforms (vmap, grad, ...) are not supported: the PAV kernel reads the "
+                "data. Every operator here takes any batch shape: pass the vmapped dimension as a batch dimension"
+            )
+        return inner(*args, **kwargs)
+
+    return public
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -400,6 +419,7 @@ class _Isotonic(torch.autograd.Function):
         return gy, gw, None, None, None, None
 
 
+@_eager
 def isotonic(
     y: Tensor,
     w: Tensor | None = None,
@@ -629,6 +649,7 @@ def _project(z: Tensor, w_sorted: Tensor, mode: int) -> Tensor:
     return torch.zeros_like(mu).scatter(-1, perm, mu)
 
 
+@_eager
 def permutahedron_projection(z: Tensor, w: Tensor, *, p: Number = 2, dim: int = -1) -> Tensor:
     r"""The p-norm regularised projection onto the permutahedron of ``w`` (Sander et al. 2023, Blondel et al. 2020).
 
@@ -684,6 +705,7 @@ def _topk_weights(k: Tensor, n: int) -> Tensor:
     return (idx < fl).to(k.dtype) + (idx == fl).to(k.dtype) * (k - fl)
 
 
+@_eager
 def permutahedron_topk(
     x: Tensor,
     k: KArg,
@@ -802,6 +824,7 @@ class _MagnitudeSorted(torch.autograd.Function):
         return gs, gc, gt, None
 
 
+@_eager
 def topk_magnitude(
     x: Tensor,
     k: KArg,
@@ -911,6 +934,7 @@ def _rho_cpu(n: int, dtype: torch.dtype, log: bool) -> Tensor:
     return torch.log(rho) if log else rho
 
 
+@_eager
 def soft_sort(
     x: Tensor,
     *,
@@ -963,6 +987,7 @@ def soft_sort(
     return move_back(_unrows(out, xl).to(x.dtype), d)
 
 
+@_eager
 def soft_rank(
     x: Tensor,
     *,
