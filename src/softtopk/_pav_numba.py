@@ -1,4 +1,6 @@
-"""Numba kernel of the pool-adjacent-violators algorithm (PAV): one pass per row, the rows in parallel.
+"""Numba kernels of the pool-adjacent-violators algorithm (PAV), one pass per row, the rows in parallel: ``pav``
+(isotonic regression) and ``project`` / ``project_backward`` (projections onto the permutahedron: a radix argsort,
+PAV and the un-sort fused per row, and the gradient from the same blocks).
 
 Imported lazily by :mod:`softtopk.permutahedron` (``pip install numba``); without numba the pure-torch reference
 solver of that module is used instead. The kernel solves, independently for every row ``r``,
