@@ -557,31 +557,27 @@ def load_cases(device: torch.device, notices: list[str] | None = None, only: lis
         return only is None or any(sel == source or sel.startswith(source) for sel in only)
 
     cases = baseline_cases() + softtopk_cases(notices)
-    if want("torchsort"):
-        torchsort, why = _import("torchsort")
-        if torchsort is None:
-            notices.append(f"peer torchsort skipped: cannot import it ({why}); {PEER_PACKAGES['torchsort']}")
-        else:
-            cases += _torchsort_cases(torchsort)
-    if want("entmax"):
-        entmax, why = _import("entmax")
-        if entmax is None:
-            notices.append(f"peer entmax skipped: cannot import it ({why}); {PEER_PACKAGES['entmax']}")
-        else:
-            cases += _entmax_cases(entmax)
+
+    def peer(name: str) -> Any:
+        """The peer's module, or None with a notice saying why it is skipped."""
+        module, why = _import(name)
+        if module is None:
+            notices.append(f"peer {name} skipped: cannot import it ({why}); {PEER_PACKAGES[name]}")
+        return module
+
+    if want("torchsort") and (torchsort := peer("torchsort")) is not None:
+        cases += _torchsort_cases(torchsort)
+    if want("entmax") and (entmax := peer("entmax")) is not None:
+        cases += _entmax_cases(entmax)
     if want("ott-jax"):
         cases += _ott_cases(notices, device)
     cases += inhouse_cases()
     diffsort = difftopk = None
     if want("diffsort") or want("difftopk"):
-        diffsort, why = _import("diffsort")
-        if diffsort is None:
-            notices.append(f"peer diffsort skipped: cannot import it ({why}); {PEER_PACKAGES['diffsort']}")
+        diffsort = peer("diffsort")
     if want("difftopk"):
-        difftopk, why = _import("difftopk")
-        if difftopk is None:
-            notices.append(f"peer difftopk skipped: cannot import it ({why}); {PEER_PACKAGES['difftopk']}")
-        elif diffsort is None:
+        difftopk = peer("difftopk")
+        if difftopk is not None and diffsort is None:
             notices.append("peer difftopk skipped: its sorting networks come from diffsort, which is missing")
             difftopk = None
     if diffsort is not None and (want("diffsort") or difftopk is not None):

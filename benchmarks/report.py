@@ -332,20 +332,14 @@ def write_all(doc: dict, out: Path) -> list[Path]:
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, default=str)
     written.append(path)
-    if doc["speed"]:
-        path = out / "speed.csv"
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(doc["speed"][0]))
-            w.writeheader()
-            w.writerows(doc["speed"])
-        written.append(path)
-    if doc["quality"]:
-        path = out / "quality.csv"
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(doc["quality"][0]))
-            w.writeheader()
-            w.writerows(doc["quality"])
-        written.append(path)
+    for table in ("speed", "quality"):
+        if doc[table]:
+            path = out / f"{table}.csv"
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(doc[table][0]))
+                w.writeheader()
+                w.writerows(doc[table])
+            written.append(path)
     written += write_plots(doc, out)
     path = out / "summary.md"
     path.write_text(summary_markdown(doc, out, readme=str(path)) + "\n")

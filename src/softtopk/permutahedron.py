@@ -169,12 +169,16 @@ def _pav(
         return _pav_torch(y, a, b, c, mode)
 
 
+def _one_row(t: Tensor) -> Tensor:
+    """``t[:1]`` when the (R, ·) tensor ``t`` repeats one row (stride 0, as made by ``expand``): the kernels
+    broadcast a single row, and autograd sums its gradient back over the rows."""
+    return t[:1] if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 0 else t
+
+
 def _np_rows(t: Tensor | None, fill: float, n: int):
     if t is None:
         t = torch.full((1, n), fill, dtype=torch.float64)
-    elif t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 0:
-        t = t[:1]
-    return t.detach().to(device="cpu", dtype=torch.float64).contiguous().numpy()
+    return _one_row(t).detach().to(device="cpu", dtype=torch.float64).contiguous().numpy()
 
 
 def _pav_numba_call(y, a, b, c, mode):
@@ -563,9 +567,7 @@ class _ProjectSorted(torch.autograd.Function):
 
 
 def _project_sorted(s: Tensor, w: Tensor, mode: int) -> Tensor:
-    if w.dim() == 2 and w.shape[0] > 1 and w.stride(0) == 0 and not w.requires_grad:
-        w = w[:1]
-    return _ProjectSorted.apply(s, w, mode)[0]
+    return _ProjectSorted.apply(s, _one_row(w), mode)[0]
 
 
 class _SortProject(torch.autograd.Function):
@@ -641,9 +643,7 @@ def _fused(*tensors: Tensor) -> bool:
 def _project(z: Tensor, w_sorted: Tensor, mode: int) -> Tensor:
     """P_Ω(z, w) for z (R, n) in any order and w (R or 1, n) sorted decreasingly."""
     if _fused(z, w_sorted):
-        if w_sorted.dim() == 2 and w_sorted.shape[0] > 1 and w_sorted.stride(0) == 0 and not w_sorted.requires_grad:
-            w_sorted = w_sorted[:1]
-        return _SortProject.apply(z, 1.0, w_sorted.to(z.dtype), 1.0, True, mode, "_project")
+        return _SortProject.apply(z, 1.0, _one_row(w_sorted).to(z.dtype), 1.0, True, mode, "_project")
     s, perm = torch.sort(z, dim=-1, descending=True)
     mu = _project_sorted(s, w_sorted, mode)
     return torch.zeros_like(mu).scatter(-1, perm, mu)
@@ -914,9 +914,7 @@ def _sort_rank_args(x, strength, regularization, descending, dim, fn):
         inv = 1.0 / float(strength)
     else:
         inv = _row_scalar(strength, x, d, "strength", fn, cdtype)
-        if fused and inv.shape[0] > 1 and inv.stride(0) == 0:  # one strength for all rows
-            inv = inv[:1]
-        inv = inv.reciprocal()
+        inv = (_one_row(inv) if fused else inv).reciprocal()  # one strength for all rows: one row
     return fused, d, xl, inv, mode
 
 
