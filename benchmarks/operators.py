@@ -1,10 +1,12 @@
 """Forward+backward time and peak memory vs n of the operators beyond ``topk_mask``'s threshold family.
 
-Stochastic (perturbed optimizer, Gumbel top-k), threshold-p routing, the soft permutations of
-``topk_permutation`` (SOFT k+1 anchors and the sorting networks, k = 10), and the top-k losses — each against
-``torch.topk`` forward+backward on the same input, measured interleaved in one process (``_timing``).
+Stochastic (perturbed optimizer, Gumbel top-k), threshold routing, the soft permutations of
+``topk_permutation`` (Sinkhorn: SOFT's k+1 anchors, and the sorting networks, k = 10), and the top-k losses —
+each against ``torch.topk`` forward+backward on the same input, measured interleaved in one process (``_timing``).
 Batch 32, float32, k = max(n // 100, 1) unless the case says otherwise. Cases whose cost grows faster than
-O(n · k) stop at the size given in ``MAX_N``.
+O(n · k) stop at the size given in ``MAX_N``. The temperatures of the masks are internal ones (the noise sigma of
+``perturbed``, the t of sigmoid((s - threshold)/t) of ``threshold_mask``; see ``_temperature``), converted to
+softtopk's width convention, so that the operators timed are those of earlier runs.
 
     python -m benchmarks.operators                    # n in 1e2..1e5, a few minutes on a 2-core CPU
     python -m benchmarks.operators --quick            # n in {1e2, 1e3}
@@ -22,6 +24,7 @@ import torch
 
 import softtopk
 
+from ._temperature import mask_kwargs, threshold_temperature
 from ._timing import interleaved, median, peak_extra_bytes_each
 from .core import parse_size
 from .report import fmt_n, replace_section
@@ -40,8 +43,9 @@ def _gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def _mask(**kw) -> Callable:
-    return lambda x, n: softtopk.topk_mask(x, _k(n), **kw)
+def _mask(case: str, t: float, **kw) -> Callable:
+    """``topk_mask`` of the case at internal temperature t (``_temperature.mask_kwargs``)."""
+    return lambda x, n: softtopk.topk_mask(x, _k(n), **mask_kwargs(case, t, **kw))
 
 
 def _perm(method: str, **kw) -> Callable:
@@ -64,25 +68,33 @@ def _losses() -> dict[str, Callable]:
     out = {}
     label = lambda x: torch.arange(x.shape[0]) % x.shape[-1]  # noqa: E731
     if hasattr(losses, "lml_loss"):
-        out["LMLLoss (k=5)"] = lambda x, n: losses.lml_loss(x, label(x), 5)
+        out["LMLLoss (k=5)"] = lambda x, n: losses.lml_loss(x, label(x), 5, temperature=LML_T)
     if hasattr(losses, "topk_cross_entropy"):
-        out["TopKCrossEntropyLoss (soft)"] = lambda x, n: losses.topk_cross_entropy(x, label(x))
+        out["TopKCrossEntropyLoss (sinkhorn)"] = lambda x, n: losses.topk_cross_entropy(x, label(x))
     if hasattr(losses, "smooth_topk_hinge_loss"):
         out["SmoothTopKHingeLoss (k=5)"] = lambda x, n: losses.smooth_topk_hinge_loss(x, label(x), 5)
     if hasattr(losses, "cascade_topk_loss"):
         relevant = lambda x, n: torch.arange(_k(n)).expand(x.shape[0], _k(n))  # noqa: E731
-        out["CascadeTopKLoss (m=K=n/100)"] = lambda x, n: losses.cascade_topk_loss(x, relevant(x, n))
+        out["CascadeTopKLoss (k=K=n/100)"] = lambda x, n: losses.cascade_topk_loss(
+            x, relevant(x, n), temperature=CASCADE_T
+        )
     return out
 
 
+#: the losses' temperatures: the sigmoid masks of lml_loss and cascade_topk_loss at internal t = 1 (their former
+#: defaults) in the width convention; the other losses run at their defaults
+LML_T = mask_kwargs("sigmoid", 1.0)["temperature"]
+CASCADE_T = mask_kwargs("dftopk", 1.0)["temperature"]
+
 #: case name -> f(x, n) returning a tensor (reduced to a scalar with a fixed random weight)
 CASES: dict[str, Callable] = {
-    "perturbed S=10": _mask(method="perturbed", n_samples=10, temperature=0.5, generator=_gen()),
-    "perturbed S=100": _mask(method="perturbed", n_samples=100, temperature=0.5, generator=_gen()),
+    "perturbed S=10": _mask("perturbed", 0.5, n_samples=10, generator=_gen()),  # noise sigma 0.5
+    "perturbed S=100": _mask("perturbed", 0.5, n_samples=100, generator=_gen()),
     "gumbel_topk softmax (k=10)": lambda x, n: softtopk.gumbel_topk(x, min(10, n), generator=_gen()),
     "gumbel_topk sigmoid": lambda x, n: softtopk.gumbel_topk(x, _k(n), relaxation="sigmoid", generator=_gen()),
-    "threshold_mask": lambda x, n: softtopk.threshold_mask(x, 0.5, temperature=0.1),
-    "topk_permutation soft (k=10)": _perm("soft", temperature=0.1),
+    # sigmoid((sigmoid(x) - 0.5) / 0.1)
+    "threshold_mask": lambda x, n: softtopk.threshold_mask(x, 0.5, temperature=threshold_temperature(0.1)),
+    "topk_permutation sinkhorn (k=10)": _perm("sinkhorn", epsilon=0.1),
     "topk_permutation odd_even (k=10)": _perm("odd_even", temperature=0.1),
     "topk_permutation bitonic (k=10)": _perm("bitonic", temperature=0.1),
 }
@@ -91,7 +103,7 @@ MAX_N = {
     "perturbed S=100": 10**4,
     "topk_permutation odd_even (k=10)": 10**3,
     "topk_permutation bitonic (k=10)": 10**4,
-    "TopKCrossEntropyLoss (soft)": 10**4,
+    "TopKCrossEntropyLoss (sinkhorn)": 10**4,
 }
 
 

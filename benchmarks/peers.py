@@ -6,6 +6,11 @@ random upstream gradient. A :class:`Case` knows how to build a forward+backward 
 (:meth:`Case.build`) and how to return the mask and the gradient of ``<g, mask>`` for the quality metrics
 (:meth:`Case.mask_and_grad`).
 
+Temperatures are each method's own parameter; for softtopk's masks that is the family's internal temperature t
+(sigmoid((x - tau)/t), the Laplace scale, the noise sigma, ...), passed to ``topk_mask`` as ``temperature`` =
+t / factor (:mod:`._temperature`), so that the operator compared with the peers at t is the same as before the
+width convention.
+
 Peers from other packages are imported lazily; one that cannot be imported is skipped with a one-line notice
 (:func:`load_cases`). The in-house peers are written here:
 
@@ -32,6 +37,8 @@ import torch
 from torch import Tensor
 
 import softtopk
+
+from ._temperature import mask_kwargs
 
 __all__ = [
     "Case",
@@ -69,7 +76,8 @@ class Case:
         name: the label in tables and plots.
         source: the package it comes from (``softtopk``, ``torch``, ``torchsort``, ``in-house``, ...).
         mask: (x (batch, n), k, temperature) -> differentiable mask (batch, n); ``None`` for custom builders.
-        temperature: the temperature (or regularisation) of the speed and memory runs.
+        temperature: the temperature (or regularisation) of the speed and memory runs; for softtopk's masks the
+            family's internal temperature (see :mod:`._temperature`).
         order: growth exponent in n of one call's time and memory for k = n/100 (used to predict whether the next
             size fits the per-call caps; the measured growth is used when it is larger).
         order_k10: the same for a fixed k (``None``: equal to ``order``).
@@ -184,17 +192,20 @@ def baseline_cases() -> list[Case]:
 # ----------------------------------------------------------------------------------------------------------------
 # softtopk
 # ----------------------------------------------------------------------------------------------------------------
-def _topk_mask(**kw: Any) -> MaskFn:
-    return lambda x, k, t: softtopk.topk_mask(x, k, temperature=t, **kw)
+def _topk_mask(case: str, **kw: Any) -> MaskFn:
+    """The mask of the benchmark case ``case`` (a method, or "straight_through") at internal temperature t."""
+    return lambda x, k, t: softtopk.topk_mask(x, k, **mask_kwargs(case, t, **kw))
 
 
 def _soft_rank_mask(x: Tensor, k: int, t: float) -> Tensor:
     # descending ranks: 1 for the largest; the top-k have rank <= k
-    r = softtopk.soft_rank(x, strength=t, descending=True)
+    r = softtopk.soft_rank(x, temperature=t, descending=True)
     return (k + 1 - r).clamp(0.0, 1.0)
 
 
 def _permutation_mask(method: str) -> MaskFn:
+    if method == "sinkhorn":  # t is SOFT's epsilon (relative to max C)
+        return lambda x, k, t: softtopk.topk_permutation(x, k, method=method, epsilon=t).sum(-2)
     return lambda x, k, t: softtopk.topk_permutation(x, k, method=method, temperature=t).sum(-2)
 
 
@@ -211,18 +222,33 @@ def _network_works(method: str) -> str | None:
 def softtopk_cases(notices: list[str]) -> list[Case]:
     s = "softtopk"
     cases = [
-        Case("hard", s, _topk_mask(method="hard"), linear=True, kind=s),
-        Case("straight_through", s, _topk_mask(method="straight_through"), linear=True, kind=s),
-        Case("dftopk", s, _topk_mask(method="dftopk"), linear=True, kind=s),
-        Case("sigmoid", s, _topk_mask(method="sigmoid"), linear=True, kind=s),
-        Case("soft", s, _topk_mask(method="soft"), linear=True, kind=s),
-        Case("sparse", s, _topk_mask(method="sparse"), linear=True, kind=s),
-        Case("sparse(p=4/3)", s, _topk_mask(method="sparse", p=4 / 3), linear=True, kind=s),
-        Case("lapsum", s, _topk_mask(method="lapsum"), linear=True, kind=s),
+        Case("hard", s, _topk_mask("hard"), linear=True, kind=s),
+        Case(
+            "straight_through",
+            s,
+            _topk_mask("straight_through"),
+            linear=True,
+            kind=s,
+            note="topk_mask(method='sigmoid', straight_through=True): the hard mask forward, the sigmoid mask's "
+            "gradient backward",
+        ),
+        Case("dftopk", s, _topk_mask("dftopk"), linear=True, kind=s),
+        Case("sigmoid", s, _topk_mask("sigmoid"), linear=True, kind=s),
+        Case(
+            "soft",
+            s,
+            _topk_mask("soft"),
+            linear=True,
+            kind=s,
+            note="topk_mask(method='soft', epsilon=t): SOFT's epsilon, relative to max C",
+        ),
+        Case("sparse", s, _topk_mask("sparse"), linear=True, kind=s),
+        Case("sparse(p=4/3)", s, _topk_mask("sparse", p=4 / 3), linear=True, kind=s),
+        Case("lapsum", s, _topk_mask("lapsum"), linear=True, kind=s),
         Case(
             "perturbed(S=10)",
             s,
-            _topk_mask(method="perturbed", n_samples=10),
+            _topk_mask("perturbed", n_samples=10),
             linear=True,
             kind=s,
             note="10 noise samples: its cost grows linearly with n_samples",
@@ -234,19 +260,19 @@ def softtopk_cases(notices: list[str]) -> list[Case]:
             order=1.1,
             kind=s,
             k_independent=True,
-            note="clamp(k + 1 - soft_rank(x, strength=t), 0, 1): the permutahedron projection, O(n log n); soft "
+            note="clamp(k + 1 - soft_rank(x, temperature=t), 0, 1): the permutahedron projection, O(n log n); soft "
             "ranks are exact only while t is below the gaps between scores (~ their range / n): above, they pool "
             "towards the mean and this mask is 0 (see the quality at t = 0.1)",
         ),
         Case(
-            "topk_permutation(soft)",
+            "topk_permutation(sinkhorn)",
             s,
-            _permutation_mask("soft"),
+            _permutation_mask("sinkhorn"),
             temperature=0.1,
             order=2.0,
             order_k10=1.0,
             kind=s,
-            note="SOFT sorted top-k (k + 1 anchors, implicit backward) summed over its k rows; O(n k)",
+            note="SOFT sorted top-k (k + 1 anchors, implicit backward; epsilon = t) summed over its k rows; O(n k)",
         ),
     ]
     for method, order, order_k10 in (("odd_even", 3.0, 3.0), ("bitonic", 2.5, 2.0)):

@@ -2,13 +2,14 @@
 
 Three tables, each measured interleaved (every case once per round, shuffled; median over rounds):
 
-1. ``soft_rank`` and ``soft_sort`` forward+backward (float32, batch 32, strength 1, ``descending=False`` so that
-   the values are torchsort's) against ``torchsort`` when it is importable, for n in 1e2 … 1e5.
+1. ``soft_rank`` and ``soft_sort`` forward+backward (float32, batch 32, temperature 1: the regularisation strength,
+   torchsort's ``regularization_strength``; ``descending=False`` so that the values are torchsort's) against
+   ``torchsort`` when it is importable, for n in 1e2 … 1e5.
 2. ``isotonic``: PAV (exact) against Dykstra run to its tolerance: time, iterations, max error (batch 32, float64,
    y = a decreasing trend plus noise).
-3. ``topk_permutation`` (Sinkhorn to tolerance, implicit backward) against a 200-iteration log-domain Sinkhorn
-   differentiated by autograd through every iteration (SOFT's reference implementation), n = 1e4, k = 10:
-   forward+backward time and peak extra memory, with the ratios (targets: >= 20x each).
+3. ``topk_permutation(method="sinkhorn")`` (Sinkhorn to tolerance, implicit backward) against a 200-iteration
+   log-domain Sinkhorn differentiated by autograd through every iteration (SOFT's reference implementation),
+   n = 1e4, k = 10: forward+backward time and peak extra memory, with the ratios (targets: >= 20x each).
 
     python -m benchmarks.permutahedron            # a few minutes on a 2-core CPU
     python -m benchmarks.permutahedron --quick    # seconds
@@ -28,7 +29,7 @@ from typing import Callable
 import torch
 
 from softtopk import permutahedron as perm
-from softtopk.ot import topk_permutation
+from softtopk.permutations import topk_permutation
 
 from ._timing import interleaved, median, peak_extra_bytes_each
 from .report import check_readme_markers, fmt_n, replace_section
@@ -90,11 +91,11 @@ def _sort_rank_one(n: int, budget: float, device: torch.device, torchsort) -> li
     g = torch.randn(BATCH, n, generator=gen).to(device)
     ops: dict[str, tuple[Callable, Callable | None]] = {
         "soft_rank": (
-            lambda: perm.soft_rank(x, strength=1.0, descending=False),
+            lambda: perm.soft_rank(x, temperature=1.0, descending=False),
             (lambda: torchsort.soft_rank(x, regularization_strength=1.0)) if torchsort else None,
         ),
         "soft_sort": (
-            lambda: perm.soft_sort(x, strength=1.0, descending=False),
+            lambda: perm.soft_sort(x, temperature=1.0, descending=False),
             (lambda: torchsort.soft_sort(x, regularization_strength=1.0)) if torchsort else None,
         ),
     }
@@ -158,7 +159,7 @@ def bench_isotonic(sizes, device: torch.device) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 def unrolled_sinkhorn_topk(x: torch.Tensor, k: int, eps: float, iters: int = 200) -> torch.Tensor:
     """SOFT sorted top-k as in the paper's code: log-domain Sinkhorn, ``iters`` iterations, all recorded by
-    autograd. Same anchors, masses and per-row cost normalisation as ``topk_permutation``."""
+    autograd. Same anchors, masses and per-row cost normalisation as ``topk_permutation(method="sinkhorn")``."""
     n = x.shape[-1]
     anchors = k - torch.arange(k + 1, dtype=x.dtype, device=x.device)
     cost = (x.unsqueeze(-2) - anchors.view(1, k + 1, 1)) ** 2
@@ -194,7 +195,7 @@ def _permutation_one(batch: int, n: int, k: int, eps: float, budget: float, devi
     x = torch.randn(batch, n, generator=gen).to(device).requires_grad_()
     up = torch.randn(batch, k, n, generator=gen).to(device)
     fns = {
-        "implicit": lambda: (topk_permutation(x, k, temperature=eps) * up).sum().backward(),
+        "implicit": lambda: (topk_permutation(x, k, method="sinkhorn", epsilon=eps) * up).sum().backward(),
         "unrolled": lambda: (unrolled_sinkhorn_topk(x, k, eps) * up).sum().backward(),
     }
 
@@ -202,7 +203,8 @@ def _permutation_one(batch: int, n: int, k: int, eps: float, budget: float, devi
         x.grad = None
 
     with torch.no_grad():
-        diff = float((topk_permutation(x, k, temperature=eps) - unrolled_sinkhorn_topk(x, k, eps)).abs().max())
+        ours = topk_permutation(x, k, method="sinkhorn", epsilon=eps)
+        diff = float((ours - unrolled_sinkhorn_topk(x, k, eps)).abs().max())
     peaks = peak_extra_bytes_each(fns, device, reset=reset)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     times = interleaved(fns, 50, 1, budget_s=budget, min_rounds=3, reset=reset, sync=sync)
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(header), flush=True)
     sizes = QUICK_SORT_SIZES if args.quick else SORT_SIZES
     budget = 1.0 if args.quick else 8.0
-    out = header + ["", "## soft_rank / soft_sort forward+backward, batch 32, float32, strength 1", ""]
+    out = header + ["", "## soft_rank / soft_sort forward+backward, batch 32, float32, temperature 1", ""]
     out += bench_sort_rank(sizes, budget, device)
     out += ["", "## isotonic: PAV vs Dykstra (tol 1e-10), batch 32, float64", ""]
     out += bench_isotonic((10**2,) if args.quick else (10**2, 10**3), device)
@@ -251,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     temps = (0.1,) if args.quick else (0.1, 0.01)
     out += [
         "",
-        f"## topk_permutation vs unrolled 200-iteration autograd Sinkhorn, batch {args.perm_batch}, n = {fmt_n(n)}, "
-        "k = 10, float32, forward+backward",
+        f"## topk_permutation(sinkhorn) vs unrolled 200-iteration autograd Sinkhorn, batch {args.perm_batch}, "
+        f"n = {fmt_n(n)}, k = 10, float32, forward+backward",
         "",
     ]
     lines, ok = bench_permutation(args.perm_batch, n, 10, temps, 2.0 if args.quick else 10.0, device)

@@ -272,8 +272,10 @@ def summary_markdown(doc: dict, out: Path | None, readme: str | None) -> str:
         mem_n = 10**5 if 10**5 in sizes else sizes[-1]
         lines += [
             "**Speed**: forward+backward time as a ratio to `torch.topk(x, k).values` forward+backward (median of "
-            "interleaved rounds; random upstream gradient), float32, batch 32, k = n/100, temperature 1 for "
-            "softtopk's masks (0.1 for `topk_permutation`) and the peers' defaults otherwise (see the notes); the "
+            "interleaved rounds; random upstream gradient), float32, batch 32, k = n/100, internal temperature 1 for "
+            "softtopk's masks (each family's own t: `temperature` = t / factor in softtopk's width convention; "
+            "epsilon for `soft`), 0.1 for `topk_permutation` (Sinkhorn's epsilon, the networks' temperature) and the "
+            "peers' defaults otherwise (see the notes); the "
             "batch-1 column is n = 1e7 for the O(n) methods. * = one call over the time cap, timed once. "
             "**Memory**: peak extra bytes per element of x for one forward+backward (torch profiler; the JAX peers' "
             "allocations are invisible to it). **Exponent**: the least-squares slope of log time against log n over "
@@ -294,7 +296,9 @@ def summary_markdown(doc: dict, out: Path | None, readme: str | None) -> str:
         lines += [
             "",
             f"**Quality** ({qs['rows']} rows of randn, n = {qs['n']}, k = {qs['k']}; the temperature is each method's "
-            "own parameter: t for softtopk, epsilon for ott-jax and the Sinkhorn, regularization_strength for "
+            "own parameter: for softtopk's masks the family's internal t (the t of sigmoid((x − τ)/t), the Laplace "
+            "scale, the noise σ, …: `temperature` = t / factor in softtopk's width convention), epsilon for `soft`, "
+            "ott-jax and the Sinkhorns, the strength for soft_rank, regularization_strength for "
             "torchsort, 1/steepness for the sorting networks, x/t for entmax): distance to the hard mask "
             "‖y − h‖₁ / 2k (0: hard, 1: disjoint), |Σy − k|, the fraction of entries exactly 0 or 1, and the cosine "
             "of the gradient of ⟨g, y⟩ with the perturbed-optimizer gradient at the same temperature (Gaussian "
@@ -612,7 +616,7 @@ def _plot_quality(doc: dict, out: Path, styles: dict, title: str, plt: Any) -> P
         ax.set_yscale(scale)
         if scale == "log":
             ax.set_ylim(bottom=floors[key] / 1.5)
-        ax.set_xlabel("temperature (each method's own parameter)")
+        ax.set_xlabel("temperature (each method's own parameter; softtopk's masks: internal t)")
         ax.set_title(label, fontsize=9)
         ax.grid(True, alpha=0.3)
     qs = doc["quality_setup"]

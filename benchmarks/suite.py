@@ -11,6 +11,10 @@ Sub-commands (any subset; none means all four):
 * ``quality``: distance to the hard mask, |sum y - k|, sparsity and the gradient's cosine with the perturbed
   optimizer's, per temperature; and every method's mask on one sorted input.
 
+Temperatures are each method's own parameter; softtopk's masks take the family's internal t (the t of
+sigmoid((x - tau)/t), the Laplace scale, the noise sigma, SOFT's epsilon), converted to softtopk's width convention
+by ``_temperature``, so that every operator is the one compared with the peers at that t in earlier runs.
+
 Every case's first call at a size is a probe: a case whose call is predicted (from the smaller sizes) or measured
 to exceed ``--max-call-s`` seconds or ``--max-mem-gb`` GiB stops there, and a case that fails is recorded as
 skipped at that size with its error, never a crash.
@@ -511,7 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-mem-gb", type=float, default=6.0, help="skip a case above this predicted peak (GiB)")
     p.add_argument("--min-rounds", type=int, default=3, help="fewest timed rounds per size (default 3)")
     p.add_argument("--max-rounds", type=int, default=200, help="most timed rounds per size (default 200)")
-    p.add_argument("--temperatures", type=float, nargs="+", help="quality temperatures (default 0.003 .. 1)")
+    p.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="+",
+        help="quality temperatures, each method's own parameter (softtopk's masks: the family's internal t, "
+        "see benchmarks/_temperature.py) (default 0.003 .. 1)",
+    )
     p.add_argument("--quality-n", type=int, help="quality: n (default 200; --quick 100); k = n/10")
     p.add_argument("--quality-rows", type=int, help="quality: rows (default 8; --quick 4)")
     p.add_argument("--ref-samples", type=int, help="quality: perturbed reference samples (default 100000)")

@@ -1,6 +1,7 @@
 """Shared fixtures and *independent* float64 references for the softtopk test suite.
 
-Every reference here is written from the mathematical definition of a method, not from the library's code:
+Every reference here is written from the mathematical definition of a method, not from the library's code, and
+takes the family's internal temperature t (``internal_temperature`` converts the public ``temperature``):
 ``scipy.optimize.brentq`` on the threshold for sigmoid / lapsum / sparse, a plain log-domain Sinkhorn for SOFT,
 the literal DFTopK formula through a full sort, ``torch.topk`` for the hard mask, and cvxpy for sparse.
 """
@@ -17,33 +18,94 @@ from scipy.special import expit, logsumexp
 
 import softtopk
 
-ALL_METHODS = ("hard", "straight_through", "dftopk", "sigmoid", "soft", "sparse", "lapsum", "perturbed")
-NORMALISED = ("sigmoid", "soft", "sparse", "lapsum")
+# Test *variants*: a method of ``topk_mask`` with fixed options. "straight_through" is no method any more: it is
+# ``method="sigmoid", straight_through=True`` (forward the hard mask, backward the sigmoid mask's gradient).
+# "soft" passes ``temperature`` (then it is the sigmoid mask in score units); "soft_eps" is SOFT with its own
+# ``epsilon`` (relative to max C; the old ``method="soft", temperature=eps``): ``run`` passes a ``temperature``
+# given to it as ``epsilon`` (default 1.0, the old default).
+ALL_METHODS = ("hard", "straight_through", "dftopk", "sigmoid", "soft", "soft_eps", "sparse", "lapsum", "perturbed")
+NORMALISED = ("sigmoid", "soft", "soft_eps", "sparse", "lapsum")
 INTEGER_ONLY = ("hard", "straight_through", "dftopk", "perturbed")
-# method name -> extra options; "sparse" is run with both of its regularisers wherever it matters
+# variant name -> extra options; "sparse" is run with both of its regularisers wherever it matters
 METHOD_VARIANTS = {
     "hard": {},
-    "straight_through": {},
+    "straight_through": {"straight_through": True},
     "dftopk": {},
     "sigmoid": {},
     "soft": {},
+    "soft_eps": {},
     "sparse": {},
     "sparse43": {"p": 4 / 3},
     "lapsum": {},
 }
+_OTHER_VARIANTS = {"perturbed": {}}  # validation tests only (the perturbed method is tested in test_stochastic.py)
+_METHOD_OF = {"straight_through": "sigmoid", "sparse43": "sparse", "soft_eps": "soft"}
 SOFT_VARIANTS = [v for v in METHOD_VARIANTS if v != "hard"]
-NORMALISED_VARIANTS = ["sigmoid", "soft", "sparse", "sparse43", "lapsum"]
+NORMALISED_VARIANTS = ["sigmoid", "soft", "soft_eps", "sparse", "sparse43", "lapsum"]
+# the variants whose mask depends on x only through x − τ, with ``temperature`` in the units of x
+SHIFT_INVARIANT_VARIANTS = [v for v in METHOD_VARIANTS if v not in ("hard", "soft_eps")]
 
 
 def method_of(variant: str) -> str:
-    return "sparse" if variant == "sparse43" else variant
+    return _METHOD_OF.get(variant, variant)
+
+
+def variant_kwargs(variant: str, **kw) -> dict:
+    """``method=`` and the options of a variant, plus ``kw``, as keyword arguments of ``topk_mask``/``SoftTopK``.
+
+    "hard" takes no temperature: a ``temperature`` in ``kw`` is dropped (tests parametrised over the variants pass
+    one). "soft_eps": a ``temperature`` in ``kw`` is passed as ``epsilon`` (default 1.0).
+    """
+    opts = {"method": method_of(variant), **METHOD_VARIANTS.get(variant, _OTHER_VARIANTS.get(variant, {}))}
+    kw = dict(kw)
+    if variant == "hard":
+        kw.pop("temperature", None)
+    elif variant == "soft_eps":
+        kw["epsilon"] = kw.pop("temperature", 1.0)
+    opts.update(kw)
+    return opts
 
 
 def run(x, k, variant, **kw):
-    """``topk_mask`` for a method variant (``"sparse43"`` is method ``"sparse"`` with ``p=4/3``)."""
-    opts = dict(METHOD_VARIANTS[variant])
-    opts.update(kw)
-    return softtopk.topk_mask(x, k, method=method_of(variant), **opts)
+    """``topk_mask`` for a method variant (see ``variant_kwargs``)."""
+    return softtopk.topk_mask(x, k, **variant_kwargs(variant, **kw))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The width convention of ``temperature``: T is the width of the transition on the score axis, 1/T the slope
+# dy_i/dx_i at y_i = 1/2 with the threshold held fixed. Each family's internal t (the t of the references below)
+# is T·factor, the factor solving slope = 1/T from the definition (written here, not read from the library):
+#   sigmoid σ(z/t):               σ'(0)/t = 1/(4t)                            -> t = T/4
+#   Laplace CDF, scale t:         density at 0 = 1/(2t)                       -> t = T/2
+#   sparse p=2, clip(z/t):        1/t                                         -> t = T
+#   sparse p=4/3, (z/t)³:         y = 1/2 at z/t = 2^(-1/3), 3(z/t)²/t = 3·2^(-2/3)/t -> t = 3·2^(-2/3)·T
+#   perturbed, Gaussian σ·Z:      P(x + σZ > τ), density φ(0)/σ = 1/(σ√(2π))  -> σ = T/√(2π)
+#   perturbed, Gumbel σ·G:        F(g) = exp(−e^(−g)) = 1/2 at e^(−g) = log 2, f = log(2)/2 -> σ = T·log(2)/2
+# ----------------------------------------------------------------------------------------------------------
+TEMPERATURE_FACTOR = {
+    "sigmoid": 0.25,
+    "straight_through": 0.25,
+    "dftopk": 0.25,
+    "soft": 0.25,
+    "lapsum": 0.5,
+    "sparse": 1.0,
+    "sparse43": 3 * 2 ** (-2 / 3),  # 1.8899...
+    "perturbed": 1 / math.sqrt(2 * math.pi),  # 0.39894...
+    "perturbed_gumbel": math.log(2) / 2,  # 0.34657...
+}
+
+
+def internal_temperature(variant: str, T, p=None):
+    """The internal t of ``variant`` (or of method "sparse" with ``p``, of "perturbed" with ``p="gumbel"``) at
+    temperature T: ``T * factor``. "soft_eps" has no such t (its epsilon is passed unchanged): an error."""
+    if variant == "sparse" and p is not None and not p == 2:
+        assert math.isclose(p, 4 / 3), p
+        variant = "sparse43"
+    if variant == "perturbed" and p == "gumbel":
+        variant = "perturbed_gumbel"
+    if variant not in TEMPERATURE_FACTOR:
+        raise KeyError(f"no internal temperature for variant {variant!r}")
+    return T * TEMPERATURE_FACTOR[variant]
 
 
 @pytest.fixture(autouse=True)
@@ -73,11 +135,21 @@ def phi_sparse43(z):
     return np.clip(np.maximum(z, 0.0) ** 3, 0.0, 1.0)
 
 
-PHI = {"sigmoid": phi_sigmoid, "lapsum": phi_laplace, "sparse": phi_sparse2, "sparse43": phi_sparse43}
+PHI = {
+    "sigmoid": phi_sigmoid,
+    "soft": phi_sigmoid,
+    "lapsum": phi_laplace,
+    "sparse": phi_sparse2,
+    "sparse43": phi_sparse43,
+}
 
 
 def ref_threshold_mask(x, k, t, variant):
-    """y_i = φ((x_i − τ)/t) with Σ y = k, τ by brentq in float64 (x a 1-D array of finite values)."""
+    """y_i = φ((x_i − τ)/t) with Σ y = k, τ by brentq in float64 (x a 1-D array of finite values).
+
+    ``t`` is the family's *internal* temperature: for a call at ``temperature=T`` pass
+    ``internal_temperature(variant, T)``.
+    """
     x = np.asarray(x, dtype=np.float64)
     n = x.size
     phi = PHI[variant]
@@ -96,7 +168,10 @@ def ref_threshold_mask(x, k, t, variant):
 
 
 def ref_dftopk(x, k, t):
-    """Literal DFTopK: σ((x − τ)/t), τ = mean of the k-th and (k+1)-th largest (x_(0)=+∞, x_(n+1)=−∞)."""
+    """Literal DFTopK: σ((x − τ)/t), τ = mean of the k-th and (k+1)-th largest (x_(0)=+∞, x_(n+1)=−∞).
+
+    ``t`` is the internal temperature: ``internal_temperature("dftopk", T) = T/4`` for a call at ``temperature=T``.
+    """
     xt = torch.as_tensor(x, dtype=torch.float64)
     s = torch.sort(xt, descending=True).values
     padded = torch.cat(

@@ -1,5 +1,6 @@
 """softtopk-bench (benchmarks/suite.py): the CLI end to end in a tiny configuration, the exponent fit, the peer-skip
-notice, the README markers, and the in-house peers against softtopk's own masks."""
+notice, the README markers, the in-house peers against softtopk's own masks, and the benchmarks' internal
+temperatures against softtopk's width convention (benchmarks/_temperature.py)."""
 
 import json
 import math
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 from benchmarks import suite
+from benchmarks._temperature import mask_kwargs, threshold_temperature
 from benchmarks.peers import sigmoid_bisect_mask, sinkhorn_unrolled_mask
 
 import softtopk
@@ -101,10 +103,62 @@ def test_inhouse_peers_match_softtopk():
     x = torch.randn(3, 50, generator=gen, dtype=torch.float64)
     # converged Sinkhorn = SOFT's closed form (softtopk's "soft" is the converged two-anchor plan)
     y = sinkhorn_unrolled_mask(x, 7, 0.1, iters=3000)
-    ref = softtopk.topk_mask(x, 7, method="soft", temperature=0.1)
+    ref = softtopk.topk_mask(x, 7, method="soft", epsilon=0.1)
     assert torch.allclose(y, ref, atol=1e-6) and torch.allclose(y.sum(-1), torch.full((3,), 7.0, dtype=x.dtype))
-    # the bisection finds the same threshold as softtopk's sigmoid mask
+    # the bisection finds the same threshold as softtopk's sigmoid mask (internal t = temperature / 4)
     y = sigmoid_bisect_mask(x, 7, 0.3)
-    ref = softtopk.topk_mask(x, 7, method="sigmoid", temperature=0.3)
+    ref = softtopk.topk_mask(x, 7, method="sigmoid", temperature=4 * 0.3)
     assert torch.allclose(y, ref, atol=1e-8)
     assert math.isclose(float(y.sum(-1)[0]), 7.0, abs_tol=1e-8)
+
+
+# the inverse of each family's profile: z = (x - tau)/t from the mask value y (entries strictly inside (0, 1))
+_INVERSE = {
+    "sigmoid": torch.logit,
+    "dftopk": torch.logit,
+    "lapsum": lambda y: torch.where(y < 0.5, torch.log(2 * y), -torch.log(2 * (1 - y))),
+    "sparse": lambda y: y,
+    "sparse(p=4/3)": lambda y: y ** (1 / 3),
+}
+
+
+@pytest.mark.parametrize("case", list(_INVERSE))
+def test_internal_temperature_gives_the_family_profile(case):
+    # the benchmarks' mask at internal t is clip(phi((x - tau)/t)): x - t * phi^-1(y) is the same tau on every entry
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 60, generator=gen, dtype=torch.float64)
+    t = 0.6
+    method, opts = ("sparse", {"p": 4 / 3}) if case == "sparse(p=4/3)" else (case, {})
+    y = softtopk.topk_mask(x, 6, **mask_kwargs(method, t, **opts))
+    inside = (y > 1e-6) & (y < 1 - 1e-6)
+    assert int(inside.sum(-1).min()) >= 3
+    tau = torch.where(inside, x - t * _INVERSE[case](y.clamp(1e-12, 1 - 1e-12)), torch.nan)
+    spread = (tau.nan_to_num(-torch.inf).amax(-1) - tau.nan_to_num(torch.inf).amin(-1)).max()
+    assert float(spread) < 1e-6, case
+    if case == "dftopk":  # tau is the midpoint of the k-th and (k+1)-th largest entries
+        top = x.topk(7, dim=-1).values
+        mid = (top[:, 5] + top[:, 6]) / 2
+        assert torch.allclose(tau.nanmean(-1), mid, atol=1e-6)
+
+
+def test_internal_temperature_straight_through_perturbed_threshold():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 20, generator=gen, dtype=torch.float64)
+    w = torch.randn(3, 20, generator=gen, dtype=torch.float64)
+    # "straight_through": the hard mask forward, the sigmoid mask's gradient (same internal t) backward
+    xs = x.clone().requires_grad_()
+    y = softtopk.topk_mask(xs, 4, **mask_kwargs("straight_through", 0.2))
+    (grad,) = torch.autograd.grad((y * w).sum(), xs)
+    xr = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad((softtopk.topk_mask(xr, 4, **mask_kwargs("sigmoid", 0.2)) * w).sum(), xr)
+    assert torch.equal(y.detach(), softtopk.topk_mask(x, 4, method="hard")) and torch.allclose(grad, ref)
+    # "perturbed" at internal t: Gaussian noise of sigma t; for two entries E[hard] = Phi((x0 - x1) / (t sqrt 2))
+    pair = torch.tensor([0.3, 0.0], dtype=torch.float64)
+    y = softtopk.topk_mask(
+        pair, 1, **mask_kwargs("perturbed", 0.5, n_samples=200_000, generator=torch.Generator().manual_seed(0))
+    )
+    want = 0.5 * (1 + math.erf(0.3 / (0.5 * math.sqrt(2)) / math.sqrt(2)))
+    assert abs(float(y[0]) - want) < 0.01
+    # threshold_mask at internal t: sigmoid((sigmoid(x) - threshold) / t)
+    y = softtopk.threshold_mask(x, 0.5, temperature=threshold_temperature(0.1))
+    assert torch.allclose(y, torch.sigmoid((torch.sigmoid(x) - 0.5) / 0.1))

@@ -12,6 +12,7 @@ def test_demo_runs(capsys):
     runpy.run_path(str(ROOT / "examples" / "demo.py"), run_name="__main__")
     out = capsys.readouterr().out
     shown = ("hard", "dftopk", "sigmoid", "soft", "sparse", "lapsum", "perturbed", "soft_rank", "bitonic", "Loss")
+    shown += ("straight_through", "sinkhorn", "combine weights", "outside", "same temperature 0.5")
     for method in shown:
         assert method in out
 
@@ -41,5 +42,6 @@ def test_operator_benchmark_tiny(tmp_path, capsys):
     assert operators.main(["--sizes", "100", "--budget", "0.01", "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("a\n") and text.endswith("b\n") and "STALE" not in text
-    for case in ("perturbed S=10", "gumbel_topk", "threshold_mask", "bitonic", "LMLLoss", "CascadeTopKLoss"):
+    cases = ("perturbed S=10", "gumbel_topk", "threshold_mask", "sinkhorn", "bitonic", "LMLLoss", "CascadeTopKLoss")
+    for case in cases:
         assert case in text

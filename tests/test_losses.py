@@ -1,7 +1,12 @@
 """Losses of ``softtopk.losses`` against independent computations written here: the LML threshold by brentq
 (conftest), the literal DFTopK formula (conftest), a plain float64 Sinkhorn to k + 1 anchors and a dense odd-even
 network for the top-k cross-entropy, quadrature of the Gaussian order statistics for the smoothed hinge; float64
-gradchecks, reductions, bad inputs, half precision, and short training runs on sklearn's digits."""
+gradchecks, reductions, bad inputs, half precision, and short training runs on sklearn's digits.
+
+The mask-based losses (LML, cascade) take ``topk_mask``'s width convention: ``temperature`` T is the width of the
+transition on the score axis, and the references, written with the family's own t, are called at t = T·factor
+(``MASK_FACTOR``). The top-k cross-entropy's "sinkhorn" method is smoothed by ``epsilon``; the sorting networks and
+the hinge loss keep their temperature (the comparators' t, the noise σ)."""
 
 from __future__ import annotations
 
@@ -27,22 +32,18 @@ from softtopk.losses import (
     smooth_topk_hinge_loss,
     topk_cross_entropy,
 )
-from softtopk.ot import topk_permutation
 
 NETWORKS = ("odd_even", "bitonic")
+PERMUTATION_METHODS = ("sinkhorn",) + NETWORKS
+# t = T·factor for the masks at temperature T, the factor solving "slope of the mask at y = 1/2 is 1/T" from the
+# definitions (written here, not read from the library): σ(z/t) has slope σ'(0)/t = 1/(4t), so t = T/4; the Laplace
+# CDF of scale t has density 1/(2t) at 0, so t = T/2. DFTopK is a sigmoid mask too.
+MASK_FACTOR = {"sigmoid": 0.25, "dftopk": 0.25, "lapsum": 0.5}
 
 
-def _network_available(method: str) -> bool:
-    try:
-        topk_permutation(torch.tensor([0.0, 1.0, 2.0]), 2, method=method)
-    except ValueError:
-        return False
-    return True
-
-
-def skip_unavailable(method: str) -> None:
-    if method != "soft" and not _network_available(method):
-        pytest.skip(f"topk_permutation has no method {method!r} yet")
+def smoothing(method: str, value) -> dict:
+    """The keyword of ``topk_permutation``'s smoothing parameter: ``epsilon`` for "sinkhorn", else ``temperature``."""
+    return {"epsilon" if method == "sinkhorn" else "temperature": value}
 
 
 def rows(b, n, seed=0, dtype=torch.float64):
@@ -142,10 +143,12 @@ def bce(y, r):
 # ----------------------------------------------------------------------------------------------------------------
 # LML
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("k,t", [(1, 1.0), (3, 0.5), (5, 2.0)])
-def test_lml_matches_brentq_reference(k, t):
+@pytest.mark.parametrize("k,T", [(1, 4.0), (3, 2.0), (5, 8.0)])
+def test_lml_matches_brentq_reference(k, T):
+    """The sigmoid mask at temperature T is σ((x − τ)/t) with t = T/4."""
     x, y = rows(4, 7), labels(4, 7)
-    got = lml_loss(x, y, k, temperature=t, reduction="none")
+    got = lml_loss(x, y, k, temperature=T, reduction="none")
+    t = T * MASK_FACTOR["sigmoid"]
     want = [-math.log(ref_threshold_mask(x[b].numpy(), k, t, "sigmoid")[y[b]]) for b in range(4)]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-10)
 
@@ -157,7 +160,8 @@ def test_lml_per_row_temperature_and_limits():
     want = torch.stack([lml_loss(x[b : b + 1], y[b : b + 1], 2, temperature=float(t[b])) for b in range(3)])
     torch.testing.assert_close(got, want)
     assert float(lml_loss(x, y, 6)) == 0.0  # k = n: every class is selected
-    hard = lml_loss(x, y, 2, temperature=1e-3, reduction="none")
+    torch.testing.assert_close(lml_loss(x, y, 2), lml_loss(x, y, 2, temperature=1.0), rtol=0, atol=0)  # default
+    hard = lml_loss(x, y, 2, temperature=4e-3, reduction="none")  # t = 1e-3
     in_top = (x.topk(2, dim=1).indices == y[:, None]).any(1)
     assert bool((hard[in_top] < 1e-6).all()) and bool((hard[~in_top] > 100).all())
 
@@ -172,11 +176,10 @@ def test_lml_gradcheck():
 # ----------------------------------------------------------------------------------------------------------------
 # top-k cross-entropy
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ("soft",) + NETWORKS)
+@pytest.mark.parametrize("method", PERMUTATION_METHODS)
 def test_topk_ce_with_one_weight_is_cross_entropy(method):
-    skip_unavailable(method)
     x, y = rows(4, 6).requires_grad_(), labels(4, 6)
-    got = topk_cross_entropy(x, y, p_k=[1.0], method=method, temperature=0.5)
+    got = topk_cross_entropy(x, y, p_k=[1.0], method=method, **smoothing(method, 0.5))
     want = F.cross_entropy(x, y)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(topk_cross_entropy(x, y, k=1), want)
@@ -186,28 +189,32 @@ def test_topk_ce_with_one_weight_is_cross_entropy(method):
 
 
 @pytest.mark.parametrize("top1", ["softmax", "cross_entropy", "sort"])
-def test_topk_ce_soft_matches_reference_sinkhorn(top1):
+def test_topk_ce_sinkhorn_matches_reference_sinkhorn(top1):
     x, y = rows(3, 6), labels(3, 6)
     p_k, eps = (0.4, 0.1, 0.5), 0.5
-    got = topk_cross_entropy(x, y, p_k=p_k, temperature=eps, top1=top1, reduction="none", tol=1e-13)
+    got = topk_cross_entropy(x, y, p_k=p_k, epsilon=eps, top1=top1, reduction="none", tol=1e-13)
+    explicit = topk_cross_entropy(x, y, p_k=p_k, method="sinkhorn", epsilon=eps, top1=top1, reduction="none", tol=1e-13)
+    torch.testing.assert_close(explicit, got, rtol=0, atol=0)  # "sinkhorn" is the default method
     want = [ref_topk_ce(ref_soft_gamma(x[b].numpy(), 3, eps), x[b], int(y[b]), p_k, top1) for b in range(3)]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("top1", ["softmax", "cross_entropy", "sort"])
 def test_topk_ce_odd_even_matches_dense_network(top1):
-    skip_unavailable("odd_even")
     x, y = rows(3, 5), labels(3, 5)
     p_k, t = (0.25, 0.25, 0.0, 0.5), 2.0
     got = topk_cross_entropy(x, y, p_k=p_k, method="odd_even", temperature=t, top1=top1, reduction="none")
     want = [ref_topk_ce(ref_odd_even_gamma(x[b], 4, t), x[b], int(y[b]), p_k, top1) for b in range(3)]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    # the networks' default temperature is t = 1.0
+    got = topk_cross_entropy(x, y, p_k=p_k, method="odd_even", top1=top1, reduction="none")
+    want = [ref_topk_ce(ref_odd_even_gamma(x[b], 4, 1.0), x[b], int(y[b]), p_k, top1) for b in range(3)]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", NETWORKS)
 def test_topk_ce_hard_limit(method):
     """t → 0: P_k is the indicator of the k largest; the loss is −log(p_1 softmax_y + Σ_{k≥2} p_k 1[rank_y ≤ k])."""
-    skip_unavailable(method)
     x, y = rows(6, 8), labels(6, 8, seed=3)
     p_k = (0.5, 0.0, 0.3, 0.2)
     got = topk_cross_entropy(x, y, p_k=p_k, method=method, temperature=1e-4, reduction="none")
@@ -218,11 +225,12 @@ def test_topk_ce_hard_limit(method):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_topk_ce_preselection_m():
-    """m: the target and the m − 1 largest other logits, hard-selected, then the loss on those m alone."""
+def test_topk_ce_preselection_candidates():
+    """candidates = m: the target and the m − 1 largest other logits, hard-selected, then the loss on those m
+    alone."""
     x, y = rows(4, 9).requires_grad_(), labels(4, 9)
     p_k = (0.5, 0.0, 0.5)
-    got = topk_cross_entropy(x, y, p_k=p_k, m=5, temperature=0.3, reduction="none", tol=1e-13)
+    got = topk_cross_entropy(x, y, p_k=p_k, candidates=5, epsilon=0.3, reduction="none", tol=1e-13)
     for b in range(4):
         others = [i for i in x[b].detach().argsort(descending=True).tolist() if i != int(y[b])][:4]
         sub = x[b, [int(y[b])] + others].detach()
@@ -233,34 +241,52 @@ def test_topk_ce_preselection_m():
     selected = torch.zeros_like(x, dtype=torch.bool).scatter_(1, y[:, None], True).scatter_(1, top_others, True)
     assert bool((grad[~selected] == 0).all()) and bool((grad[selected] != 0).all())
     torch.testing.assert_close(
-        topk_cross_entropy(x, y, p_k=p_k, m=9, temperature=0.3, tol=1e-13),
-        topk_cross_entropy(x, y, p_k=p_k, temperature=0.3, tol=1e-13),
+        topk_cross_entropy(x, y, p_k=p_k, candidates=9, epsilon=0.3, tol=1e-13),
+        topk_cross_entropy(x, y, p_k=p_k, epsilon=0.3, tol=1e-13),
     )
+    module = TopKCrossEntropyLoss(p_k=p_k, candidates=5, epsilon=0.3, reduction="none", tol=1e-13)
+    torch.testing.assert_close(module(x, y), got, rtol=0, atol=0)
 
 
 def test_topk_ce_k_shorthand_and_default():
     x, y = rows(3, 6), labels(3, 6)
-    kw = {"method": "soft", "temperature": 0.5, "reduction": "none"}
+    kw = {"method": "sinkhorn", "epsilon": 0.5, "reduction": "none"}
     torch.testing.assert_close(topk_cross_entropy(x, y, k=3, **kw), topk_cross_entropy(x, y, p_k=(0.5, 0, 0.5), **kw))
     torch.testing.assert_close(topk_cross_entropy(x, y, **kw), topk_cross_entropy(x, y, p_k=DEFAULT_P_K, **kw))
     with pytest.raises(ValueError, match=r"topk_cross_entropy: `k`=2 must equal len\(p_k\)=3"):
         topk_cross_entropy(x, y, k=2, p_k=(0.5, 0, 0.5))
 
 
-@pytest.mark.parametrize("method", ("soft",) + NETWORKS)
+@pytest.mark.parametrize("method", PERMUTATION_METHODS)
 def test_topk_ce_gradcheck(method):
-    skip_unavailable(method)
     x, y = rows(2, 5).requires_grad_(), labels(2, 5)
-    opts = {"tol": 1e-14} if method == "soft" else {}
-    t = 0.4 if method == "soft" else 1.5
+    opts = {"tol": 1e-14, "epsilon": 0.4} if method == "sinkhorn" else {"temperature": 1.5}
     for top1, m in (("softmax", None), ("sort", None), ("cross_entropy", 4)):
         assert gradcheck(
             lambda x, m=m, top1=top1: topk_cross_entropy(
-                x, y, p_k=(0.5, 0.2, 0.3), m=m, method=method, temperature=t, top1=top1, reduction="none", **opts
+                x, y, p_k=(0.5, 0.2, 0.3), candidates=m, method=method, top1=top1, reduction="none", **opts
             ),
             (x,),
             atol=1e-6,
         )
+
+
+def test_topk_ce_renamed_arguments():
+    """Method "sinkhorn" (formerly "soft") is smoothed by ``epsilon`` and takes no ``temperature`` (TypeError
+    naming it, in the function and at the module's construction); "soft" is no permutation method; ``m`` is
+    ``candidates``."""
+    x, y = rows(3, 6), labels(3, 6)
+    for kw in ({}, {"method": "sinkhorn"}, {"epsilon": 0.5}):
+        with pytest.raises(TypeError, match="temperature"):
+            topk_cross_entropy(x, y, temperature=0.5, **kw)
+        with pytest.raises(TypeError, match="temperature"):
+            TopKCrossEntropyLoss(temperature=0.5, **kw)
+    with pytest.raises(ValueError, match="topk_cross_entropy: unknown `method`='soft'"):
+        topk_cross_entropy(x, y, method="soft")
+    with pytest.raises(TypeError, match="`epsilon`"):
+        topk_cross_entropy(x, y, method="bitonic", epsilon=0.5)
+    with pytest.raises(TypeError, match="`m`|'m'"):
+        topk_cross_entropy(x, y, m=4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,11 +296,11 @@ def test_hinge_unsmoothed_and_imbalanced_margins():
     x, y = rows(5, 6), labels(5, 6)
     kth = x.topk(3, dim=1).values[:, -1]
     xy = x.gather(1, y[:, None]).squeeze(1)
-    torch.testing.assert_close(smooth_topk_hinge_loss(x, y, 2, sigma=0.0, reduction="none"), F.relu(1 + kth - xy))
+    torch.testing.assert_close(smooth_topk_hinge_loss(x, y, 2, temperature=0.0, reduction="none"), F.relu(1 + kth - xy))
     counts = [50, 10, 200, 7, 7, 30]
     margins = torch.tensor([0.4 * (7 / c) ** 0.25 for c in counts], dtype=torch.float64)
     got = smooth_topk_hinge_loss(
-        x, y, 2, sigma=0.0, balanced=False, class_counts=counts, margin=0.4, scale=30.0, reduction="none"
+        x, y, 2, temperature=0.0, balanced=False, class_counts=counts, margin=0.4, scale=30.0, reduction="none"
     )
     torch.testing.assert_close(got, 30.0 * F.relu(margins[y] + kth - xy))
 
@@ -285,7 +311,7 @@ def test_hinge_estimator_converges_to_smoothed_loss():
     y, k, sigma = torch.tensor([1, 4]), 2, 0.7
     xr = x.clone().requires_grad_()
     gen = torch.Generator().manual_seed(0)
-    got = smooth_topk_hinge_loss(xr, y, k, sigma=sigma, n_samples=200_000, generator=gen, reduction="none")
+    got = smooth_topk_hinge_loss(xr, y, k, temperature=sigma, n_samples=200_000, generator=gen, reduction="none")
     (grad,) = torch.autograd.grad(got.sum(), xr)
     for b in range(2):
         value, dvalue = ref_smoothed_kth(x[b].numpy(), k + 1, sigma)
@@ -304,7 +330,7 @@ def test_hinge_backward_is_gradient_of_fixed_noise_estimate():
 
     def f(z):
         return smooth_topk_hinge_loss(
-            z, y, 2, sigma=0.5, n_samples=64, generator=torch.Generator().manual_seed(5), reduction="sum"
+            z, y, 2, temperature=0.5, n_samples=64, generator=torch.Generator().manual_seed(5), reduction="sum"
         )
 
     xr = x.clone().requires_grad_()
@@ -323,37 +349,65 @@ def test_hinge_reproducible_with_generator():
 
     def draw(seed):
         return smooth_topk_hinge_loss(
-            x, y, 1, sigma=1.0, generator=torch.Generator().manual_seed(seed), reduction="none"
+            x, y, 1, temperature=1.0, generator=torch.Generator().manual_seed(seed), reduction="none"
         )
 
     torch.testing.assert_close(draw(3), draw(3), rtol=0, atol=0)
     assert not torch.equal(draw(3), draw(4))
-    mod1 = SmoothTopKHingeLoss(1, sigma=1.0, generator=torch.Generator().manual_seed(3))
-    mod2 = SmoothTopKHingeLoss(1, sigma=1.0, generator=torch.Generator().manual_seed(3))
+    mod1 = SmoothTopKHingeLoss(1, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    mod2 = SmoothTopKHingeLoss(1, temperature=1.0, generator=torch.Generator().manual_seed(3))
     first = mod1(x, y)
     assert float(first) == float(mod2(x, y)) and float(mod1(x, y)) != float(first)  # fresh noise per call
+
+
+def test_hinge_defaults_and_unused_n_samples():
+    """``temperature=None`` is σ = 1.0 and ``n_samples=None`` is 5 draws; at temperature 0 (unsmoothed, no
+    noise) ``n_samples`` is not taken: a TypeError naming it, in the function and at the module's construction."""
+    x, y = rows(4, 6), labels(4, 6)
+
+    def draw(**kw):
+        return smooth_topk_hinge_loss(x, y, 2, generator=torch.Generator().manual_seed(7), reduction="none", **kw)
+
+    explicit = draw(temperature=1.0, n_samples=5)
+    torch.testing.assert_close(draw(), explicit, rtol=0, atol=0)
+    torch.testing.assert_close(draw(temperature=None, n_samples=None), explicit, rtol=0, atol=0)
+    assert not torch.equal(draw(n_samples=6), explicit)
+    torch.testing.assert_close(draw(temperature=0.0, n_samples=None), draw(temperature=0.0), rtol=0, atol=0)
+    for n_samples in (1, 5, 100):
+        with pytest.raises(TypeError, match="smooth_topk_hinge_loss: .*`n_samples`"):
+            smooth_topk_hinge_loss(x, y, 2, temperature=0.0, n_samples=n_samples)
+        with pytest.raises(TypeError, match="SmoothTopKHingeLoss: .*`n_samples`"):
+            SmoothTopKHingeLoss(2, temperature=0.0, n_samples=n_samples)
+    with pytest.raises(TypeError, match="sigma"):
+        smooth_topk_hinge_loss(x, y, 2, sigma=0.5)  # renamed `temperature`
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # cascade top-K selection
 # ----------------------------------------------------------------------------------------------------------------
 def test_cascade_matches_literal_dftopk_bce():
+    """DFTopK at temperature T is σ((x − θ)/t) with t = T/4 (T = 2.8: t = 0.7)."""
     x = rows(4, 8)
     idx = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(b))[:3] for b in range(4)])
     rel = torch.zeros(4, 8).scatter_(1, idx, 1.0)
-    for m in (3, 5):
-        got = cascade_topk_loss(x, idx, m, temperature=0.7, reduction="none")
-        want = [bce(ref_dftopk(x[b].numpy(), m, 0.7), rel[b].double().numpy()) for b in range(4)]
+    T = 2.8
+    t = T * MASK_FACTOR["dftopk"]
+    for k in (3, 5):
+        got = cascade_topk_loss(x, idx, k, temperature=T, reduction="none")
+        want = [bce(ref_dftopk(x[b].numpy(), k, t), rel[b].double().numpy()) for b in range(4)]
         torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(cascade_topk_loss(x, rel.bool(), m, temperature=0.7, reduction="none"), got)
-        torch.testing.assert_close(cascade_topk_loss(x, rel.double(), m, temperature=0.7, reduction="none"), got)
+        torch.testing.assert_close(cascade_topk_loss(x, rel.bool(), k, temperature=T, reduction="none"), got)
+        torch.testing.assert_close(cascade_topk_loss(x, rel.double(), k, temperature=T, reduction="none"), got)
+        torch.testing.assert_close(cascade_topk_loss(x, idx, k=k, temperature=T, reduction="none"), got)
 
 
-def test_cascade_default_m_is_each_rows_set_size():
+def test_cascade_default_k_is_each_rows_set_size():
+    """k=None: each row's number of relevant items; the default temperature T = 1.0 is t = 1/4."""
     x = rows(3, 7)
     rel = torch.tensor([[1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     got = cascade_topk_loss(x, rel, reduction="none")
-    want = [bce(ref_dftopk(x[b].numpy(), int(rel[b].sum()), 1.0), rel[b].double().numpy()) for b in range(3)]
+    t = 1.0 * MASK_FACTOR["dftopk"]
+    want = [bce(ref_dftopk(x[b].numpy(), int(rel[b].sum()), t), rel[b].double().numpy()) for b in range(3)]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
@@ -362,8 +416,9 @@ def test_cascade_with_normalised_methods(method):
     x = rows(3, 6)
     idx = torch.tensor([[0, 1], [2, 5], [4, 3]])
     rel = torch.zeros(3, 6).scatter_(1, idx, 1.0).double().numpy()
-    got = cascade_topk_loss(x, idx, 3, method=method, temperature=0.8, reduction="none")
-    want = [bce(ref_threshold_mask(x[b].numpy(), 3, 0.8, method), rel[b]) for b in range(3)]
+    T = 0.8
+    got = cascade_topk_loss(x, idx, 3, method=method, temperature=T, reduction="none")
+    want = [bce(ref_threshold_mask(x[b].numpy(), 3, T * MASK_FACTOR[method], method), rel[b]) for b in range(3)]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-10)
 
 
@@ -375,26 +430,66 @@ def test_cascade_gradcheck(method):
     assert gradcheck(lambda x, t: cascade_topk_loss(x, idx, 3, method=method, temperature=t, reduction="none"), (x, t))
 
 
+EXACT_ZEROS = [
+    {"method": "hard"},
+    {"method": "sparse"},
+    {"method": "sparse", "p": 4 / 3},
+    {"method": "perturbed"},
+    {"method": "perturbed", "noise": "gumbel"},
+    {"straight_through": True},
+    {"method": "sigmoid", "straight_through": True},
+]
+
+
+@pytest.mark.parametrize("kw", EXACT_ZEROS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_cascade_rejects_masks_with_exact_zeros(kw):
+    """A mask with exact zeros (hard, sparse, perturbed, straight-through's hard forward) gives the BCE a log of 0,
+    clamped: a relevant item outside the mask's support gets no gradient and is never pulled in. ValueError, in the
+    function and at the module's construction."""
+    x = rows(3, 6)
+    idx = torch.tensor([[0, 1], [2, 5], [4, 3]])
+    with pytest.raises(ValueError, match="cascade_topk_loss: .*gradient"):
+        cascade_topk_loss(x, idx, 2, **kw)
+    with pytest.raises(ValueError, match="CascadeTopKLoss: .*gradient"):
+        CascadeTopKLoss(2, **kw)
+
+
+def test_cascade_exact_zeros_have_no_gradient():
+    """The reason for the rule above, from the definitions: a 0/1 mask that misses a relevant item leaves its BCE
+    term log max(0, tiny) constant (zero gradient), while the sigmoid mask pulls the item up."""
+    x = torch.tensor([[3.0, 2.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    rel = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)  # the relevant item is ranked last
+    hard = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64) + 0 * x  # exact 0/1, a (zero) path to x
+    tiny = torch.finfo(torch.float64).tiny
+    loss = -(rel * hard.clamp_min(tiny).log() + (1 - rel) * (1 - hard).clamp_min(tiny).log()).mean()
+    (g,) = torch.autograd.grad(loss, x)
+    assert float(g[0, 3]) == 0.0
+    (g,) = torch.autograd.grad(cascade_topk_loss(x, rel, 1, method="sigmoid"), x)
+    assert float(g[0, 3]) < 0  # descending the loss raises the relevant item's score
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # shared behaviour: reductions, modules, bad inputs, half precision
 # ----------------------------------------------------------------------------------------------------------------
 def _hinge(x, y, reduction="mean"):
-    return smooth_topk_hinge_loss(x, y, 2, sigma=0.3, generator=torch.Generator().manual_seed(0), reduction=reduction)
+    return smooth_topk_hinge_loss(
+        x, y, 2, temperature=0.3, generator=torch.Generator().manual_seed(0), reduction=reduction
+    )
 
 
 FUNCTIONALS = {
     "lml": lambda x, y, reduction="mean": lml_loss(x, y, 2, reduction=reduction),
     "topk_ce": lambda x, y, reduction="mean": topk_cross_entropy(
-        x, y, p_k=(0.5, 0.5), temperature=0.5, reduction=reduction
+        x, y, p_k=(0.5, 0.5), epsilon=0.5, reduction=reduction
     ),
     "hinge": _hinge,
     "cascade": lambda x, y, reduction="mean": cascade_topk_loss(x, y[:, None], 2, reduction=reduction),
 }
 MODULES = {
     "lml": lambda reduction: LMLLoss(2, reduction=reduction),
-    "topk_ce": lambda reduction: TopKCrossEntropyLoss(p_k=(0.5, 0.5), temperature=0.5, reduction=reduction),
+    "topk_ce": lambda reduction: TopKCrossEntropyLoss(p_k=(0.5, 0.5), epsilon=0.5, reduction=reduction),
     "hinge": lambda reduction: SmoothTopKHingeLoss(
-        2, sigma=0.3, generator=torch.Generator().manual_seed(0), reduction=reduction
+        2, temperature=0.3, generator=torch.Generator().manual_seed(0), reduction=reduction
     ),
     "cascade": lambda reduction: CascadeTopKLoss(2, reduction=reduction),
 }
@@ -476,12 +571,12 @@ def test_bad_k_and_options():
         lml_loss(x, y, 6)
     with pytest.raises(TypeError, match="lml_loss: `k` must be an int"):
         lml_loss(x, y, 2.5)
-    with pytest.raises(ValueError, match="lml_loss: `temperature` must be positive"):
+    with pytest.raises(ValueError, match="`temperature` must be positive"):
         lml_loss(x, y, 2, temperature=0.0)
     with pytest.raises(ValueError, match=r"smooth_topk_hinge_loss: `k`=5 is out of range \[1, 4\]"):
         smooth_topk_hinge_loss(x, y, 5)
-    with pytest.raises(ValueError, match="smooth_topk_hinge_loss: `sigma` must be a finite nonnegative"):
-        smooth_topk_hinge_loss(x, y, 2, sigma=-1.0)
+    with pytest.raises(ValueError, match="smooth_topk_hinge_loss: `temperature` must be a finite nonnegative"):
+        smooth_topk_hinge_loss(x, y, 2, temperature=-1.0)
     with pytest.raises(ValueError, match="smooth_topk_hinge_loss: `n_samples`=0 is out of range"):
         smooth_topk_hinge_loss(x, y, 2, n_samples=0)
     with pytest.raises(ValueError, match="smooth_topk_hinge_loss: the imbalanced loss .* needs `class_counts`"):
@@ -500,19 +595,19 @@ def test_bad_k_and_options():
         topk_cross_entropy(x, y, p_k=(1.5, -0.5))
     with pytest.raises(ValueError, match="topk_cross_entropy: P_K has K=6 weights"):
         topk_cross_entropy(x, y, k=6)
-    with pytest.raises(ValueError, match=r"topk_cross_entropy: `m`=2 is out of range \[3, 5\]"):
-        topk_cross_entropy(x, y, k=3, m=2)
+    with pytest.raises(ValueError, match=r"topk_cross_entropy: `candidates`=2 is out of range \[3, 5\]"):
+        topk_cross_entropy(x, y, k=3, candidates=2)
     with pytest.raises(ValueError, match="topk_cross_entropy: unknown `method`='nope'"):
         topk_cross_entropy(x, y, method="nope")
     with pytest.raises(ValueError, match="topk_cross_entropy: unknown `top1`='argmax'"):
         topk_cross_entropy(x, y, top1="argmax")
-    with pytest.raises(TypeError, match="topk_cross_entropy: method='soft' takes no option `max_it`"):
+    with pytest.raises(TypeError, match="topk_cross_entropy: method='sinkhorn' takes no option `max_it`"):
         topk_cross_entropy(x, y, max_it=3)
-    with pytest.raises(TypeError, match="TopKCrossEntropyLoss: method='soft' takes no option `relaxation`"):
+    with pytest.raises(TypeError, match="TopKCrossEntropyLoss: method='sinkhorn' takes no option `relaxation`"):
         TopKCrossEntropyLoss(relaxation="cauchy")
     with pytest.raises(TypeError, match="cascade_topk_loss: method='dftopk' takes no option `tol`"):
         cascade_topk_loss(x, y[:, None], 2, tol=1e-3)
-    with pytest.raises(ValueError, match=r"cascade_topk_loss: `m`=6 is out of range \[0, 5\]"):
+    with pytest.raises(ValueError, match=r"cascade_topk_loss: `k`=6 is out of range \[0, 5\]"):
         cascade_topk_loss(x, y[:, None], 6)
     with pytest.raises(ValueError, match="cascade_topk_loss: unknown `method`='nope'"):
         cascade_topk_loss(x, y[:, None], 2, method="nope")
@@ -528,6 +623,14 @@ def test_bad_k_and_options():
         cascade_topk_loss(x, torch.ones(3, 4, dtype=torch.bool), 2)
     with pytest.raises(TypeError, match="cascade_topk_loss: `relevant` must be a torch.Tensor"):
         cascade_topk_loss(x, [[0], [1], [2]], 2)
+
+
+def test_mask_losses_name_themselves_in_temperature_errors():
+    x, y = rows(3, 5), labels(3, 5)
+    with pytest.raises(ValueError, match="lml_loss: `temperature` must be positive"):
+        lml_loss(x, y, 2, temperature=0.0)
+    with pytest.raises(ValueError, match="cascade_topk_loss: `temperature` must be positive"):
+        cascade_topk_loss(x, y[:, None], 2, temperature=0.0)
 
 
 def test_module_arguments_checked_at_construction():
@@ -561,8 +664,8 @@ def test_underflow_is_finite():
     x = torch.tensor([[0.0, 50.0, 60.0, 70.0, 80.0]])
     y = torch.tensor([0])
     assert math.isfinite(float(lml_loss(x, y, 2, temperature=0.1)))
-    assert math.isfinite(float(topk_cross_entropy(x, y, p_k=(0.0, 1.0), temperature=0.1, top1="sort")))
-    loss = topk_cross_entropy(x.requires_grad_(), y, p_k=(0.5, 0.5), temperature=0.1)
+    assert math.isfinite(float(topk_cross_entropy(x, y, p_k=(0.0, 1.0), epsilon=0.1, top1="sort")))
+    loss = topk_cross_entropy(x.requires_grad_(), y, p_k=(0.5, 0.5), epsilon=0.1)
     loss.backward()
     assert math.isfinite(float(loss.detach())) and float(x.grad[0, 0]) < 0  # the softmax term keeps a gradient
 
@@ -586,10 +689,10 @@ def digits():
 
 TRAINING = {
     "lml": lambda: LMLLoss(5),
-    "topk_ce_soft": lambda: TopKCrossEntropyLoss(k=5, method="soft", temperature=0.3),
+    "topk_ce_sinkhorn": lambda: TopKCrossEntropyLoss(k=5, method="sinkhorn", epsilon=0.3),
     "topk_ce_odd_even": lambda: TopKCrossEntropyLoss(k=5, method="odd_even", temperature=1.0),
     "hinge": lambda: SmoothTopKHingeLoss(5, generator=torch.Generator().manual_seed(2)),
-    "cascade": lambda: CascadeTopKLoss(5),
+    "cascade": lambda: CascadeTopKLoss(5, temperature=4.0),  # t = 1, the old default
 }
 
 
@@ -604,8 +707,6 @@ def one_thread():
 
 @pytest.mark.parametrize("name", TRAINING)
 def test_training_on_digits_lowers_top5_error(name, digits, one_thread):
-    if name == "topk_ce_odd_even":
-        skip_unavailable("odd_even")
     x_train, y_train, x_test, y_test = digits
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 10)

@@ -16,9 +16,8 @@ from scipy.optimize import isotonic_regression
 from torch.autograd import gradcheck
 
 import softtopk
-from conftest import spaced
-from softtopk import permutahedron as perm
-from softtopk.permutahedron import (
+from conftest import ref_threshold_mask, spaced
+from softtopk import (
     isotonic,
     permutahedron_projection,
     permutahedron_topk,
@@ -26,8 +25,15 @@ from softtopk.permutahedron import (
     soft_sort,
     topk_magnitude,
 )
+from softtopk import permutahedron as perm
 
 P43 = 4 / 3
+# The width convention of ``temperature`` T (shared with topk_mask(method="sparse")): 1/T is the slope dy_i/dx_i at
+# y_i = 1/2 with the threshold fixed, and the operator's internal t (y = ∇R_p((x − τ)/t)) is T·factor:
+#   p = 2:   y = clip(z, 0, 1), z = (x − τ)/t: slope 1/t                                          -> t = T
+#   p = 4/3: y = clip(max(z, 0)³, 0, 1): y = 1/2 at z = 2^(-1/3), slope 3 z²/t = 3·2^(-2/3)/t      -> t = 3·2^(-2/3)·T
+SPARSE_FACTOR = {2: 1.0, P43: 3 * 2 ** (-2 / 3)}
+SPARSE_VARIANT = {2: "sparse", P43: "sparse43"}  # conftest's names of the two φ
 BACKENDS = ["torch"] + (["numba"] if perm.pav_backend("cpu") == "numba" else [])
 
 
@@ -215,6 +221,22 @@ def test_dykstra_warns_when_not_converged():
         isotonic(y, solver="dykstra", max_iter=3)
 
 
+def test_pav_takes_no_solver_options():
+    """PAV is exact: ``tol`` / ``max_iter`` given with solver="pav" (the default) raise a TypeError naming them;
+    their defaults (None) are accepted, and Dykstra takes them."""
+    y = torch.randn(2, 6, dtype=torch.float64)
+    for solver in ({}, {"solver": "pav"}):
+        for kw in ({"tol": 1e-8}, {"max_iter": 100}, {"tol": 1e-8, "max_iter": 100}):
+            with pytest.raises(TypeError, match="|".join(f"`{name}`" for name in kw)):
+                isotonic(y, **solver, **kw)
+        torch.testing.assert_close(isotonic(y, **solver, tol=None, max_iter=None), isotonic(y), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="`max_iter`"):
+        isotonic(y, p=P43, max_iter=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a short Dykstra run may not converge: only the options matter here
+        assert isotonic(y, solver="dykstra", tol=1e-8, max_iter=100).shape == y.shape
+
+
 @pytest.mark.parametrize("p,solver", [(2, "pav"), (P43, "pav"), (2, "dykstra")])
 def test_isotonic_gradcheck(p, solver):
     g = torch.Generator().manual_seed(5)
@@ -266,6 +288,24 @@ def test_permutahedron_topk_matches_threshold_engine(p):
     a = permutahedron_topk(x, 2, temperature=t, p=p, dim=1)
     b = softtopk.topk_mask(x, 2, method="sparse", temperature=t, p=p, dim=1)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("p", [2, P43])
+def test_permutahedron_topk_matches_brentq_reference(p, largest):
+    """Against the threshold mask φ((x − τ)/t), Σ y = k, τ by brentq (conftest), at the internal t = T·factor of
+    the width convention: T for p = 2, 3·2^(-2/3)·T for p = 4/3."""
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(3, 12, generator=g, dtype=torch.float64) * 2
+    for T in (0.05, 0.7, 5.0):
+        for k in (1, 2.5, 6):
+            y = permutahedron_topk(x, k, temperature=T, p=p, largest=largest)
+            for i in range(3):
+                row = (x[i] if largest else -x[i]).numpy()
+                ref = ref_threshold_mask(row, k, T * SPARSE_FACTOR[p], SPARSE_VARIANT[p])
+                np.testing.assert_allclose(y[i].numpy(), ref, rtol=0, atol=1e-9)
+    # the default temperature is T = 1.0
+    torch.testing.assert_close(permutahedron_topk(x, 3, p=p), permutahedron_topk(x, 3, temperature=1.0, p=p))
 
 
 @pytest.mark.parametrize("p", [2, P43])
@@ -335,8 +375,8 @@ def test_soft_sort_rank_l2_match_formula(descending):
     for n in (1, 5, 30):
         x = rng.normal(size=(3, n)) * 2
         for eps in (0.01, 0.5, 3.0, 100.0):
-            r = soft_rank(torch.tensor(x), strength=eps, descending=descending).numpy()
-            s = soft_sort(torch.tensor(x), strength=eps, descending=descending).numpy()
+            r = soft_rank(torch.tensor(x), temperature=eps, descending=descending).numpy()
+            s = soft_sort(torch.tensor(x), temperature=eps, descending=descending).numpy()
             for i in range(3):
                 np.testing.assert_allclose(r[i], ref_soft_rank_l2(x[i], eps, descending), rtol=0, atol=1e-10)
                 np.testing.assert_allclose(s[i], ref_soft_sort_l2(x[i], eps, descending), rtol=0, atol=1e-10)
@@ -350,10 +390,10 @@ def test_soft_sort_rank_kl_match_cvxpy(descending):
     for eps in (0.5, 2.0):
         x = rng.normal(size=n)
         z = (-x if descending else x) / eps
-        r = soft_rank(torch.tensor(x), strength=eps, regularization="kl", descending=descending).numpy()
+        r = soft_rank(torch.tensor(x), temperature=eps, regularization="kl", descending=descending).numpy()
         np.testing.assert_allclose(r, ref_kl_projection_cvx(z, np.log(rho)), rtol=0, atol=1e-5)
         sign = 1.0 if descending else -1.0
-        s = soft_sort(torch.tensor(x), strength=eps, regularization="kl", descending=descending).numpy()
+        s = soft_sort(torch.tensor(x), temperature=eps, regularization="kl", descending=descending).numpy()
         ref = sign * np.log(ref_kl_projection_cvx(rho / eps, sign * x))
         np.testing.assert_allclose(s, ref, rtol=0, atol=1e-5)
 
@@ -366,8 +406,8 @@ def test_soft_sort_rank_match_torchsort(regularization):
     for eps in (0.1, 1.0, 10.0):
         ref_r = torchsort.soft_rank(x, regularization=regularization, regularization_strength=eps)
         ref_s = torchsort.soft_sort(x, regularization=regularization, regularization_strength=eps)
-        r = soft_rank(x, strength=eps, regularization=regularization, descending=False)
-        s = soft_sort(x, strength=eps, regularization=regularization, descending=False)
+        r = soft_rank(x, temperature=eps, regularization=regularization, descending=False)
+        s = soft_sort(x, temperature=eps, regularization=regularization, descending=False)
         torch.testing.assert_close(r, ref_r, rtol=0, atol=1e-9)
         torch.testing.assert_close(s, ref_s, rtol=0, atol=1e-9)
 
@@ -378,18 +418,20 @@ def test_soft_rank_properties(regularization):
     x = torch.randn(6, 33, generator=g, dtype=torch.float64)
     n = 33
     for eps in (1e-3, 0.3, 30.0):
-        r = soft_rank(x, strength=eps, regularization=regularization)
+        r = soft_rank(x, temperature=eps, regularization=regularization)
         torch.testing.assert_close(r.sum(-1), torch.full((6,), n * (n + 1) / 2, dtype=torch.float64))
         assert float(r.min()) >= 1 - 1e-9 and float(r.max()) <= n + 1e-9
-        s = soft_sort(x, strength=eps, regularization=regularization)
+        s = soft_sort(x, temperature=eps, regularization=regularization)
         assert bool((s[:, :-1] >= s[:, 1:] - 1e-12).all())
         if regularization == "l2":
             torch.testing.assert_close(s.sum(-1), x.sum(-1))
     hard_desc = (torch.argsort(torch.argsort(x, -1, descending=True), -1) + 1).to(x.dtype)
-    torch.testing.assert_close(soft_rank(x, strength=1e-4, regularization=regularization), hard_desc, rtol=0, atol=1e-6)
-    torch.testing.assert_close(soft_rank(x, strength=1e-4, descending=False), n + 1 - hard_desc, rtol=0, atol=1e-6)
-    torch.testing.assert_close(soft_sort(x, strength=1e-4), x.sort(-1, descending=True).values, rtol=0, atol=1e-6)
-    torch.testing.assert_close(soft_sort(x, strength=1e-4, descending=False), x.sort(-1).values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        soft_rank(x, temperature=1e-4, regularization=regularization), hard_desc, rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(soft_rank(x, temperature=1e-4, descending=False), n + 1 - hard_desc, rtol=0, atol=1e-6)
+    torch.testing.assert_close(soft_sort(x, temperature=1e-4), x.sort(-1, descending=True).values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(soft_sort(x, temperature=1e-4, descending=False), x.sort(-1).values, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("regularization", ["l2", "kl"])
@@ -398,24 +440,36 @@ def test_soft_sort_rank_gradcheck(regularization):
     eps = torch.tensor([[0.3], [1.7]], dtype=torch.float64, requires_grad=True)
     for descending in (True, False):
         assert gradcheck(
-            lambda x, e, d=descending: soft_rank(x, strength=e, regularization=regularization, descending=d), (x, eps)
+            lambda x, e, d=descending: soft_rank(x, temperature=e, regularization=regularization, descending=d),
+            (x, eps),
         )
         assert gradcheck(
-            lambda x, e, d=descending: soft_sort(x, strength=e, regularization=regularization, descending=d), (x, eps)
+            lambda x, e, d=descending: soft_sort(x, temperature=e, regularization=regularization, descending=d),
+            (x, eps),
         )
-    assert gradcheck(lambda x: soft_rank(x, strength=0.5, regularization=regularization, dim=0), (x,))
+    assert gradcheck(lambda x: soft_rank(x, temperature=0.5, regularization=regularization, dim=0), (x,))
 
 
 def test_soft_sort_rank_dims_and_half_precision():
     g = torch.Generator().manual_seed(15)
     x = torch.randn(3, 5, 4, generator=g)
-    r = soft_rank(x, strength=0.5, dim=1)
-    ref = soft_rank(x.transpose(1, 2), strength=0.5).transpose(1, 2)
+    r = soft_rank(x, temperature=0.5, dim=1)
+    ref = soft_rank(x.transpose(1, 2), temperature=0.5).transpose(1, 2)
     torch.testing.assert_close(r, ref)
-    h = soft_sort(x.half(), strength=0.5)
+    h = soft_sort(x.half(), temperature=0.5)
     assert h.dtype == torch.float16
-    torch.testing.assert_close(h.float(), soft_sort(x.half().float(), strength=0.5), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(h.float(), soft_sort(x.half().float(), temperature=0.5), atol=2e-3, rtol=1e-3)
     assert permutahedron_topk(x.bfloat16(), 2).dtype == torch.bfloat16
+
+
+def test_soft_sort_rank_default_temperature():
+    """``temperature=None`` (the default) is ε = 1.0 (formerly the default ``strength=1.0``)."""
+    x = torch.randn(3, 9, dtype=torch.float64)
+    for op in (soft_rank, soft_sort):
+        for regularization in ("l2", "kl"):
+            ref = op(x, temperature=1.0, regularization=regularization)
+            torch.testing.assert_close(op(x, regularization=regularization), ref, rtol=0, atol=0)
+            torch.testing.assert_close(op(x, temperature=None, regularization=regularization), ref, rtol=0, atol=0)
 
 
 def test_large_rows_numba_matches_torch(monkeypatch):
@@ -426,7 +480,7 @@ def test_large_rows_numba_matches_torch(monkeypatch):
     out = {}
     for backend in ("numba", "torch"):
         monkeypatch.setattr(perm, "pav_backend", lambda device="cpu", b=backend: b)
-        out[backend] = soft_rank(x, strength=0.05)
+        out[backend] = soft_rank(x, temperature=0.05)
     torch.testing.assert_close(out["numba"], out["torch"], rtol=0, atol=1e-9)
 
 
@@ -482,11 +536,11 @@ def test_fused_sort_rank_match_unfused(dtype, regularization, monkeypatch):
             for descending in (True, False):
 
                 def run(x, e, op=op, descending=descending):
-                    return op(x, strength=e, regularization=regularization, descending=descending)
+                    return op(x, temperature=e, regularization=regularization, descending=descending)
 
                 # the reference: the unfused path in float64 (in float32 it is the less accurate of the two)
                 x64, eps64 = x.double(), eps.double()
-                fused = _value_and_grads(run, x, eps) + [run(x, 0.7)]  # a number strength: the scalar path
+                fused = _value_and_grads(run, x, eps) + [run(x, 0.7)]  # a number temperature: the scalar path
                 ref = _unfused(monkeypatch, lambda run=run, x=x64, e=eps64: _value_and_grads(run, x, e) + [run(x, 0.7)])
                 for a, b in zip(fused, ref):
                     scale = b.abs().max().clamp(min=1.0)
@@ -530,7 +584,7 @@ def test_compile_runs_eagerly_and_vmap_raises_clearly():
     """The PAV kernels read the data: under torch.compile a call is a graph break that runs eagerly (same values
     and gradients); a torch.func transform gets a NotImplementedError that names the operator."""
     x = torch.randn(3, 40, generator=torch.Generator().manual_seed(21), requires_grad=True)
-    for op in (lambda x: soft_rank(x, strength=0.5), lambda x: permutahedron_topk(x, 3, p=P43)):
+    for op in (lambda x: soft_rank(x, temperature=0.5), lambda x: permutahedron_topk(x, 3, p=P43)):
         compiled = torch.compile(lambda x, op=op: (op(x) * torch.arange(40.0)).sum(), backend="eager")
         value, (grad,) = compiled(x), torch.autograd.grad(compiled(x), x)
         ref = (op(x) * torch.arange(40.0)).sum()
@@ -552,12 +606,15 @@ def test_bad_arguments_raise():
         (lambda: isotonic(x, torch.zeros(5)), ValueError, "`w`"),
         (lambda: isotonic(x, torch.ones(3)), ValueError, "`w`"),
         (lambda: isotonic(x, dim=2), ValueError, "`dim`"),
-        (lambda: isotonic(x, max_iter=0), ValueError, "`max_iter`"),
+        (lambda: isotonic(x, solver="dykstra", max_iter=0), ValueError, "`max_iter`"),
+        (lambda: isotonic(x, solver="dykstra", tol=-1.0), ValueError, "`tol`"),
         (lambda: isotonic(torch.tensor([1.0, math.nan])), ValueError, "NaN"),
         (lambda: isotonic(torch.tensor([1.0, math.inf])), ValueError, "finite"),
         (lambda: isotonic(torch.arange(3)), TypeError, "floating"),
         (lambda: isotonic([1.0, 2.0]), TypeError, "torch.Tensor"),
-        (lambda: soft_rank(x, strength=0), ValueError, "`strength`"),
+        (lambda: soft_rank(x, temperature=0), ValueError, "`temperature`"),
+        (lambda: soft_sort(x, temperature=-1.0), ValueError, "`temperature`"),
+        (lambda: soft_rank(x, strength=0.5), TypeError, "strength"),  # renamed `temperature`
         (lambda: soft_rank(x, regularization="l1"), ValueError, "`regularization`"),
         (lambda: soft_sort(x, descending=1), TypeError, "`descending`"),
         (lambda: permutahedron_topk(x, 6), ValueError, "`k`"),
@@ -579,8 +636,8 @@ def test_cuda_matches_cpu():
     g = torch.Generator().manual_seed(17)
     x = torch.randn(4, 300, generator=g, dtype=torch.float64)
     calls = [
-        lambda t: soft_rank(t, strength=0.3),
-        lambda t: soft_sort(t, strength=0.3, regularization="kl"),
+        lambda t: soft_rank(t, temperature=0.3),
+        lambda t: soft_sort(t, temperature=0.3, regularization="kl"),
         lambda t: permutahedron_topk(t, 7, p=P43),
         lambda t: topk_magnitude(t, 5, temperature=0.2),
         lambda t: isotonic(t, p=P43),

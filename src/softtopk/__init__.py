@@ -6,10 +6,9 @@
 (torch.Size([8, 100]), True)
 """
 
-from . import losses
-from .api import METHODS, SoftTopK, topk_mask
-from .networks import topk_distribution
-from .ot import topk_permutation
+from . import losses, nn
+from ._registry import PERMUTATION_METHODS
+from .masks import METHODS, TopK, gumbel_topk, threshold_mask, topk, topk_mask
 from .permutahedron import (
     isotonic,
     pav_backend,
@@ -19,25 +18,27 @@ from .permutahedron import (
     soft_sort,
     topk_magnitude,
 )
-from .routing import threshold_mask
-from .stochastic import gumbel_topk
+from .permutations import topk_distribution, topk_permutation
 
 __version__ = "0.1.0"
 __all__ = [
     "METHODS",
-    "SoftTopK",
+    "PERMUTATION_METHODS",
+    "TopK",
     "__version__",
     "gumbel_topk",
-    "losses",
     "isotonic",
+    "losses",
+    "nn",
     "pav_backend",
     "permutahedron_projection",
     "permutahedron_topk",
     "soft_rank",
     "soft_sort",
     "threshold_mask",
-    "topk_magnitude",
+    "topk",
     "topk_distribution",
+    "topk_magnitude",
     "topk_mask",
     "topk_permutation",
 ]

@@ -42,19 +42,23 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._utils import (
+from ._prepare import (
+    DEFAULT_TEMPERATURE,
     KArg,
-    _is_wrapped,
     can_read_data,
     check_input,
-    check_k,
     check_temperature,
     compute_dtype,
+    is_transformed,
     move_back,
     move_last,
     normalize_dim,
+    prepare,
+    reject_unused,
     row_param,
+    solver_options,
 )
+from .threshold import FAMILIES
 
 __all__ = [
     "isotonic",
@@ -68,7 +72,7 @@ __all__ = [
 
 Number = Union[int, float]
 Q2, Q4, KL = 0, 1, 2  # the loss of the isotonic problem: Ω* = u²/2, Ω* = u⁴/4, or Blondel's KL dual
-DYKSTRA_MAX_ITER = 1000
+_CUBIC = FAMILIES["sparse4/3"].slope_at_half  # the width factor of p = 4/3 (see topk_mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -114,7 +118,7 @@ def _eager(fn):
 
     @functools.wraps(fn)
     def public(*args, **kwargs):
-        if any(isinstance(a, Tensor) and _is_wrapped(a) for a in (*args, *kwargs.values())):
+        if any(isinstance(a, Tensor) and is_transformed(a) for a in (*args, *kwargs.values())):
             raise NotImplementedError(
                 f"{fn.__name__}: torch.func transforms (vmap, grad, ...) are not supported: the PAV kernel reads the "
                 "data. Every operator here takes any batch shape: pass the vmapped dimension as a batch dimension"
@@ -428,12 +432,12 @@ def isotonic(
     y: Tensor,
     w: Tensor | None = None,
     *,
+    dim: int = -1,
     p: Number = 2,
     solver: str = "pav",
-    dim: int = -1,
     increasing: bool = False,
     tol: float | None = None,
-    max_iter: int = DYKSTRA_MAX_ITER,
+    max_iter: int | None = None,
 ) -> Tensor:
     r"""Weighted isotonic regression along ``dim``, batched over all other dimensions.
 
@@ -463,8 +467,9 @@ def isotonic(
         dim: the dimension along which ``v`` is monotone.
         increasing: solve for a non-decreasing ``v``.
         tol, max_iter: Dykstra's stopping rule: largest step and constraint violation below ``tol`` times
-            (1 + range of y); default ``tol`` 1e-6 (float32) or 1e-10 (float64). A ``RuntimeWarning`` is issued if
-            ``max_iter`` is reached first. Not used by PAV.
+            (1 + range of y); default ``tol`` 1e-6 (float32) or 1e-10 (float64), ``max_iter`` 1000. A
+            ``RuntimeWarning`` is issued if ``max_iter`` is reached first. PAV is exact and takes neither
+            (``TypeError``).
 
     Returns:
         ``v`` of ``y``'s shape and dtype (half precision is computed in float32).
@@ -482,13 +487,10 @@ def isotonic(
         raise ValueError(f"{fn}: `solver` must be 'pav' or 'dykstra', got {solver!r}")
     if not isinstance(increasing, bool):
         raise TypeError(f"{fn}: `increasing` must be a bool, got {type(increasing).__name__}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
-        raise ValueError(f"{fn}: `max_iter` must be a positive int, got {max_iter!r}")
-    if tol is not None and not (isinstance(tol, numbers.Real) and tol > 0):
-        raise ValueError(f"{fn}: `tol` must be a positive number, got {tol!r}")
+    if solver == "pav":
+        reject_unused(fn, "solver='pav' (exact)", tol=tol, max_iter=max_iter)
     cdtype = compute_dtype(y)
-    if tol is None:
-        tol = 1e-10 if cdtype == torch.float64 else 1e-6
+    tol, max_iter = solver_options("dykstra", cdtype, tol, max_iter, fn=fn)
     yl = move_last(y, d).to(cdtype)
     wl = None
     if w is not None:
@@ -650,7 +652,7 @@ def _project(z: Tensor, w_sorted: Tensor, mode: int) -> Tensor:
 
 
 @_eager
-def permutahedron_projection(z: Tensor, w: Tensor, *, p: Number = 2, dim: int = -1) -> Tensor:
+def permutahedron_projection(z: Tensor, w: Tensor, *, dim: int = -1, p: Number = 2) -> Tensor:
     r"""The p-norm regularised projection onto the permutahedron of ``w`` (Sander et al. 2023, Blondel et al. 2020).
 
     .. math::
@@ -710,10 +712,10 @@ def permutahedron_topk(
     x: Tensor,
     k: KArg,
     *,
-    temperature: Union[float, Tensor] = 1.0,
+    dim: int = -1,
+    temperature: Union[float, Tensor, None] = None,
     p: Number = 2,
     largest: bool = True,
-    dim: int = -1,
 ) -> Tensor:
     r"""Sparse soft top-k mask as a projection onto the permutahedron of :math:`w = (1,\dots,1,0,\dots,0)`.
 
@@ -722,18 +724,19 @@ def permutahedron_topk(
 
     .. math::
         y = \arg\max_{y \in \mathcal{P}(w)} \langle x, y\rangle - t\,\frac1p \sum_i |y_i|^p
-          = P_p(x / t, w),
+          = P_p(x / t, w),\qquad t = T \cdot \mathrm{factor},
 
     solved by PAV on the isotonic dual :math:`\arg\min_{v_1\ge\dots\ge v_n}\sum_i t R_p((s_i - v_i)/t) + w_i v_i`
     (``s`` = x sorted decreasingly), with :math:`y = \nabla R_p((s - v)/t)` unsorted. It is the same operator as
-    ``topk_mask(x, k, method="sparse", temperature=t, p=p)`` (which finds the threshold by root finding instead);
+    ``topk_mask(x, k, method="sparse", temperature=T, p=p)`` (which finds the threshold by root finding instead),
+    T = ``temperature`` in the same width convention (factor 1 for p = 2, 3·2^(-2/3) for p = 4/3);
     the two agree to 1e-6 in float64. A fractional ``k`` uses :math:`w = (1,\dots,1,k-\lfloor k\rfloor,0,\dots)`,
     whose permutahedron is again the capped simplex. As t → 0 the mask tends to the hard top-k mask.
 
     Args:
         x: scores, any shape (finite).
         k: an int or float in [0, n], or a per-row tensor broadcastable to the batch shape. Differentiable.
-        temperature: t > 0, a number or a per-row tensor. Differentiable.
+        temperature: T > 0, a number or a per-row tensor (None: 1.0). Differentiable.
         p: 2 (piecewise linear) or 4/3 (C¹).
         largest: select the k largest (default) or the k smallest entries.
         dim: the dimension to select along.
@@ -748,23 +751,11 @@ def permutahedron_topk(
         tensor([1.0000, 0.2500, 0.7500, 0.0000])
     """
     fn = "permutahedron_topk"
-    _check_finite(x, "x", fn)
-    d = normalize_dim(x, dim, fn=fn)
-    n = x.shape[d]
-    check_k(k, n, integer=False, fn=fn)
-    check_temperature(temperature, fn=fn)
+    rows = prepare(fn, x, k, dim=dim, temperature=temperature, largest=largest, finite=True)
     mode = _mode_of_p(p, fn)
-    if not isinstance(largest, bool):
-        raise TypeError(f"{fn}: `largest` must be a bool, got {type(largest).__name__}")
-    cdtype = compute_dtype(x)
-    xl = move_last(x, d).to(cdtype)
-    if not largest:
-        xl = -xl
-    t = _row_scalar(temperature, x, d, "temperature", fn, cdtype)
-    kt = _row_scalar(k, x, d, "k", fn, cdtype)
-    w = _topk_weights(kt, n)
-    y = _project(_rows(xl) / t, w, mode)
-    return move_back(y.reshape(xl.shape).to(x.dtype), d)
+    t = rows.t.reshape(-1, 1) * (1.0 if mode == Q2 else _CUBIC)  # the width convention of topk_mask
+    y = _project(_rows(rows.signed) / t, _topk_weights(rows.k.reshape(-1, 1), rows.n), mode)
+    return rows.restore(y.reshape(rows.x.shape))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -829,9 +820,9 @@ def topk_magnitude(
     x: Tensor,
     k: KArg,
     *,
-    temperature: Union[float, Tensor] = 1.0,
-    p: Number = 2,
     dim: int = -1,
+    temperature: Union[float, Tensor, None] = None,
+    p: Number = 2,
 ) -> Tensor:
     r"""Sparse soft top-k in magnitude (Sander et al. 2023): keeps the k entries of largest ``|x|``, with their sign.
 
@@ -858,7 +849,7 @@ def topk_magnitude(
     Args:
         x: values, any shape (finite).
         k: an int or float in [0, n], or a per-row tensor broadcastable to the batch shape.
-        temperature: t > 0, a number or a per-row tensor. Differentiable.
+        temperature: t > 0, a number or a per-row tensor (None: 1.0). Differentiable.
         p: 2 or 4/3.
         dim: the dimension to select along.
 
@@ -873,36 +864,29 @@ def topk_magnitude(
         tensor([-5.0000, -0.0000,  1.9200,  1.6200])
     """
     fn = "topk_magnitude"
-    _check_finite(x, "x", fn)
-    d = normalize_dim(x, dim, fn=fn)
-    n = x.shape[d]
-    check_k(k, n, integer=False, fn=fn)
-    check_temperature(temperature, fn=fn)
+    rows = prepare(fn, x, k, dim=dim, temperature=temperature, finite=True)
     mode = _mode_of_p(p, fn)
-    cdtype = compute_dtype(x)
-    xl = _rows(move_last(x, d).to(cdtype))
-    t = _row_scalar(temperature, x, d, "temperature", fn, cdtype)
-    kt = _row_scalar(k, x, d, "k", fn, cdtype)
-    w = _topk_weights(kt, n)
+    xl, t, n = _rows(rows.x), rows.t.reshape(-1, 1), rows.n
+    w = _topk_weights(rows.k.reshape(-1, 1), n)
     s, perm = torch.sort(xl.abs(), dim=-1, descending=True)
     c = w * (t if mode == Q2 else t * t * t)  # t^(q−1) w: the isotonic problem scaled by t^(q−1)
     m_sorted = _MagnitudeSorted.apply(s, c, t, mode)[0]
     m = torch.zeros_like(m_sorted).scatter(-1, perm, m_sorted)
-    y = torch.sign(xl) * m
-    return move_back(y.reshape(move_last(x, d).shape).to(x.dtype), d)
+    return rows.restore((torch.sign(xl) * m).reshape(rows.x.shape))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Soft sort and soft rank (Blondel et al. 2020)
 # --------------------------------------------------------------------------------------------------------------
-def _sort_rank_args(x, strength, regularization, descending, dim, fn):
-    """Checks; returns (fused, d, xl, inverse strength, mode). With ``fused`` (the numba kernel
-    applies) the NaN/inf test is left to the kernel, which reads every entry anyway, and a number ``strength``
+def _sort_rank_args(x, temperature, regularization, descending, dim, fn):
+    """Checks; returns (fused, d, xl, inverse temperature, mode). With ``fused`` (the numba kernel
+    applies) the NaN/inf test is left to the kernel, which reads every entry anyway, and a number ``temperature``
     stays a number."""
     fused = isinstance(x, Tensor) and _fused(x)
     _check_finite(x, "x", fn, data=not fused)
     d = normalize_dim(x, dim, fn=fn)
-    check_temperature(strength, fn=fn, name="strength")
+    temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
+    check_temperature(temperature, fn=fn)
     if regularization not in ("l2", "kl"):
         raise ValueError(f"{fn}: `regularization` must be 'l2' or 'kl', got {regularization!r}")
     if not isinstance(descending, bool):
@@ -910,11 +894,11 @@ def _sort_rank_args(x, strength, regularization, descending, dim, fn):
     mode = Q2 if regularization == "l2" else KL
     cdtype = compute_dtype(x)
     xl = move_last(x, d).to(cdtype)
-    if fused and not isinstance(strength, Tensor):
-        inv = 1.0 / float(strength)
+    if fused and not isinstance(temperature, Tensor):
+        inv = 1.0 / float(temperature)
     else:
-        inv = _row_scalar(strength, x, d, "strength", fn, cdtype)
-        inv = (_one_row(inv) if fused else inv).reciprocal()  # one strength for all rows: one row
+        inv = _row_scalar(temperature, x, d, "temperature", fn, cdtype)
+        inv = (_one_row(inv) if fused else inv).reciprocal()  # one temperature for all rows: one row
     return fused, d, xl, inv, mode
 
 
@@ -936,14 +920,15 @@ def _rho_cpu(n: int, dtype: torch.dtype, log: bool) -> Tensor:
 def soft_sort(
     x: Tensor,
     *,
-    strength: Union[float, Tensor] = 1.0,
-    regularization: str = "l2",
     dim: int = -1,
+    temperature: Union[float, Tensor, None] = None,
+    regularization: str = "l2",
     descending: bool = True,
 ) -> Tensor:
     r"""Soft sort (Blondel et al. 2020): the sorted values, relaxed by a projection onto the permutahedron of x.
 
-    With :math:`\rho = (n, n-1, \dots, 1)` and ε = ``strength``, the descending soft sort is
+    With :math:`\rho = (n, n-1, \dots, 1)` and ε = ``temperature`` (the regularisation strength, in the
+    units of the scores: entries closer than about ε share their ranks), the descending soft sort is
 
     .. math::
         s_\varepsilon(x) = P_\Psi(\rho/\varepsilon,\ x)
@@ -959,7 +944,7 @@ def soft_sort(
 
     Args:
         x: values, any shape (finite).
-        strength: ε > 0, a number or a per-row tensor (differentiable).
+        temperature: ε > 0, a number or a per-row tensor (differentiable); None means 1.0.
         regularization: ``"l2"`` or ``"kl"``.
         dim: the dimension to sort along.
         descending: largest first (default) or smallest first.
@@ -969,10 +954,10 @@ def soft_sort(
 
     Example:
         >>> import torch, softtopk
-        >>> softtopk.soft_sort(torch.tensor([1.0, 3.0, 2.0]), strength=0.1)
+        >>> softtopk.soft_sort(torch.tensor([1.0, 3.0, 2.0]), temperature=0.1)
         tensor([3., 2., 1.])
     """
-    fused, d, xl, inv, mode = _sort_rank_args(x, strength, regularization, descending, dim, "soft_sort")
+    fused, d, xl, inv, mode = _sort_rank_args(x, temperature, regularization, descending, dim, "soft_sort")
     x2 = _rows(xl)
     rho = _rho(x2.shape[-1], x2)
     sign = 1.0 if descending else -1.0
@@ -989,14 +974,15 @@ def soft_sort(
 def soft_rank(
     x: Tensor,
     *,
-    strength: Union[float, Tensor] = 1.0,
-    regularization: str = "l2",
     dim: int = -1,
+    temperature: Union[float, Tensor, None] = None,
+    regularization: str = "l2",
     descending: bool = True,
 ) -> Tensor:
     r"""Soft ranks (Blondel et al. 2020): a projection of the scores onto the permutahedron of (n, …, 1).
 
-    With :math:`\rho = (n, n-1, \dots, 1)` and ε = ``strength``,
+    With :math:`\rho = (n, n-1, \dots, 1)` and ε = ``temperature`` (the regularisation strength, in the
+    units of the scores: entries closer than about ε share their ranks),
 
     * ``"l2"``: :math:`r_\varepsilon(x) = P_Q(\mp x/\varepsilon, \rho) = \arg\min_{\mu\in\mathcal{P}(\rho)}
       \tfrac12\|\mu \pm x/\varepsilon\|^2`;
@@ -1010,7 +996,7 @@ def soft_rank(
 
     Args:
         x: scores, any shape (finite).
-        strength: ε > 0, a number or a per-row tensor (differentiable).
+        temperature: ε > 0, a number or a per-row tensor (differentiable); None means 1.0.
         regularization: ``"l2"`` or ``"kl"``.
         dim: the dimension to rank along.
         descending: rank 1 for the largest entry (default) or for the smallest.
@@ -1020,10 +1006,10 @@ def soft_rank(
 
     Example:
         >>> import torch, softtopk
-        >>> softtopk.soft_rank(torch.tensor([1.0, 3.0, 2.0]), strength=0.1)
+        >>> softtopk.soft_rank(torch.tensor([1.0, 3.0, 2.0]), temperature=0.1)
         tensor([3., 1., 2.])
     """
-    fused, d, xl, inv, mode = _sort_rank_args(x, strength, regularization, descending, dim, "soft_rank")
+    fused, d, xl, inv, mode = _sort_rank_args(x, temperature, regularization, descending, dim, "soft_rank")
     x2 = _rows(xl)
     w = _rho(x2.shape[-1], x2, log=mode == KL)
     sign = -1.0 if descending else 1.0

@@ -3,40 +3,21 @@
 - ``perturbed_mask`` (``topk_mask(..., method="perturbed")``): Berthet et al. 2020, "Learning with
   differentiable perturbed optimizers". Forward :math:`E[\\mathrm{hard}(x + \\sigma Z)]` by Monte Carlo, backward
   the perturbed-optimizer estimator, O(batch · n) memory (the noise is regenerated, not stored).
-- ``gumbel_topk``: a relaxed k-hot sample of the Gumbel top-k subset distribution (Xie & Ermon 2019,
-  "Reparameterizable subset sampling via continuous relaxations").
+- ``relaxed_subset`` (``gumbel_topk``): a relaxed k-hot sample of the Gumbel top-k subset distribution (Xie &
+  Ermon 2019, "Reparameterizable subset sampling via continuous relaxations").
 """
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
-from ._utils import (
-    check_infinities,
-    check_input,
-    check_k,
-    check_temperature,
-    compute_dtype,
-    move_back,
-    move_last,
-    normalize_dim,
-    row_param,
-)
-from .baselines import hard_topk_mask
-from .threshold import normalised_mask
+from .hard import hard_topk_mask
 
-__all__ = ["gumbel_topk", "perturbed_mask"]
+__all__ = ["NOISES", "gumbel_noise", "perturbed_mask", "relaxed_subset"]
 
 NOISES = ("gaussian", "gumbel")
 _SAMPLE_BLOCK = 1 << 20  # elements of noise drawn at once (samples × batch × n)
-
-
-def _check_generator(generator: object, fn: str) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{fn}: `generator` must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def _gumbel(shape, gen: torch.Generator, dtype: torch.dtype, device) -> Tensor:
@@ -117,95 +98,29 @@ def perturbed_mask(
     x: Tensor, k, sigma: Tensor, *, n_samples: int, noise: str, generator: torch.Generator | None
 ) -> Tensor:
     """The perturbed top-k mask of ``x`` (…, n) along the last dim; ``k`` an int or a long tensor (…, 1), ``sigma``
-    (…, 1). Called by ``topk_mask(method="perturbed")``, which validates the arguments."""
+    (…, 1) the noise scale. Called by ``topk_mask(method="perturbed")``, which validates the arguments."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
     return _Perturbed.apply(x, k, sigma, n_samples, noise, seed)
 
 
-def parse_perturbed_options(n_samples: int = 100, noise: str = "gaussian", generator=None) -> dict:
-    fn = "topk_mask"
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
-        raise ValueError(f"{fn}: `n_samples` must be a positive int, got {n_samples!r}")
-    if noise not in NOISES:
-        raise ValueError(f"{fn}: unknown `noise`={noise!r}; choose one of {', '.join(NOISES)}")
-    _check_generator(generator, fn)
-    return {"n_samples": int(n_samples), "noise": noise, "generator": generator}
+def gumbel_noise(shape, generator: torch.Generator | None, dtype: torch.dtype, device) -> Tensor:
+    """Standard Gumbel noise of ``shape``; a generator seeded from torch's global one when None."""
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(torch.randint(0, 2**62, (1,))))
+    return _gumbel(shape, generator, dtype, device)
 
 
-RELAXATIONS = ("softmax", "sigmoid")
-
-
-def gumbel_topk(
-    x: Tensor,
-    k: int,
-    *,
-    temperature=1.0,
-    hard: bool = False,
-    relaxation: str = "softmax",
-    dim: int = -1,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    r"""A relaxed k-hot sample of the Gumbel top-k subset distribution of logits ``x`` (Xie & Ermon 2019).
-
-    The hard sample is :math:`\mathrm{hard}_k(x + G)` with :math:`G` i.i.d. standard Gumbel: k draws from
-    softmax(x) without replacement (Gumbel top-k trick). Its relaxation at temperature t:
-
-    - ``relaxation="softmax"`` (the paper's): :math:`a^{(1)} = x + G`, :math:`p^{(j)} = \mathrm{softmax}(a^{(j)}/t)`,
-      :math:`a^{(j+1)} = a^{(j)} + \log(1 - p^{(j)})`, output :math:`\sum_{j=1}^k p^{(j)}`. Nonnegative and sums
-      to k, but an entry **can exceed 1** (e.g. n = k = 2). O(k · n) time and autograd memory per row.
-    - ``relaxation="sigmoid"``: the LML mask of the perturbed logits, ``topk_mask(x + G, k, method="sigmoid",
-      temperature=t)``: in [0, 1], sums to k, O(n). Same t → 0 limit.
-
-    Both tend to the hard sample as t → 0. ``hard=True`` returns the hard sample in the forward pass with the
-    relaxed sample's gradient (straight-through). ``generator`` makes the noise reproducible. ``-inf`` logits
-    (padding) are never selected; a row with fewer than k finite logits raises.
-
-    Example:
-        >>> import torch, softtopk
-        >>> x = torch.tensor([3.0, 1.0, 2.0, -1.0])
-        >>> y = softtopk.gumbel_topk(x, 2, temperature=0.5, generator=torch.Generator().manual_seed(0))
-        >>> round(float(y.sum()), 4)
-        2.0
-        >>> softtopk.gumbel_topk(x, 2, hard=True, generator=torch.Generator().manual_seed(0)).sum().item()
-        2.0
-    """
-    fn = "gumbel_topk"
-    finite = check_input(x, fn=fn)
-    d = normalize_dim(x, dim, fn=fn)
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"{fn}: `k` must be an int, got {type(k).__name__}")
-    check_k(k, x.shape[d], integer=True, fn=fn)
-    k = int(k)
-    check_temperature(temperature, fn=fn)
-    if not isinstance(hard, bool):
-        raise TypeError(f"{fn}: `hard` must be a bool, got {type(hard).__name__}")
-    if relaxation not in RELAXATIONS:
-        raise ValueError(f"{fn}: unknown `relaxation`={relaxation!r}; choose one of {', '.join(RELAXATIONS)}")
-    _check_generator(generator, fn)
-    cdtype = compute_dtype(x)
-    xl = move_last(x, d).to(cdtype)
-    if not finite:
-        if bool((xl == float("inf")).any()):
-            raise ValueError(f"{fn}: `x` contains +inf; logits must be finite or -inf (padding)")
-        check_infinities(xl, k, fn=fn)
-    if x.numel() == 0 or k == 0:
-        return x * 0.0
-    t = row_param(temperature, x, d, name="temperature", fn=fn, dtype=cdtype)
-    gen = generator
-    if gen is None:
-        gen = torch.Generator(device=x.device)
-        gen.manual_seed(int(torch.randint(0, 2**62, (1,))))
-    perturbed = xl + _gumbel(xl.shape, gen, cdtype, x.device)
-    if relaxation == "sigmoid":
-        y = normalised_mask("sigmoid", perturbed, torch.full_like(t, k), t)
-    else:
-        tiny = torch.finfo(cdtype).tiny
-        a, p, y = perturbed, None, torch.zeros_like(perturbed)
-        for _ in range(k):
-            if p is not None:
-                a = a + torch.log((1 - p).clamp_min(tiny))
-            p = torch.softmax(a / t, dim=-1)
-            y = y + p
-    if hard:
-        y = hard_topk_mask(perturbed.detach(), k) + (y - y.detach())
-    return move_back(y.to(x.dtype), d)
+def relaxed_subset(perturbed: Tensor, k: int | Tensor, t: Tensor) -> Tensor:
+    r"""Xie & Ermon's relaxed k-hot sample from Gumbel-perturbed logits (..., n): :math:`\sum_{j<k} p^{(j)}` with
+    :math:`p^{(j)} = \mathrm{softmax}(a^{(j)}/t)`, :math:`a^{(j+1)} = a^{(j)} + \log(1 - p^{(j)})`. ``k`` an int or
+    a (..., 1) integer tensor (rows stop adding at their own k)."""
+    tiny = torch.finfo(perturbed.dtype).tiny
+    steps = k if isinstance(k, int) else (int(k.max()) if k.numel() else 0)
+    a, p, y = perturbed, None, torch.zeros_like(perturbed)
+    for j in range(steps):
+        if p is not None:
+            a = a + torch.log((1 - p).clamp_min(tiny))
+        p = torch.softmax(a / t, dim=-1)
+        y = y + (p if isinstance(k, int) else p * (k > j).to(p.dtype))
+    return y

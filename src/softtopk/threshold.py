@@ -36,8 +36,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._utils import can_read_data
-from .baselines import hard_topk_mask
+from ._prepare import SOLVERS, can_read_data
 
 __all__ = [
     "FAMILIES",
@@ -45,7 +44,6 @@ __all__ = [
     "dftopk",
     "normalised_mask",
     "soft_temperature",
-    "straight_through",
     "threshold_mask_solve",
 ]
 
@@ -67,6 +65,9 @@ class Family:
     #: the warm start samples this many times ``_SUBSAMPLE`` entries (compact support needs more: S of a sample
     #: counts only the entries near the top, so it is noisier)
     sample_factor = 1
+    #: φ'(z) where φ(z) = 1/2: the factor from a temperature T in the width convention of ``topk_mask`` (the slope
+    #: of the mask at 1/2 is 1/T) to the family's own t = T · slope_at_half
+    slope_at_half = 1.0
 
     @staticmethod
     def phi(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,6 +101,7 @@ def _rowsum(v: Tensor) -> Tensor:
 
 class Sigmoid(Family):
     name = "sigmoid"
+    slope_at_half = 0.25  # σ'(0)
     log_newton = True
 
     @staticmethod
@@ -125,6 +127,7 @@ class Sigmoid(Family):
 
 class Laplace(Family):
     name = "lapsum"
+    slope_at_half = 0.5
     log_newton = True
 
     @staticmethod
@@ -186,6 +189,7 @@ class Cubic(Family):
     """Sander et al., p = 4/3: φ(z) = max(z, 0)³."""
 
     name = "sparse(p=4/3)"
+    slope_at_half = 3.0 * 2.0 ** (-2.0 / 3.0)  # φ = z³ is 1/2 at z = 2^(-1/3)
     sample_factor = 4
 
     @staticmethod
@@ -226,7 +230,7 @@ FAMILIES: dict[str, type[Family]] = {
 # --------------------------------------------------------------------------------------------------------------
 _SUBSAMPLE = 2048  # rows longer than 4x this get a warm start from a strided subsample of about this size
 #: Newton iterations at most. Eager mode stops at convergence; under torch.compile / vmap all of them run.
-MAX_ITER = 50
+MAX_ITER = SOLVERS["threshold"]["max_iter"]
 _BLOCK = 1 << 20  # elements per block of rows (see _row_blocks)
 _CHUNK = 1 << 20  # elements per column chunk of an evaluation (see _evaluate)
 
@@ -508,44 +512,6 @@ def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
 
 
 _FUNCTIONS = {name: _make_function(fam) for name, fam in FAMILIES.items()}
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the hard mask. Backward: the implicit gradient of the sigmoid (LML) mask at the same t."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, k, kf, t, tol, max_iter):
-        y, dsum, tau, centre = threshold_mask_solve(Sigmoid, x, kf, t, tol, max_iter)
-        return hard_topk_mask(x, k), y, dsum, tau, centre
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, _, _, t, _, _ = inputs
-        _, y, dsum, tau, centre = output
-        ctx.mark_non_differentiable(y, dsum, tau, centre)
-        ctx.save_for_backward(y, dsum, x if ctx.needs_input_grad[3] else None, t, tau, centre)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy, *_):
-        y, dsum, x, t, tau, centre = ctx.saved_tensors
-        needs_k, needs_t = ctx.needs_input_grad[2:4]
-        gx, gk, gt = _row_blocks(_implicit_backward, Sigmoid, y, dsum, x, t, tau, centre, gy, needs_k, needs_t)
-        return gx, None, gk, gt, None, None
-
-
-def straight_through(
-    x: Tensor, k: int | Tensor, kf: Tensor, t: Tensor, *, tol: float | None = None, max_iter: int = MAX_ITER
-) -> Tensor:
-    """The hard top-k mask of x in the forward, the gradient of its sigmoid mask in the backward.
-
-    ``k`` is the int or (..., 1) integer tensor of the hard mask, ``kf`` the same as a float (..., 1) tensor.
-    """
-    if tol is None:
-        tol = 1e-9 if x.dtype == torch.float64 else 1e-5
-    return _StraightThrough.apply(x, k, kf, t, tol, max_iter)[0]
 
 
 def normalised_mask(

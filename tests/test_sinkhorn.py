@@ -1,6 +1,7 @@
-"""SOFT sorted top-k (``softtopk.ot.topk_permutation``): against a plain float64 Sinkhorn and an independent
-semi-dual solve, its marginals and limits, the k = 1 case of ``topk_mask(method="soft")``, and the implicit
-backward (float64 gradcheck)."""
+"""SOFT sorted top-k (``softtopk.topk_permutation(method="sinkhorn")``, the family :mod:`softtopk.sinkhorn`): against
+a plain float64 Sinkhorn and an independent semi-dual solve, its marginals and limits, the k = 1 case of
+``topk_mask(method="soft", epsilon=...)``, and the implicit backward (float64 gradcheck). Its smoothing parameter is
+the option ``epsilon`` (the paper's ε, relative to max C); ``temperature`` is not taken."""
 
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from torch.autograd import gradcheck
 
 import softtopk
 from conftest import spaced
-from softtopk import ot
-from softtopk.ot import topk_permutation
+from softtopk import sinkhorn, topk_permutation
 
 
 def _problem(x, k, largest):
@@ -77,32 +77,32 @@ def test_matches_plain_sinkhorn(largest):
     for n, k in ((5, 1), (8, 3), (12, 5), (6, 6)):
         x = rng.normal(size=(2, n)) * 1.5
         for eps in (0.05, 0.3, 2.0):
-            g = topk_permutation(torch.tensor(x), k, temperature=eps, largest=largest).numpy()
+            g = topk_permutation(torch.tensor(x), k, epsilon=eps, largest=largest).numpy()
             assert g.shape == (2, k, n)
             for i in range(2):
                 np.testing.assert_allclose(g[i], ref_sinkhorn(x[i], k, eps, largest), rtol=0, atol=1e-9)
 
 
-def test_small_temperature_matches_semi_dual():
+def test_small_epsilon_matches_semi_dual():
     """Where plain Sinkhorn crawls (well-separated scores, small ε) the Newton finish still gives the plan."""
     x = np.array([0.0, 3.0, 1.0, 2.0, 5.0, -1.0])
     for eps in (0.02, 0.005):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            g = topk_permutation(torch.tensor(x), 3, temperature=eps).numpy()
+            g = topk_permutation(torch.tensor(x), 3, epsilon=eps).numpy()
         np.testing.assert_allclose(g, ref_semi_dual(x, 3, eps), rtol=0, atol=1e-6)
-        g32 = topk_permutation(torch.tensor(x, dtype=torch.float32), 3, temperature=eps).double().numpy()
+        g32 = topk_permutation(torch.tensor(x, dtype=torch.float32), 3, epsilon=eps).double().numpy()
         np.testing.assert_allclose(g32, g, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("largest", [True, False])
 def test_k1_is_the_soft_topk_mask(largest):
     """For k = 1 the anchors {1, 0} with masses (1/n, (n − 1)/n) and the per-row max-normalised cost are exactly
-    those of topk_mask(method="soft"): the single row of Γ is that mask, values and gradients."""
+    those of topk_mask(method="soft", epsilon=ε): the single row of Γ is that mask, values and gradients."""
     x = spaced(9, batch=(3,)).requires_grad_()
     for eps in (0.05, 0.5, 3.0):
-        g = topk_permutation(x, 1, temperature=eps, largest=largest)[..., 0, :]
-        m = softtopk.topk_mask(x, 1, method="soft", temperature=eps, largest=largest)
+        g = topk_permutation(x, 1, epsilon=eps, largest=largest)[..., 0, :]
+        m = softtopk.topk_mask(x, 1, method="soft", epsilon=eps, largest=largest)
         torch.testing.assert_close(g, m, rtol=0, atol=1e-8)
         up = torch.randn_like(m)
         ga = torch.autograd.grad((g * up).sum(), x)[0]
@@ -117,7 +117,7 @@ def test_marginals_and_mask():
     x = torch.randn(4, 30, generator=g, dtype=torch.float64)
     for k in (2, 5, 29, 30):
         for eps in (0.01, 0.1, 1.0):
-            gam = topk_permutation(x, k, temperature=eps)
+            gam = topk_permutation(x, k, epsilon=eps)
             torch.testing.assert_close(gam.sum(-1), torch.ones(4, k, dtype=torch.float64), rtol=0, atol=1e-9)
             col = gam.sum(-2)
             assert float(col.max()) <= 1 + 1e-9 and float(gam.min()) >= 0
@@ -128,18 +128,18 @@ def test_marginals_and_mask():
 
 def test_hard_limit_and_sorted_values():
     x = torch.tensor([[0.3, 2.0, -1.0, 1.1, 5.0, 4.2], [1.0, 0.0, 3.0, 2.0, -2.0, 0.5]], dtype=torch.float64)
-    gam = topk_permutation(x, 3, temperature=1e-4)
+    gam = topk_permutation(x, 3, epsilon=1e-4)
     top = torch.topk(x, 3)
     hard = torch.zeros_like(gam).scatter_(-1, top.indices.unsqueeze(-1), 1.0)
     torch.testing.assert_close(gam, hard, rtol=0, atol=1e-6)
     torch.testing.assert_close(gam @ x.unsqueeze(-1), top.values.unsqueeze(-1), rtol=0, atol=1e-5)
-    low = topk_permutation(x, 2, temperature=1e-4, largest=False) @ x.unsqueeze(-1)
+    low = topk_permutation(x, 2, epsilon=1e-4, largest=False) @ x.unsqueeze(-1)
     torch.testing.assert_close(low.squeeze(-1), torch.topk(x, 2, largest=False).values, rtol=0, atol=1e-5)
 
 
 def test_full_permutation_is_doubly_stochastic():
     x = torch.randn(3, 7, dtype=torch.float64)
-    gam = topk_permutation(x, 7, temperature=0.2)
+    gam = topk_permutation(x, 7, epsilon=0.2)
     torch.testing.assert_close(gam.sum(-1), torch.ones(3, 7, dtype=torch.float64))
     torch.testing.assert_close(gam.sum(-2), torch.ones(3, 7, dtype=torch.float64))
 
@@ -149,17 +149,17 @@ def test_gradcheck():
     eps = torch.tensor([0.3, 1.2], dtype=torch.float64, requires_grad=True)
     for k, largest in ((2, True), (3, False), (6, True)):
         assert gradcheck(
-            lambda x, e, k=k, largest=largest: topk_permutation(x, k, temperature=e, largest=largest, tol=1e-14),
+            lambda x, e, k=k, largest=largest: topk_permutation(x, k, epsilon=e, largest=largest, tol=1e-14),
             (x, eps),
             atol=1e-6,
         )
     xt = x.detach().T.contiguous().requires_grad_()  # (6, 2): scores along dim 0
-    assert gradcheck(lambda x: topk_permutation(x, 2, temperature=0.2, dim=0, tol=1e-14), (xt,), atol=1e-6)
+    assert gradcheck(lambda x: topk_permutation(x, 2, epsilon=0.2, dim=0, tol=1e-14), (xt,), atol=1e-6)
 
 
-def test_gradcheck_small_temperature_newton_path():
+def test_gradcheck_small_epsilon_newton_path():
     x = torch.tensor([0.0, 3.0, 1.0, 2.0, 5.0, -1.0], dtype=torch.float64, requires_grad=True)
-    assert gradcheck(lambda x: topk_permutation(x, 3, temperature=0.02, tol=1e-13), (x,), atol=1e-5)
+    assert gradcheck(lambda x: topk_permutation(x, 3, epsilon=0.02, tol=1e-13), (x,), atol=1e-5)
 
 
 def test_dim_and_shapes():
@@ -176,7 +176,7 @@ def test_dim_and_shapes():
 def test_backward_keeps_no_iterations():
     """The graph holds the plan only: backward memory does not grow with the number of Sinkhorn iterations."""
     x = torch.randn(2, 50, dtype=torch.float64, requires_grad=True)
-    gam = topk_permutation(x, 3, temperature=0.1)
+    gam = topk_permutation(x, 3, epsilon=0.1)
     node = gam.grad_fn
     names = set()
     stack = [node]
@@ -193,7 +193,7 @@ def test_backward_keeps_no_iterations():
 def test_warns_on_non_convergence():
     x = torch.arange(8, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="max_iter"):
-        topk_permutation(x, 3, temperature=1e-3, max_iter=2)
+        topk_permutation(x, 3, epsilon=1e-3, max_iter=2)
 
 
 def test_bad_arguments_raise():
@@ -203,7 +203,10 @@ def test_bad_arguments_raise():
         (lambda: topk_permutation(x, 2.0), TypeError, "`k`"),
         (lambda: topk_permutation(x, torch.tensor(2)), TypeError, "`k`"),
         (lambda: topk_permutation(x, 2, method="sparse"), ValueError, "`method`"),
-        (lambda: topk_permutation(x, 2, temperature=0.0), ValueError, "`temperature`"),
+        (lambda: topk_permutation(x, 2, method="soft"), ValueError, "`method`"),  # the old name of "sinkhorn"
+        (lambda: topk_permutation(x, 2, epsilon=0.0), ValueError, "`epsilon`"),
+        (lambda: topk_permutation(x, 2, epsilon=-1.0), ValueError, "`epsilon`"),
+        (lambda: topk_permutation(x, 2, epsilon=torch.tensor([0.1, 0.0])), ValueError, "`epsilon`"),
         (lambda: topk_permutation(x, 2, largest="yes"), TypeError, "`largest`"),
         (lambda: topk_permutation(x, 2, dim=3), ValueError, "`dim`"),
         (lambda: topk_permutation(x, 2, max_iter=0), ValueError, "`max_iter`"),
@@ -217,11 +220,32 @@ def test_bad_arguments_raise():
             call()
 
 
+def test_temperature_is_not_taken():
+    """The smoothing parameter of "sinkhorn" is the option ``epsilon`` (relative to max C, so not in score units):
+    ``temperature`` raises a TypeError naming it, alone, with ``epsilon``, as a number or a tensor."""
+    x = torch.randn(2, 5)
+    for kw in ({"temperature": 0.1}, {"temperature": 0.1, "epsilon": 0.1}, {"temperature": torch.ones(2)}):
+        for method in (None, "sinkhorn"):
+            extra = {} if method is None else {"method": method}
+            with pytest.raises(TypeError, match="temperature"):
+                topk_permutation(x, 2, **extra, **kw)
+    with pytest.raises(TypeError, match="temperature"):
+        softtopk.topk_distribution(x, 2, method="sinkhorn", temperature=0.1)
+
+
+def test_default_epsilon_and_sinkhorn_is_the_default_method():
+    x = torch.randn(3, 8, dtype=torch.float64)
+    ref = topk_permutation(x, 3, method="sinkhorn", epsilon=0.1)
+    torch.testing.assert_close(topk_permutation(x, 3), ref, rtol=0, atol=0)
+    torch.testing.assert_close(topk_permutation(x, 3, method="sinkhorn"), ref, rtol=0, atol=0)
+    assert softtopk.PERMUTATION_METHODS[0] == "sinkhorn"
+
+
 def test_internal_plan_marginals():
     """The low-level plan meets both marginals to the tolerance (anchors exactly)."""
     ce = torch.rand(3, 4, 20, dtype=torch.float64) * 5
     nu = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
-    plan = ot.sinkhorn_plan(ce, nu.log().view(1, 4, 1), tol=1e-12)
+    plan = sinkhorn.sinkhorn_plan(ce, nu.log().view(1, 4, 1), tol=1e-12)
     torch.testing.assert_close(plan.sum(-1), nu.expand(3, 4), rtol=0, atol=1e-14)
     torch.testing.assert_close(plan.sum(-2) * 20, torch.ones(3, 20, dtype=torch.float64), rtol=0, atol=1e-11)
 
@@ -232,7 +256,7 @@ def test_cuda_matches_cpu():
     for eps in (0.1, 0.003):
         xc = x.cuda().requires_grad_()
         xh = x.clone().requires_grad_()
-        gc, gh = topk_permutation(xc, 5, temperature=eps), topk_permutation(xh, 5, temperature=eps)
+        gc, gh = topk_permutation(xc, 5, epsilon=eps), topk_permutation(xh, 5, epsilon=eps)
         torch.testing.assert_close(gc.cpu(), gh, rtol=0, atol=1e-9)
         up = torch.randn_like(gh)
         gc.backward(up.cuda())

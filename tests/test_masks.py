@@ -1,5 +1,7 @@
-"""The public API: shapes, dims, per-row parameters, dtypes, infinities, validation, the nn.Module,
-torch.compile / vmap, and hypothesis properties of every method."""
+"""topk_mask: shapes, dims, per-row parameters, dtypes, infinities, validation (unused arguments included),
+scale="std", max_support, torch.compile / vmap, and hypothesis properties of every method variant.
+
+The nn.Module is tested in test_nn.py; the hard mask and straight-through in test_hard.py."""
 
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ from conftest import (
     INTEGER_ONLY,
     METHOD_VARIANTS,
     NORMALISED_VARIANTS,
+    SHIFT_INVARIANT_VARIANTS,
     SOFT_VARIANTS,
-    method_of,
     ref_hard,
     run,
+    spaced,
 )
 
 topk_mask = softtopk.topk_mask
@@ -286,7 +289,7 @@ def test_nan_raises(method):
         torch.tensor([1.0, float("nan"), 2.0], dtype=torch.float64, requires_grad=True),
     ):
         with pytest.raises(ValueError, match="`x`"):
-            topk_mask(x, 1, method=method)
+            run(x, 1, method)
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -302,28 +305,30 @@ def test_k_out_of_range_raises(method):
         torch.tensor(float("nan")),
     ):
         with pytest.raises(ValueError, match="`k`"):
-            topk_mask(x, k, method=method)
+            run(x, k, method)
     if method in INTEGER_ONLY:
         for k in (2.5, torch.tensor([1.5, 2.0])):
             with pytest.raises(ValueError, match="`k`"):
-                topk_mask(x, k, method=method)
+                run(x, k, method)
     else:
-        topk_mask(x, 2.5, method=method)
-        topk_mask(x, torch.tensor([1.5, 2.0]), method=method)
+        run(x, 2.5, method)
+        run(x, torch.tensor([1.5, 2.0]), method)
     with pytest.raises(TypeError):
-        topk_mask(x, "2", method=method)
+        run(x, "2", method)
 
 
 def test_bad_method_raises():
     x = torch.randn(5)
-    for m in ("foo", "Sigmoid", ""):
+    for m in ("foo", "Sigmoid", "", "straight_through"):  # straight-through is the flag straight_through=True now
         with pytest.raises(ValueError, match="`method`"):
             topk_mask(x, 2, method=m)
 
 
-@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("method", [m for m in ALL_METHODS if m != "hard"])  # hard: test_unused_arguments_raise
 def test_bad_temperature_raises(method):
+    """Bad values of the temperature (of SOFT's epsilon for "soft_eps", which run() passes it as)."""
     x = torch.randn(2, 5)
+    name = "`epsilon`" if method == "soft_eps" else "`temperature`"
     for t in (
         0,
         0.0,
@@ -334,18 +339,18 @@ def test_bad_temperature_raises(method):
         INF,
         torch.tensor(float("nan")),
     ):
-        with pytest.raises(ValueError, match="`temperature`"):
-            topk_mask(x, 2, method=method, temperature=t)
+        with pytest.raises(ValueError, match=name):
+            run(x, 2, method, temperature=t)
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_bad_x_raises(method):
     for x in (torch.arange(5), torch.arange(5, dtype=torch.int32), torch.tensor([True, False])):
         with pytest.raises(TypeError):
-            topk_mask(x, 1, method=method)
+            run(x, 1, method)
     for x in ([1.0, 2.0, 3.0], np.array([1.0, 2.0, 3.0]), 3.0, None):
         with pytest.raises(TypeError):
-            topk_mask(x, 1, method=method)
+            run(x, 1, method)
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -353,26 +358,91 @@ def test_bad_dim_raises(method):
     x = torch.randn(3, 4)
     for d in (2, -3, 10):
         with pytest.raises(ValueError, match="`dim`"):
-            topk_mask(x, 1, dim=d, method=method)
+            run(x, 1, method, dim=d)
 
 
 def test_options():
     x = torch.randn(2, 6)
     for method in ALL_METHODS:
-        with pytest.raises(TypeError):
-            topk_mask(x, 2, method=method, foo=1)
+        with pytest.raises(TypeError, match="foo"):
+            run(x, 2, method, foo=1)
     for method in ("hard", "dftopk"):
         for opt in ("tol", "max_iter", "p"):
-            with pytest.raises(TypeError):
+            with pytest.raises(TypeError, match=opt):
                 topk_mask(x, 2, method=method, **{opt: 1})
-    for method in ("sigmoid", "soft", "lapsum", "straight_through"):
-        with pytest.raises(TypeError):
-            topk_mask(x, 2, method=method, p=2)
-        topk_mask(x, 2, method=method, tol=1e-4, max_iter=30)
+    for method in ("sigmoid", "soft", "soft_eps", "lapsum", "straight_through"):
+        with pytest.raises(TypeError, match=r"\bp\b"):
+            run(x, 2, method, p=2)
+        run(x, 2, method, tol=1e-4, max_iter=30)
     topk_mask(x, 2, method="sparse", p=2, tol=1e-4, max_iter=30)
     topk_mask(x, 2, method="sparse", p=4 / 3)
     with pytest.raises(ValueError):
         topk_mask(x, 2, method="sparse", p=3)
+
+
+def test_unused_arguments_raise():
+    """An argument a method does not use raises TypeError naming it, even at a harmless value."""
+    x = torch.randn(2, 6)
+    cases = [
+        ("hard", {"temperature": 1.0}, "temperature"),
+        ("hard", {"temperature": torch.tensor(0.5)}, "temperature"),
+        ("hard", {"scale": "std"}, "scale"),
+        ("hard", {"straight_through": True}, "straight_through"),
+        # an option of another method
+        ("sigmoid", {"p": 2}, r"\bp\b"),
+        ("lapsum", {"p": 4 / 3}, r"\bp\b"),
+        ("sparse", {"epsilon": 0.1}, "epsilon"),
+        ("sigmoid", {"epsilon": 0.1}, "epsilon"),
+        ("dftopk", {"epsilon": 0.1}, "epsilon"),
+        ("sigmoid", {"n_samples": 10}, "n_samples"),
+        ("sparse", {"noise": "gumbel"}, "noise"),
+        ("perturbed", {"tol": 1e-6}, "tol"),
+        ("perturbed", {"p": 2}, r"\bp\b"),
+        ("dftopk", {"max_iter": 10}, "max_iter"),
+        ("hard", {"generator": torch.Generator()}, "generator"),
+        # max_support: only the normalised threshold methods
+        ("dftopk", {"max_support": 4}, "max_support"),
+        ("hard", {"max_support": 4}, "max_support"),
+        ("perturbed", {"max_support": 4}, "max_support"),
+    ]
+    for method, kw, name in cases:
+        with pytest.raises(TypeError, match=name):
+            topk_mask(x, 2, method=method, **kw)
+    # the defaults spelled out are no error
+    topk_mask(x, 2, method="hard", temperature=None, scale=None, straight_through=False)
+
+
+def test_soft_epsilon_and_temperature_together_raise():
+    x = torch.randn(2, 6)
+    with pytest.raises(TypeError, match="epsilon|temperature"):
+        topk_mask(x, 2, method="soft", temperature=0.5, epsilon=0.1)
+    with pytest.raises(TypeError, match="epsilon|temperature"):
+        topk_mask(x, 2, method="soft", temperature=torch.tensor([0.5, 1.0]), epsilon=torch.tensor([0.1, 0.2]))
+    topk_mask(x, 2, method="soft", temperature=0.5)
+    topk_mask(x, 2, method="soft", epsilon=0.1)
+    topk_mask(x, 2, method="soft", temperature=None, epsilon=0.1)  # None is "not given"
+
+
+def test_bad_scale_raises():
+    x = torch.randn(2, 6)
+    for scale in ("var", "STD", "", 1.0, True):
+        with pytest.raises((ValueError, TypeError), match="scale"):
+            topk_mask(x, 2, method="sigmoid", scale=scale)
+    topk_mask(x, 2, method="sigmoid", scale=None)
+    topk_mask(x, 2, method="sigmoid", scale="std")
+
+
+def test_bad_max_support_raises():
+    x = torch.randn(2, 6)
+    for method, opts in (("sigmoid", {}), ("soft", {}), ("sparse", {}), ("sparse", {"p": 4 / 3}), ("lapsum", {})):
+        for k, m in ((3, 2), (2.5, 2), (1, 0), (torch.tensor([1.0, 3.0]), 2), (torch.tensor([[0.5], [2.5]]), 2)):
+            with pytest.raises(ValueError, match="max_support"):
+                topk_mask(x, k, method=method, max_support=m, **opts)
+        topk_mask(x, 2, method=method, max_support=2, **opts)  # max_support = k is allowed
+        topk_mask(x, torch.tensor([1.0, 2.5]), method=method, max_support=3, **opts)
+        for m in (2.5, "3", -1):
+            with pytest.raises((TypeError, ValueError), match="max_support"):
+                topk_mask(x, 1, method=method, max_support=m, **opts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -409,70 +479,6 @@ def test_inputs_not_modified(variant):
         x.grad = None
         (y.sum() + y.sum()).backward()
         torch.testing.assert_close(x.grad, g1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The nn.Module.
-# ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ALL_VARIANTS)
-def test_module_agrees_with_function(variant):
-    g = torch.Generator().manual_seed(9)
-    x = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
-    opts = dict(METHOD_VARIANTS[variant])
-    kt = torch.tensor([[1, 2, 3, 0, 1]] * 4)  # one k per row of the (4, 5) batch when dim=1
-    for k, dim, largest, t in (
-        (2, -1, True, 0.5),
-        (1, 0, False, 2.0),
-        (kt, 1, True, 1.0),
-        (kt.unsqueeze(1), 1, False, 1.0),
-    ):
-        mod = softtopk.SoftTopK(k, method=method_of(variant), temperature=t, dim=dim, largest=largest, **opts)
-        assert isinstance(mod, torch.nn.Module)
-        expected = topk_mask(x, k, method=method_of(variant), temperature=t, dim=dim, largest=largest, **opts)
-        assert torch.equal(mod(x), expected)
-        repr(mod)
-
-
-def test_module_temperature_parameter():
-    t = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
-    mod = softtopk.SoftTopK(3, method="sigmoid", temperature=t)
-    assert any(p is t for p in mod.parameters()) or mod.temperature is t
-    x = torch.randn(2, 8, dtype=torch.float64)
-    (mod(x) * torch.arange(8.0, dtype=torch.float64)).sum().backward()
-    assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad != 0
-
-
-def test_module_validates_method_options_temperature_at_construction():
-    with pytest.raises(ValueError, match="`method`"):
-        softtopk.SoftTopK(2, method="nope")
-    with pytest.raises(TypeError):
-        softtopk.SoftTopK(2, method="sigmoid", p=2)
-    with pytest.raises(TypeError):
-        softtopk.SoftTopK(2, method="hard", tol=1e-3)
-    for t in (0.0, -1.0, torch.tensor([1.0, 0.0])):
-        with pytest.raises(ValueError, match="`temperature`"):
-            softtopk.SoftTopK(2, temperature=t)
-
-
-@pytest.mark.parametrize(
-    "kwargs, exc",
-    [
-        (dict(k=-1), ValueError),
-        (dict(k="3"), TypeError),
-        (dict(k=2.5, method="hard"), ValueError),
-        (dict(k=2, largest="yes"), TypeError),
-        (dict(k=2, dim=1.5), TypeError),
-        (dict(k=2, method="sparse", p=3), ValueError),
-        (dict(k=2, tol=-1.0), ValueError),
-        (dict(k=2, max_iter=0), ValueError),
-    ],
-    ids=["k<0", "k-str", "k-frac-hard", "largest-str", "dim-float", "p=3", "tol<0", "max_iter=0"],
-)
-def test_module_validates_other_arguments_at_construction(kwargs, exc):
-    """SoftTopK's docstring: "The arguments are checked when the module is built". Everything that can be
-    checked without x (k's type and sign, whole k for hard methods, largest, dim's type, option values)."""
-    with pytest.raises(exc):
-        softtopk.SoftTopK(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -607,12 +613,13 @@ def test_prop_bounds_and_permutation_equivariance(variant, x, t, data):
     torch.testing.assert_close(run(x[perm], k, variant, temperature=t), y[perm], rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("variant", [v for v in ALL_VARIANTS if v != "soft"])
+@pytest.mark.parametrize("variant", [v for v in ALL_VARIANTS if v != "soft_eps"])
 @PROPS
 @given(x=distinct_rows, t=temps, data=st.data())
 def test_prop_monotone_in_own_score(variant, x, t, data):
-    """Raising x_i does not lower y_i. (Not a property of SOFT: its cost is normalised by max C, so raising
-    the largest score shrinks every rescaled gap; e.g. x=[2, 0] → [10, 0] lowers y_0 for k=1.)"""
+    """Raising x_i does not lower y_i. (Not a property of SOFT at a fixed epsilon: its cost is normalised by
+    max C, so raising the largest score shrinks every rescaled gap; e.g. x=[2, 0] → [10, 0] lowers y_0 for k=1.
+    SOFT with ``temperature`` is the sigmoid mask in score units, which is monotone.)"""
     n = x.numel()
     k = _draw_k(data, n, variant)
     i = data.draw(st.integers(0, n - 1))
@@ -626,9 +633,13 @@ def test_prop_monotone_in_own_score(variant, x, t, data):
 
 
 def test_soft_is_not_monotone_by_definition():
-    y1 = topk_mask(torch.tensor([2.0, 0.0], dtype=torch.float64), 1, method="soft")
-    y2 = topk_mask(torch.tensor([10.0, 0.0], dtype=torch.float64), 1, method="soft")
+    y1 = topk_mask(torch.tensor([2.0, 0.0], dtype=torch.float64), 1, method="soft", epsilon=1.0)
+    y2 = topk_mask(torch.tensor([10.0, 0.0], dtype=torch.float64), 1, method="soft", epsilon=1.0)
     assert y2[0] < y1[0]
+    # with a temperature (score units) it is the sigmoid mask: monotone
+    y1 = topk_mask(torch.tensor([2.0, 0.0], dtype=torch.float64), 1, method="soft", temperature=1.0)
+    y2 = topk_mask(torch.tensor([10.0, 0.0], dtype=torch.float64), 1, method="soft", temperature=1.0)
+    assert y2[0] > y1[0]
 
 
 @pytest.mark.parametrize("largest", [True, False])
@@ -638,13 +649,14 @@ def test_soft_is_not_monotone_by_definition():
 def test_prop_zero_temperature_limit_is_hard(variant, largest, x, data):
     n = x.numel()
     k = data.draw(st.integers(0, n))
-    # gaps are ≥ 0.01; SOFT works on 2x/max C with max C ≤ 6² here, so it needs a 36x smaller ε
-    t = 1e-4 if variant != "soft" else 2e-6
+    # gaps are ≥ 0.01 (the width T = 1e-4, internal t ≤ 1.9e-4); SOFT's epsilon works on 2x/max C with
+    # max C ≤ 6² here, so it needs a 36x smaller ε
+    t = 1e-4 if variant != "soft_eps" else 2e-6
     y = run(x, k, variant, temperature=t, largest=largest)
     torch.testing.assert_close(y, ref_hard(x, k, largest), rtol=0, atol=3e-9 * max(k, 1))
 
 
-@pytest.mark.parametrize("variant", [v for v in ALL_VARIANTS if v != "soft"])
+@pytest.mark.parametrize("variant", [v for v in ALL_VARIANTS if v != "soft_eps"])
 @PROPS
 @given(x=distinct_rows, t=temps, data=st.data())
 def test_prop_largest_false_is_selection_on_neg_x(variant, x, t, data):
@@ -659,15 +671,238 @@ def test_prop_largest_false_is_selection_on_neg_x(variant, x, t, data):
 def test_prop_soft_largest_identity(x, t, data):
     n = x.numel()
     k = data.draw(st.floats(0, n))
-    a = topk_mask(x, k, method="soft", temperature=t, largest=True)
-    b = topk_mask(x, n - k, method="soft", temperature=t, largest=False)
+    a = topk_mask(x, k, method="soft", epsilon=t, largest=True)
+    b = topk_mask(x, n - k, method="soft", epsilon=t, largest=False)
     torch.testing.assert_close(a, 1 - b, rtol=0, atol=3e-9 * max(k, n - k, 1))
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_empty_shapes(method):
     """x of "any shape": an empty batch, and empty rows (n = 0, where k = 0 is the only valid k)."""
-    y = topk_mask(torch.randn(0, 5), 2, method=method)
+    y = run(torch.randn(0, 5), 2, method)
     assert y.shape == (0, 5)
-    y = topk_mask(torch.randn(3, 0), 0, method=method)
+    y = run(torch.randn(3, 0), 0, method)
     assert y.shape == (3, 0) and y.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Names and defaults.
+# ----------------------------------------------------------------------------------------------------------
+def test_methods_is_a_tuple_of_names():
+    assert type(softtopk.METHODS) is tuple
+    assert all(type(m) is str for m in softtopk.METHODS)
+    assert softtopk.METHODS == ("hard", "dftopk", "sigmoid", "soft", "sparse", "lapsum", "perturbed")
+    for m in softtopk.METHODS:  # every name is accepted by topk_mask
+        topk_mask(torch.randn(2, 5), 2, method=m)
+
+
+@pytest.mark.parametrize("variant", [v for v in SOFT_VARIANTS if v != "soft_eps"])
+def test_default_temperature_is_one(variant):
+    """``temperature=None`` (the default) means 1.0."""
+    x = torch.randn(3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(30))
+    ref = run(x, 4, variant, temperature=1.0)
+    torch.testing.assert_close(run(x, 4, variant), ref, rtol=0, atol=0)
+    torch.testing.assert_close(run(x, 4, variant, temperature=None), ref, rtol=0, atol=0)
+    # method="soft" with neither temperature nor epsilon: the sigmoid mask at temperature 1
+    if variant == "soft":
+        torch.testing.assert_close(ref, topk_mask(x, 4, method="sigmoid", temperature=1.0), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_soft_with_temperature_is_the_sigmoid_mask(largest):
+    """method="soft" with ``temperature`` is exactly the sigmoid mask (SOFT's converged two-anchor mask is a
+    sigmoid mask; in score units the two coincide), per-row k and temperature and -inf padding included."""
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(4, 11, generator=g, dtype=torch.float64) * 3
+    x[1, 2] = x[2, 5] = -INF if largest else INF
+    k = torch.tensor([1.0, 2.5, 5.0, 10.0], dtype=torch.float64)
+    for t in (0.05, 1.0, torch.tensor([0.3, 1.0, 2.0, 7.0], dtype=torch.float64)):
+        for kk in (3, k):
+            a = topk_mask(x, kk, method="soft", temperature=t, largest=largest, tol=1e-13)
+            b = topk_mask(x, kk, method="sigmoid", temperature=t, largest=largest, tol=1e-13)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # and their gradients agree
+    xa, xb = x[0].clone().requires_grad_(), x[0].clone().requires_grad_()
+    w = torch.randn(11, generator=g, dtype=torch.float64)
+    (topk_mask(xa, 3, method="soft", temperature=0.7, largest=largest) * w).sum().backward()
+    (topk_mask(xb, 3, method="sigmoid", temperature=0.7, largest=largest) * w).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scale="std": the temperature times each row's standard deviation over its finite entries.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", SHIFT_INVARIANT_VARIANTS)
+def test_scale_std_is_invariant_to_affine_maps(variant):
+    """mask(a·x + b) == mask(x) for a > 0 with scale="std" (the methods that depend on x − τ only), and the
+    gradient follows the chain rule: a · ∇mask(a·x + b) == ∇mask(x)."""
+    g = torch.Generator().manual_seed(32)
+    x = spaced(12, batch=(3,), generator=g)
+    k = torch.tensor([1.0, 4.0, 7.0], dtype=torch.float64)
+    k = k if variant in NORMALISED_VARIANTS else k.long()
+    w = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    for T in (0.2, 1.5):
+        xr = x.clone().requires_grad_()
+        ref = run(xr, k, variant, temperature=T, scale="std", **_tight(variant))
+        (ref * w).sum().backward()
+        for a, b in ((1e-3, 5.0), (3.0, -2.0), (250.0, 1e3)):
+            xa = x.clone().requires_grad_()
+            y = run(a * xa + b, k, variant, temperature=T, scale="std", **_tight(variant))
+            torch.testing.assert_close(y, ref, rtol=0, atol=1e-9, msg=f"a={a} b={b} T={T}")
+            (y * w).sum().backward()
+            torch.testing.assert_close(xa.grad, xr.grad, rtol=1e-6, atol=1e-9, msg=f"a={a} b={b} T={T}")
+    # without scale="std" the mask does depend on the scale of x (T is in the units of the scores)
+    if variant != "straight_through":
+        y1 = run(x, k, variant, temperature=1.0)
+        y2 = run(10 * x, k, variant, temperature=1.0)
+        assert (y1 - y2).abs().max() > 1e-3
+
+
+def _std_over_finite(x, correction):
+    live = torch.isfinite(x)
+    n = live.sum(-1, keepdim=True)
+    mean = torch.where(live, x, 0.0).sum(-1, keepdim=True) / n
+    return (torch.where(live, (x - mean) ** 2, 0.0).sum(-1) / (n.squeeze(-1) - correction)).sqrt()
+
+
+@pytest.mark.parametrize("variant", ["sigmoid", "dftopk", "sparse43", "lapsum", "straight_through"])
+def test_scale_std_is_per_row_over_finite_entries(variant):
+    """The row's std is taken per row and over its finite entries: rows a·x + b of very different spreads get the
+    same mask; a -inf padded (or +inf holding) row gives the unpadded row's mask; it is the mask at T·std."""
+    g = torch.Generator().manual_seed(33)
+    base = spaced(8, generator=g)
+    offsets = torch.tensor([[3.0], [-1.0], [1e2]], dtype=torch.float64)
+    live = base * torch.tensor([[0.01], [1.0], [40.0]], dtype=torch.float64) + offsets
+    kf = 3.0 if variant in NORMALISED_VARIANTS else 3
+    y = run(live, kf, variant, temperature=0.8, scale="std", **_tight(variant))
+    ref = run(base, kf, variant, temperature=0.8, scale="std", **_tight(variant))
+    torch.testing.assert_close(y, ref.expand(3, 8), rtol=0, atol=1e-9)
+    # -inf padding is no entry of the std (nor of the selection)
+    pad = torch.full((3, 3), -INF, dtype=torch.float64)
+    xp = torch.cat([live[:, :2], pad[:, :2], live[:, 2:], pad[:, 2:]], -1)
+    pos = torch.isfinite(xp[0])
+    xa, xb = xp.clone().requires_grad_(), live.clone().requires_grad_()
+    ya = run(xa, kf, variant, temperature=0.8, scale="std", **_tight(variant))
+    yb = run(xb, kf, variant, temperature=0.8, scale="std", **_tight(variant))
+    assert torch.equal(ya.detach()[:, ~pos], torch.zeros(3, 3, dtype=torch.float64))
+    torch.testing.assert_close(ya[:, pos], yb, rtol=0, atol=1e-12)
+    w = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    (ya[:, pos] * w).sum().backward()
+    (yb * w).sum().backward()
+    assert torch.equal(xa.grad[:, ~pos], torch.zeros(3, 3, dtype=torch.float64))
+    torch.testing.assert_close(xa.grad[:, pos], xb.grad, rtol=1e-10, atol=1e-12)
+    # +inf entries are selected and are no entry of the std either
+    xi = torch.cat([live[:, :3], torch.full((3, 1), INF, dtype=torch.float64), live[:, 3:]], -1)
+    yi = run(xi, kf + 1, variant, temperature=0.8, scale="std", **_tight(variant))
+    assert torch.equal(yi[:, 3], torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(torch.cat([yi[:, :3], yi[:, 4:]], -1), yb.detach(), rtol=0, atol=1e-12)
+    # T·std: the spec does not fix the std's correction; it is one of the two usual ones (the same for all rows)
+    matches = []
+    for corr in (0, 1):
+        s = _std_over_finite(xp, corr)
+        ref = run(xp, kf, variant, temperature=0.8 * s, **_tight(variant))
+        matches.append(bool(torch.allclose(ya.detach(), ref, rtol=0, atol=1e-12)))
+    assert any(matches), "scale='std' is not the mask at temperature T·std(finite entries)"
+
+
+def test_scale_std_gradcheck_and_per_row_temperature():
+    """The std is differentiable (gradcheck in float64 through it), and a per-row T multiplies each row's std."""
+    x = spaced(7, batch=(2,), generator=torch.Generator().manual_seed(34)).requires_grad_()
+    t = torch.tensor([0.6, 2.0], dtype=torch.float64, requires_grad=True)
+    k = torch.tensor([2.5, 4.0], dtype=torch.float64, requires_grad=True)
+    for method in ("sigmoid", "lapsum"):
+
+        def f(x, k, t, method=method):
+            return topk_mask(x, k, method=method, temperature=t, scale="std", tol=1e-13)
+
+        assert torch.autograd.gradcheck(f, (x, k, t), eps=1e-6, atol=1e-6, rtol=1e-4)
+        y = f(x, k, t)
+        for r in range(2):
+            torch.testing.assert_close(y[r], f(x[r], k[r], t[r]), rtol=0, atol=1e-12)
+
+
+def test_scale_std_in_float32_and_dims():
+    g = torch.Generator().manual_seed(35)
+    x = torch.randn(4, 9, 3, generator=g, dtype=torch.float64) * 20 + 100
+    for dim in (0, 1, -1):
+        y = topk_mask(x, 2, dim=dim, temperature=0.5, scale="std")
+        ref = topk_mask(x.movedim(dim, -1), 2, temperature=0.5, scale="std").movedim(-1, dim)
+        torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+        y32 = topk_mask(x.float(), 2, dim=dim, temperature=0.5, scale="std")
+        assert y32.dtype == torch.float32
+        torch.testing.assert_close(y32.double(), y, rtol=0, atol=2e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# max_support: the mask on the max_support largest entries only, exactly 0 elsewhere.
+# ----------------------------------------------------------------------------------------------------------
+SUPPORT_VARIANTS = ["sigmoid", "soft", "soft_eps", "sparse", "sparse43", "lapsum"]
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("variant", SUPPORT_VARIANTS)
+def test_max_support_is_the_mask_of_the_top_entries(variant, largest):
+    """By definition: the unbounded mask of the max_support largest (smallest) entries, scattered back, 0 elsewhere.
+    Its support has at most max_support entries and it sums to k."""
+    g = torch.Generator().manual_seed(36)
+    x = torch.randn(3, 40, generator=g, dtype=torch.float64)
+    for k, m, T in ((5, 8, 3.0), (2.5, 6, 10.0), (1, 1, 1.0), (7.25, 20, 0.5), (4, 40, 2.0)):
+        y = run(x, k, variant, temperature=T, max_support=m, largest=largest, tol=1e-13)
+        assert ((y > 0).sum(-1) <= m).all(), (k, m)
+        torch.testing.assert_close(y.sum(-1), torch.full((3,), float(k), dtype=torch.float64), rtol=0, atol=1e-9)
+        top = torch.topk(x, m, largest=largest).indices
+        sub = run(x.gather(-1, top), k, variant, temperature=T, largest=largest, tol=1e-13)
+        ref = torch.zeros_like(x).scatter(-1, top, sub)
+        if variant == "soft_eps":  # SOFT's epsilon is relative to max C of the entries it sees: compare loosely
+            assert torch.equal(y == 0, ref == 0) or m == 40
+        else:
+            torch.testing.assert_close(y, ref, rtol=0, atol=1e-10, msg=f"k={k} m={m}")
+
+
+def test_max_support_equals_unbounded_when_it_covers_the_support():
+    """sparse: when the unbounded mask has at most max_support nonzeros, max_support changes nothing."""
+    g = torch.Generator().manual_seed(37)
+    x = torch.randn(4, 50, generator=g, dtype=torch.float64)
+    for p in (2, 4 / 3):
+        for k, T in ((3, 0.3), (5.5, 1.0), (10, 0.8)):
+            y = topk_mask(x, k, method="sparse", p=p, temperature=T, tol=1e-13)
+            supp = int((y > 0).sum(-1).max())
+            assert supp < 50
+            for m in (max(supp, math.ceil(k)), supp + 3, 50):
+                ym = topk_mask(x, k, method="sparse", p=p, temperature=T, max_support=m, tol=1e-13)
+                torch.testing.assert_close(ym, y, rtol=0, atol=1e-12, msg=f"p={p} k={k} m={m}")
+            # a max_support below the support: exactly that many nonzeros at most, still sums to k
+            m = max(math.ceil(k), supp - 3)
+            ym = topk_mask(x, k, method="sparse", p=p, temperature=T, max_support=m)
+            assert ((ym > 0).sum(-1) <= m).all()
+            torch.testing.assert_close(ym.sum(-1), torch.full((4,), float(k), dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_max_support_per_row_k_dim_and_padding():
+    g = torch.Generator().manual_seed(38)
+    x = torch.randn(20, 3, generator=g, dtype=torch.float64)  # rows along dim 0
+    x[[2, 5, 11], 1] = -INF
+    k = torch.tensor([1.5, 4.0, 6.0], dtype=torch.float64)
+    y = topk_mask(x, k, dim=0, method="sparse", temperature=5.0, max_support=8)
+    assert ((y > 0).sum(0) <= 8).all()
+    torch.testing.assert_close(y.sum(0), k, rtol=0, atol=1e-9)
+    assert (y[[2, 5, 11], 1] == 0).all()
+    for c in range(3):
+        yc = topk_mask(x[:, c], float(k[c]), method="sparse", temperature=5.0, max_support=8)
+        torch.testing.assert_close(y[:, c], yc, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["sigmoid", "sparse", "sparse43", "lapsum"])
+def test_max_support_gradcheck(variant):
+    """float64 gradcheck in x, k and temperature with max_support (spaced scores: no tie at the support's edge)."""
+    x = spaced(12, batch=(2,), generator=torch.Generator().manual_seed(39)).requires_grad_()
+    k = torch.tensor([2.5, 3.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([3.0, 4.5], dtype=torch.float64, requires_grad=True)
+
+    def f(x, k, t):
+        return run(x, k, variant, temperature=t, max_support=6, tol=1e-13)
+
+    y = f(x, k, t)
+    inner = (y > 0) & (y < 1)
+    assert inner.sum(-1).min() >= 2 and ((y > 0).sum(-1) <= 6).all()
+    assert torch.autograd.gradcheck(f, (x, k, t), eps=1e-6, atol=1e-6, rtol=1e-4)

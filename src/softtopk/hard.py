@@ -1,11 +1,11 @@
-"""Hard top-k and the straight-through estimator: the baselines every relaxation is compared with."""
+"""The hard top-k mask: the exact selection every relaxation tends to, and the forward of straight-through."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ._utils import can_read_data
+from ._prepare import can_read_data
 
 __all__ = ["hard_mask", "hard_topk_mask"]
 

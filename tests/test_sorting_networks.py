@@ -1,7 +1,8 @@
-"""Differentiable sorting networks (``topk_permutation(method="odd_even" | "bitonic")`` and ``topk_distribution``):
-against a literal relaxed network on the full N × N permutation matrix written from the definition (comparator by
-comparator, float64, −1e300 sentinels for the bitonic padding), its limits and marginals, dims and dtypes, and the
-hand-written backward (autograd through the literal network, float64 gradcheck)."""
+"""Differentiable sorting networks (``topk_permutation(method="odd_even" | "bitonic")``, the family
+:mod:`softtopk.sorting_networks`): against a literal relaxed network on the full N × N permutation matrix written
+from the definition (comparator by comparator, float64, −1e300 sentinels for the bitonic padding), its limits and
+marginals, dims and dtypes, and the hand-written backward (autograd through the literal network, float64
+gradcheck). ``topk_distribution`` and the public dispatch are tested in test_permutations.py."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ import torch
 from torch.autograd import gradcheck
 
 from conftest import spaced
-from softtopk.networks import topk_distribution
-from softtopk.ot import topk_permutation
+from softtopk import sorting_networks, topk_permutation
 
 NETWORKS = ("odd_even", "bitonic")
 RELAXATIONS = ("logistic", "cauchy")
@@ -257,26 +257,30 @@ def test_backward_keeps_only_the_differences():
         assert diffs.shape == (2, comparators) and t.numel() == 2
 
 
-def test_topk_distribution():
-    g = torch.Generator().manual_seed(10)
-    x = torch.randn(2, 11, generator=g, dtype=torch.float64)
-    for method in ("bitonic", "odd_even", "soft"):
-        pk = topk_distribution(x, 4, method=method, temperature=0.3)
-        gam = topk_permutation(x, 4, method=method, temperature=0.3)
-        torch.testing.assert_close(pk, gam.cumsum(-2).clamp(0, 1), rtol=0, atol=0)
-        assert float(pk.min()) >= 0 and float(pk.max()) <= 1
-        torch.testing.assert_close(
-            pk.sum(-1), torch.arange(1.0, 5.0, dtype=torch.float64).expand(2, 4), atol=1e-6, rtol=0
-        )
-    xs = spaced(11, batch=(2,), generator=g)
-    pk = topk_distribution(xs, 4, method="odd_even", temperature=1e-3, relaxation="logistic", largest=False)
-    order = torch.argsort(xs, -1)
-    for j in range(4):
-        hard = torch.zeros_like(xs).scatter_(-1, order[:, : j + 1], 1.0)
-        torch.testing.assert_close(pk[:, j], hard, rtol=0, atol=1e-9)
-    xt = spaced(6, batch=(2,)).requires_grad_()
-    assert gradcheck(lambda x: topk_distribution(x, 3, temperature=0.5, relaxation="cauchy"), (xt,))
-    assert topk_distribution(x, 0).shape == (2, 0, 11)
+def test_family_constants_and_low_level_entry():
+    """The family's tables, and ``network_permutation`` (rows (R, n), per-row t (R, 1), no validation) is what
+    ``topk_permutation`` computes."""
+    assert sorting_networks.NETWORKS == NETWORKS and sorting_networks.RELAXATIONS == RELAXATIONS
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    t = torch.tensor([[0.3], [1.0], [2.0]], dtype=torch.float64)
+    for network in NETWORKS:
+        for relaxation in RELAXATIONS:
+            low = sorting_networks.network_permutation(x, 4, t, network=network, relaxation=relaxation)
+            ref = topk_permutation(x, 4, method=network, temperature=t, relaxation=relaxation)
+            torch.testing.assert_close(low, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_default_temperature_is_one(network):
+    """``temperature=None`` (the default) is t = 1.0 (it was 0.1 before the rename), logistic relaxation."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 9, generator=g, dtype=torch.float64)
+    ref = topk_permutation(x, 3, method=network, temperature=1.0, relaxation="logistic")
+    torch.testing.assert_close(topk_permutation(x, 3, method=network), ref, rtol=0, atol=0)
+    torch.testing.assert_close(topk_permutation(x, 3, method=network, temperature=None), ref, rtol=0, atol=0)
+    lit = torch.stack([ref_network(x[i], network, 1.0, "logistic")[:3, :9] for i in range(2)])
+    torch.testing.assert_close(ref, lit, rtol=0, atol=1e-12)
 
 
 def test_bad_arguments_raise():
@@ -286,20 +290,19 @@ def test_bad_arguments_raise():
         (lambda: topk_permutation(x, 2, method="bitonic", relaxation="gauss"), ValueError, "`relaxation`"),
         (lambda: topk_permutation(x, 2, method="odd_even", relaxation=1), TypeError, "`relaxation`"),
         (lambda: topk_permutation(x, 2, relaxation="cauchy"), TypeError, "`relaxation`"),
-        (lambda: topk_permutation(x, 2, method="soft", relaxation="logistic"), TypeError, "`relaxation`"),
+        (lambda: topk_permutation(x, 2, method="sinkhorn", relaxation="logistic"), TypeError, "`relaxation`"),
         (lambda: topk_permutation(x, 2, method="bitonic", max_iter=10), TypeError, "`max_iter`"),
         (lambda: topk_permutation(x, 2, method="odd_even", tol=1e-3), TypeError, "`tol`"),
         (lambda: topk_permutation(x, 2, method="odd_even", steepness=3), TypeError, "`steepness`"),
+        (lambda: topk_permutation(x, 2, method="bitonic", epsilon=0.1), TypeError, "`epsilon`"),
         (lambda: topk_permutation(x, 6, method="bitonic"), ValueError, "`k`"),
         (lambda: topk_permutation(x, -1, method="odd_even"), ValueError, "`k`"),
         (lambda: topk_permutation(x, 2.0, method="odd_even"), TypeError, "`k`"),
         (lambda: topk_permutation(x, 2, method="bitonic", temperature=0.0), ValueError, "`temperature`"),
+        (lambda: topk_permutation(x, 2, method="odd_even", temperature=-1.0), ValueError, "`temperature`"),
         (lambda: topk_permutation(x, 2, method="bitonic", dim=2), ValueError, "`dim`"),
         (lambda: topk_permutation(torch.tensor([1.0, math.nan]), 1, method="bitonic"), ValueError, "NaN"),
         (lambda: topk_permutation(torch.tensor([1.0, math.inf]), 1, method="odd_even"), ValueError, "finite"),
-        (lambda: topk_distribution(x, 6), ValueError, "topk_distribution: `k`"),
-        (lambda: topk_distribution(x, 2, method="soft", relaxation="cauchy"), TypeError, "`relaxation`"),
-        (lambda: topk_distribution(x, 2, method="heap"), ValueError, "topk_distribution: unknown `method`"),
     ]
     for call, exc, words in cases:
         with pytest.raises(exc, match=words):

@@ -14,38 +14,25 @@ the soft indicator of the (j + 1)-th largest score: each row sums to 1, each col
 
 The plan is found by log-domain Sinkhorn iterations and differentiated *implicitly*: no iteration is recorded,
 the backward solves one (k + 1) × (k + 1) linear system per row (derivation at :class:`_SinkhornPlan`), so time
-is O(n k²) and memory O(n k) whatever the number of iterations.
-
-:func:`topk_permutation` also dispatches to the differentiable sorting networks of :mod:`softtopk.networks`
-(``method="odd_even"`` or ``"bitonic"``).
+is O(n k²) and memory O(n k) whatever the number of iterations. The public entry point is
+:func:`softtopk.topk_permutation` with ``method="sinkhorn"``.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
-from typing import Union
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._utils import (
-    can_read_data,
-    check_input,
-    check_k,
-    check_temperature,
-    compute_dtype,
-    move_last,
-    normalize_dim,
-    row_param,
-)
+from ._prepare import SOLVERS, can_read_data
 
-__all__ = ["PERMUTATION_METHODS", "SINKHORN_MAX_ITER", "sinkhorn_plan", "topk_permutation"]
+__all__ = ["SINKHORN_MAX_ITER", "sinkhorn_plan", "sorted_topk_plan"]
 
 #: Sinkhorn iterations at most (eager mode stops at convergence).
-SINKHORN_MAX_ITER = 1000
+SINKHORN_MAX_ITER = SOLVERS["sinkhorn"]["max_iter"]
 
 
 #: Sinkhorn iterations before the solver switches to Newton steps on the anchor potentials (eager mode).
@@ -188,8 +175,8 @@ class _SinkhornPlan(torch.autograd.Function):
         plan, it, err = _sinkhorn(ce, log_nu, tol, max_iter)
         if can_read_data(ce) and not err <= tol:
             warnings.warn(
-                f"topk_permutation: Sinkhorn stopped after max_iter={max_iter} iterations with a marginal error "
-                f"max_i |n (P 1)_i - 1| = {err:.3g} > tol = {tol:.3g}; raise max_iter or the temperature",
+                f"topk_permutation(method='sinkhorn'): Sinkhorn stopped after max_iter={max_iter} iterations with a "
+                f"marginal error max_i |n (P 1)_i - 1| = {err:.3g} > tol = {tol:.3g}; raise max_iter or epsilon",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -235,149 +222,16 @@ def sinkhorn_plan(ce: Tensor, log_nu: Tensor, *, tol: float, max_iter: int = SIN
     return _SinkhornPlan.apply(ce, log_nu, tol, max_iter)
 
 
-#: The methods of :func:`topk_permutation` and the options each takes.
-PERMUTATION_METHODS = {"soft": ("max_iter", "tol"), "odd_even": ("relaxation",), "bitonic": ("relaxation",)}
-
-
-def topk_permutation(
-    x: Tensor,
-    k: int,
-    *,
-    method: str = "soft",
-    temperature: Union[float, Tensor] = 0.1,
-    largest: bool = True,
-    dim: int = -1,
-    **options,
-) -> Tensor:
-    r"""Soft sorted top-k: Γ of shape (..., k, n) whose row j softly indicates the (j + 1)-th largest entry.
-
-    Every method returns Γ with rows summing to 1 and columns summing to at most 1; ``Γ @ x`` are the soft sorted
-    top-k values, in decreasing order, and as the temperature → 0, Γ tends to the rows of the hard permutation that
-    sorts the top-k.
-
-    ``method="soft"`` (default), SOFT sorted top-k (Xie et al. 2020): entropic optimal transport of the n scores
-    (mass 1/n each) to the k + 1 anchors :math:`(k, k-1, \dots, 1, 0)` with masses
-    :math:`(1/n, \dots, 1/n, (n-k)/n)`,
-
-    .. math::
-        P = \arg\min_{P \in U(\mu, \nu)} \langle C, P\rangle - \varepsilon H(P),\qquad
-        C_{ji} = \frac{(x_i - a_j)^2}{\max_{j'i'} (x_{i'} - a_{j'})^2},\qquad \Gamma = n P_{0:k, :},
-
-    with ε = ``temperature`` and the cost normaliser taken per row (and differentiated). Column i of Γ sums to the
-    mass of score i not sent to the "rest" anchor. The k rows summed, :math:`\sum_j \Gamma_{ji}`, form a soft top-k
-    mask summing to k; for k = 1 the anchors and costs are those of ``topk_mask(x, 1, method="soft",
-    temperature=ε)`` and the two coincide. ``largest=False`` softly sorts the k smallest entries in increasing
-    order: the anchors (0, 1, …, k − 1) take them and anchor k the rest (the paper's convention for the k smallest;
-    for k = 1 it coincides with ``topk_mask(x, 1, method="soft", largest=False)``). With k = n there is no rest
-    anchor and Γ is a soft permutation matrix (doubly stochastic). The plan is computed by log-domain Sinkhorn
-    iterations until the score marginals are met to ``tol`` (:math:`\max_i |n (P1)_i - 1| \le` ``tol``; the anchor
-    marginals are exact after every iteration), and differentiated implicitly at convergence: the backward solves
-    one (k + 1) × (k + 1) linear system per row, O(n k²) time and O(n k) memory, independent of the number of
-    iterations. The backward is ``once_differentiable``.
-
-    ``method="odd_even"`` or ``"bitonic"``, differentiable sorting networks (Petersen et al. 2021, 2022): every
-    comparator of the network, on values a (on the wire that takes the larger value) and b, swaps with soft
-    probability :math:`\alpha = f((b - a)/t)`, t = ``temperature``, f the logistic sigmoid
-    (``relaxation="logistic"``, default) or the Cauchy CDF :math:`\tfrac12 + \arctan(z)/\pi` (``"cauchy"``,
-    monotonic); Γ = :math:`E_k L_m \cdots L_1` is the first k rows of the product of the layers' doubly stochastic
-    mixing matrices (a soft permutation matrix when k = n). The odd-even transposition network has n layers, the
-    bitonic one log2 N (log2 N + 1)/2 on N = 2^⌈log2 n⌉ wires (−∞ sentinels pad n to N; they never reach the top
-    n). The full n × n matrix is never formed: memory is C + O(√m · k N) numbers a row for C comparators and m
-    layers, with a hand-written ``once_differentiable`` backward; definitions, directions and the exact cost in
-    :mod:`softtopk.networks`. ``largest=False`` sorts −x: the k smallest entries in increasing order.
-
-    Args:
-        x: scores, any shape (finite values).
-        k: the number of rows, an int in [0, n].
-        method: ``"soft"`` (default), ``"odd_even"`` or ``"bitonic"``.
-        temperature: ε or t > 0, a number or a per-row tensor broadcastable to the batch shape (differentiable).
-        largest: the k largest (default) or the k smallest entries.
-        dim: the dimension of the scores. The result has the batch dimensions of ``x`` (its shape without
-            ``dim``, in order), then k, then n: for ``dim != -1`` the score dimension is moved last.
-        **options: the method's own options; any other raises ``TypeError``.
-
-            - ``"soft"``: ``max_iter`` (default ``SINKHORN_MAX_ITER``), Sinkhorn iterations at most, with a
-              ``RuntimeWarning`` if ``tol`` is not met by then; ``tol``, the marginal tolerance, default 1e-5
-              (float32) or 1e-10 (float64).
-            - ``"odd_even"``, ``"bitonic"``: ``relaxation``, ``"logistic"`` (default) or ``"cauchy"``.
-
-    Half precision runs in float32.
-
-    Returns:
-        Γ of shape ``batch + (k, n)`` and ``x``'s dtype.
-
-    Example:
-        >>> import torch, softtopk
-        >>> x = torch.tensor([0.0, 3.0, 1.0, 2.0])
-        >>> g = softtopk.topk_permutation(x, 2, temperature=1e-3)
-        >>> g.round(decimals=3)
-        tensor([[0., 1., 0., 0.],
-                [0., 0., 0., 1.]])
-        >>> (g @ x).round(decimals=3)
-        tensor([3., 2.])
-        >>> g = softtopk.topk_permutation(x, 2, method="bitonic", temperature=0.5, relaxation="cauchy")
-        >>> g.round(decimals=2)
-        tensor([[0.0500, 0.7300, 0.0900, 0.1300],
-                [0.0800, 0.1300, 0.1300, 0.6600]])
-        >>> (g @ x).round(decimals=2)
-        tensor([2.5400, 1.8500])
-    """
-    return _topk_permutation(x, k, method, temperature, largest, dim, options, fn="topk_permutation")
-
-
-def _topk_permutation(x, k, method, temperature, largest, dim, options: dict, *, fn: str) -> Tensor:
-    """:func:`topk_permutation` with the name ``fn`` in its error messages."""
-    finite = check_input(x, fn=fn)
-    if not finite and can_read_data(x) and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{fn}: `x` must be finite (it contains ±inf)")
-    d = normalize_dim(x, dim, fn=fn)
-    if not isinstance(method, str):
-        raise TypeError(f"{fn}: `method` must be a string, got {type(method).__name__}")
-    if method not in PERMUTATION_METHODS:
-        raise ValueError(
-            f"{fn}: unknown `method`={method!r}; choose one of {', '.join(map(repr, PERMUTATION_METHODS))}"
-        )
-    allowed = PERMUTATION_METHODS[method]
-    unknown = [name for name in options if name not in allowed]
-    if unknown:
-        names = ", ".join(f"`{name}`" for name in unknown)
-        raise TypeError(
-            f"{fn}: method={method!r} takes no option {names}; its options: {', '.join(f'`{a}`' for a in allowed)}"
-        )
-    n = x.shape[d]
-    if isinstance(k, Tensor) or isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"{fn}: `k` must be an int (the number of rows of the result), got {type(k).__name__}")
-    check_k(k, n, integer=True, fn=fn)
-    k = int(k)
-    check_temperature(temperature, fn=fn)
-    if not isinstance(largest, bool):
-        raise TypeError(f"{fn}: `largest` must be a bool, got {type(largest).__name__}")
-    cdtype = compute_dtype(x)
-    batch = x.shape[:d] + x.shape[d + 1 :]
-    if method != "soft":
-        from .networks import network_permutation, parse_relaxation
-
-        relaxation = parse_relaxation(options.get("relaxation", "logistic"), fn=fn)
-        if k == 0:
-            return x.new_zeros(batch + (0, n))
-        xl = move_last(x, d).to(cdtype).reshape(-1, n)
-        t = row_param(temperature, x, d, name="temperature", fn=fn, dtype=cdtype).reshape(-1, 1)
-        gamma = network_permutation(xl if largest else -xl, k, t, network=method, relaxation=relaxation)
-        return gamma.reshape(batch + (k, n)).to(x.dtype)
-    max_iter = options.get("max_iter", SINKHORN_MAX_ITER)
-    tol = options.get("tol")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
-        raise ValueError(f"{fn}: `max_iter` must be a positive int, got {max_iter!r}")
-    if tol is not None and not (isinstance(tol, numbers.Real) and tol > 0):
-        raise ValueError(f"{fn}: `tol` must be a positive number, got {tol!r}")
-    if tol is None:
-        tol = 1e-10 if cdtype == torch.float64 else 1e-5
+def sorted_topk_plan(x: Tensor, k: int, eps: Tensor, *, largest: bool, tol: float, max_iter: int) -> Tensor:
+    """Γ (R, k, n) of SOFT sorted top-k for finite rows ``x`` (R, n) at ε (R, 1): row j of Γ softly indicates the
+    (j + 1)-th largest entry (the (j + 1)-th smallest with ``largest=False``). See
+    :func:`softtopk.topk_permutation` for the problem solved."""
+    rows_, n = x.shape
     if k == 0:
-        return x.new_zeros(batch + (0, n))
-    xl = move_last(x, d).to(cdtype).reshape(-1, 1, n)  # (R, 1, n)
-    eps = row_param(temperature, x, d, name="temperature", fn=fn, dtype=cdtype).reshape(-1, 1, 1)
+        return x.new_zeros(rows_, 0, n)
+    xl = x.reshape(-1, 1, n)
     rows = k + 1 if k < n else k  # anchors; no "rest" anchor when k = n
-    j = torch.arange(rows, device=x.device, dtype=cdtype)
+    j = torch.arange(rows, device=x.device, dtype=x.dtype)
     anchors = (k - j) if largest else j
     cost = (xl - anchors.view(1, rows, 1)) ** 2  # (R, J, n)
     cmax = cost.amax(dim=(-2, -1), keepdim=True)
@@ -385,7 +239,6 @@ def _topk_permutation(x, k, method, temperature, largest, dim, options: dict, *,
     nu = torch.full((rows,), 1.0 / n, dtype=torch.float64)
     if rows > k:
         nu[k] = (n - k) / n
-    log_nu = torch.log(nu).to(device=x.device, dtype=cdtype).view(1, rows, 1)
-    plan = _SinkhornPlan.apply(cost / (cmax * eps), log_nu, float(tol), int(max_iter))
-    gamma = plan[:, :k, :] * n
-    return gamma.reshape(batch + (k, n)).to(x.dtype)
+    log_nu = torch.log(nu).to(device=x.device, dtype=x.dtype).view(1, rows, 1)
+    plan = _SinkhornPlan.apply(cost / (cmax * eps.reshape(-1, 1, 1)), log_nu, float(tol), int(max_iter))
+    return plan[:, :k, :] * n

@@ -69,13 +69,12 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["NETWORKS", "RELAXATIONS", "network_permutation", "parse_relaxation", "topk_distribution"]
+__all__ = ["NETWORKS", "RELAXATIONS", "network_permutation"]
 
 #: The sorting networks of :func:`softtopk.topk_permutation`.
 NETWORKS = ("odd_even", "bitonic")
@@ -305,72 +304,8 @@ class _NetworkTopK(torch.autograd.Function):
         return gx, gt, None, None, None
 
 
-def parse_relaxation(relaxation: object, *, fn: str = "topk_permutation") -> str:
-    """Validate the ``relaxation`` option of the network methods."""
-    if not isinstance(relaxation, str):
-        raise TypeError(f"{fn}: `relaxation` must be a string, got {type(relaxation).__name__}")
-    if relaxation not in RELAXATIONS:
-        raise ValueError(
-            f"{fn}: unknown `relaxation`={relaxation!r}; choose one of {', '.join(map(repr, RELAXATIONS))}"
-        )
-    return relaxation
-
-
 def network_permutation(x: Tensor, k: int, t: Tensor, *, network: str, relaxation: str = "logistic") -> Tensor:
     """The first k rows Γ (R, k, n) of the relaxed sorting network on rows ``x`` (R, n) (float32/64, finite) at
     temperatures ``t`` (R, 1), larger values first, with the hand-written backward. Low level, no validation; see
     :func:`softtopk.topk_permutation`."""
     return _NetworkTopK.apply(x, t, int(k), network, relaxation)
-
-
-def topk_distribution(
-    x: Tensor,
-    k: int,
-    *,
-    method: str = "bitonic",
-    temperature: Union[float, Tensor] = 0.1,
-    largest: bool = True,
-    dim: int = -1,
-    **options,
-) -> Tensor:
-    r"""Soft top-k distribution :math:`P_K` (Petersen et al. 2022, "Differentiable Top-k Classification
-    Learning"): row j is the soft probability that entry i is among the top j + 1.
-
-    With Γ = ``topk_permutation(x, k, method=method, ...)``, whose row r softly indicates the (r + 1)-th largest
-    entry,
-
-    .. math::
-        (P_K)_{ji} = \min\Bigl(1, \max\bigl(0, \textstyle\sum_{r=0}^{j} \Gamma_{ri}\bigr)\Bigr),
-
-    the clamp only absorbing rounding (the sums lie in [0, 1]: columns of Γ sum to at most 1). Row j sums to j + 1
-    and is a soft top-(j + 1) mask; as t → 0 it tends to the indicator of the j + 1 largest entries (of the j + 1
-    smallest with ``largest=False``). For the sorting networks (``"odd_even"``, ``"bitonic"``) see
-    :mod:`softtopk.networks` for the relaxation and the memory cost; ``method="soft"`` (SOFT optimal transport)
-    works too.
-
-    Args:
-        x: scores, any shape (finite values).
-        k: the number of rows, an int in [0, n].
-        method: ``"bitonic"`` (default), ``"odd_even"`` or ``"soft"``.
-        temperature: t > 0, a number or a per-row tensor broadcastable to the batch shape (differentiable).
-        largest: the k largest (default) or the k smallest entries.
-        dim: the dimension of the scores; the result has the batch dimensions of ``x``, then k, then n.
-        **options: the method's options, as for :func:`softtopk.topk_permutation` (``relaxation`` for the networks;
-            ``max_iter``, ``tol`` for ``"soft"``).
-
-    Returns:
-        :math:`P_K` of shape ``batch + (k, n)`` and ``x``'s dtype.
-
-    Example:
-        >>> import torch
-        >>> from softtopk.networks import topk_distribution
-        >>> x = torch.tensor([0.0, 3.0, 1.0, 2.0])
-        >>> topk_distribution(x, 3, temperature=1e-3)
-        tensor([[0., 1., 0., 0.],
-                [0., 1., 0., 1.],
-                [0., 1., 1., 1.]])
-    """
-    from .ot import _topk_permutation
-
-    gam = _topk_permutation(x, k, method, temperature, largest, dim, options, fn="topk_distribution")
-    return gam.cumsum(-2).clamp(0.0, 1.0)

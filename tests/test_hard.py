@@ -1,4 +1,5 @@
-"""The hard top-k mask and the straight-through estimator."""
+"""The hard top-k mask (softtopk.hard, method="hard") and the straight-through estimator
+(method="sigmoid", straight_through=True: the hard forward, the sigmoid mask's gradient at the same temperature)."""
 
 from __future__ import annotations
 
@@ -46,12 +47,16 @@ def test_hard_per_row_k_and_dim():
 
 def test_hard_zero_gradient_in_graph():
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
-    t = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    y = topk_mask(x, 3, method="hard", temperature=t)
+    y = topk_mask(x, 3, method="hard")
     assert y.requires_grad and y.grad_fn is not None
     (y * torch.randn(3, 8, dtype=torch.float64)).sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
-    assert t.grad is None or torch.equal(t.grad, torch.zeros_like(t))
+    # the hard mask has no temperature: passing one is an error, not a silently unused argument
+    t = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(TypeError, match="temperature"):
+        topk_mask(x, 3, method="hard", temperature=t)
+    with pytest.raises(TypeError, match="straight_through"):
+        topk_mask(x, 3, method="hard", straight_through=True)
     # and gradcheck agrees (the function is piecewise constant)
     xs = spaced(8, batch=(2,)).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: topk_mask(x, 3, method="hard"), (xs,))
@@ -64,7 +69,7 @@ def test_straight_through_forward_is_hard(t, largest):
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         x = torch.randn(5, 9, generator=g).to(dtype)
         for k in (0, 1, 4, 8, 9):
-            y = topk_mask(x, k, method="straight_through", temperature=t, largest=largest)
+            y = topk_mask(x, k, method="sigmoid", straight_through=True, temperature=t, largest=largest)
             assert y.dtype == dtype
             assert torch.equal(y, topk_mask(x, k, method="hard", largest=largest))
 
@@ -76,12 +81,12 @@ def test_straight_through_backward_is_sigmoid(t, largest):
     w = torch.randn(4, 10, generator=g, dtype=torch.float64)
     for k in (0, 1, 3, 9, 10):
         grads = []
-        for method in ("straight_through", "sigmoid"):
+        for st in (True, False):
             x = (
                 torch.randn(4, 10, generator=torch.Generator().manual_seed(k), dtype=torch.float64) * 2
             ).requires_grad_()
             tt = torch.tensor([t, 2 * t, 0.5 * t, t], dtype=torch.float64, requires_grad=True)
-            (topk_mask(x, k, method=method, temperature=tt, largest=largest) * w).sum().backward()
+            (topk_mask(x, k, temperature=tt, largest=largest, straight_through=st) * w).sum().backward()
             grads.append((x.grad, tt.grad))
         torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-14)
@@ -92,7 +97,7 @@ def test_straight_through_per_row_k_dim_and_options():
     x = torch.randn(7, 2, 3, generator=g, dtype=torch.float64)
     k = torch.tensor([[1, 2, 3], [0, 7, 4]])
     xa = x.clone().requires_grad_()
-    ya = topk_mask(xa, k, method="straight_through", dim=0, temperature=0.4, tol=1e-12, max_iter=80)
+    ya = topk_mask(xa, k, method="sigmoid", straight_through=True, dim=0, temperature=0.4, tol=1e-12, max_iter=80)
     assert torch.equal(ya, topk_mask(x, k, method="hard", dim=0))
     ya.pow(2).mul(torch.arange(42.0, dtype=torch.float64).reshape(7, 2, 3)).sum().backward()
     xb = x.clone().requires_grad_()
@@ -100,7 +105,39 @@ def test_straight_through_per_row_k_dim_and_options():
     # chain rule through y²: the straight-through upstream gradient is 2·hard·w, the sigmoid one 2·soft·w
     (yb * 2 * ya.detach() * torch.arange(42.0, dtype=torch.float64).reshape(7, 2, 3)).sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-14)
-    with pytest.raises(TypeError):
-        topk_mask(x, 2, method="straight_through", p=2)
-    with pytest.raises(ValueError, match="`k`"):
-        topk_mask(x, 2.5, method="straight_through")
+    with pytest.raises(TypeError, match=r"\bp\b"):
+        topk_mask(x, 2, method="sigmoid", straight_through=True, p=2)
+    with pytest.raises(ValueError, match="`k`"):  # the forward is the hard mask: a whole k
+        topk_mask(x, 2.5, method="sigmoid", straight_through=True)
+    with pytest.raises(ValueError, match="`method`"):  # the old spelling is gone
+        topk_mask(x, 2, method="straight_through")
+
+
+def test_straight_through_with_scale_std():
+    """Forward: the hard mask; backward: the sigmoid mask's gradient with scale="std" (through the row's std)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 9, generator=g, dtype=torch.float64) * torch.tensor([[0.1], [1.0], [30.0]], dtype=torch.float64)
+    w = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = topk_mask(xa, 4, temperature=0.7, scale="std", straight_through=True)
+    assert torch.equal(ya, topk_mask(x, 4, method="hard"))
+    (ya * w).sum().backward()
+    (topk_mask(xb, 4, temperature=0.7, scale="std") * w).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_hard_module():
+    """softtopk.hard (was softtopk.baselines): hard_topk_mask is the exact mask; hard_mask keeps a zero gradient."""
+    from softtopk.hard import hard_mask, hard_topk_mask
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    for k in (0, 1, 3, 7):
+        ref = torch.stack([ref_hard(x[i], k) for i in range(4)])
+        assert torch.equal(hard_topk_mask(x, k), ref)
+        assert torch.equal(hard_topk_mask(x, torch.full((4, 1), k)), ref)
+        xr = x.clone().requires_grad_()
+        y = hard_mask(xr, k)
+        assert torch.equal(y.detach(), ref)
+        y.sum().backward()
+        assert torch.equal(xr.grad, torch.zeros_like(x))

@@ -1,0 +1,307 @@
+"""The one preparation step of every public operator: validation, ``dim``, dtype, per-row ``k`` and temperature,
+solver defaults.
+
+Every public operator goes through :func:`prepare` (or, for the few with other arguments, through the checks it is
+made of), so that no operator writes its own dim code, its own defaults or its own error messages. Checks that
+read tensor *data* (NaN, per-row ``k`` in range) run only in eager mode: under ``torch.compile`` tracing or a
+``torch.func`` transform (``vmap``, ``grad``) they are skipped, because a data-dependent Python branch would
+break the graph or the transform; there NaN propagates to the output.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import Tensor
+
+Number = Union[int, float]
+KArg = Union[int, float, Tensor]
+
+is_transformed = torch._C._functorch.is_functorch_wrapped_tensor  # a tensor seen by vmap / grad
+
+#: The default of every ``temperature`` argument: 1.0, in the units of the scores.
+DEFAULT_TEMPERATURE = 1.0
+
+#: Solver defaults, the one table: tolerance (float64, other dtypes) and iteration cap of each iterative solver.
+#: threshold: Newton on sum(y) = k, |sum(y) - k| <= tol. sinkhorn: max_i |n (P1)_i - 1| <= tol. dykstra: largest
+#: step and violation <= tol (1 + range of y).
+SOLVERS = {
+    "threshold": {"tol": (1e-9, 1e-5), "max_iter": 50},
+    "sinkhorn": {"tol": (1e-10, 1e-5), "max_iter": 1000},
+    "dykstra": {"tol": (1e-10, 1e-6), "max_iter": 1000},
+}
+
+
+def can_read_data(x: Tensor) -> bool:
+    """True when a data-dependent Python branch on ``x`` is allowed (eager, not traced, not transformed)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    return not is_transformed(x)
+
+
+def check_input(x: object, name: str = "x", *, fn: str = "topk_mask", data: bool = True) -> bool:
+    """Type, dtype and (``data``) NaN check of a score tensor.
+
+    Returns True when ``x`` is known to hold finite values only (no NaN, no ±inf), which spares later checks.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(
+            f"{fn}: `{name}` must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
+        )
+    if x.dim() == 0:
+        raise ValueError(f"{fn}: `{name}` must have at least one dimension, got a 0-d tensor")
+    if x.numel() == 0:
+        return True
+    if not data or not can_read_data(x):
+        return False
+    # One cheap reduction decides the common case; only a non-finite total needs the exact test.
+    total = x.detach().sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if bool(torch.isfinite(total)):
+        return True
+    if bool(torch.isnan(x).any()):
+        raise ValueError(f"{fn}: `{name}` contains NaN")
+    return False
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype an operator computes in: float32 for half-precision inputs, the input's own dtype otherwise."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def normalize_dim(x: Tensor, dim: int, *, fn: str = "topk_mask") -> int:
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"{fn}: `dim` must be an int, got {type(dim).__name__}")
+    nd = x.dim()
+    if not -nd <= dim < nd:
+        raise ValueError(f"{fn}: `dim`={dim} is out of range for a tensor with {nd} dimension(s)")
+    return int(dim) % nd
+
+
+def move_last(x: Tensor, dim: int) -> Tensor:
+    """``x`` with ``dim`` moved last (a view; no copy when ``dim`` is already last)."""
+    return x if dim == x.dim() - 1 else x.movedim(dim, -1)
+
+
+def move_back(y: Tensor, dim: int) -> Tensor:
+    """Inverse of :func:`move_last` for a result with the same number of dimensions."""
+    return y if dim == y.dim() - 1 else y.movedim(-1, dim)
+
+
+def row_param(
+    value: Union[Number, Tensor],
+    x: Tensor,
+    dim: int,
+    *,
+    name: str,
+    fn: str = "topk_mask",
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """A per-row parameter (``k``, ``temperature``) as a tensor of shape ``batch + (1,)``.
+
+    Accepts a Python number, a tensor broadcastable to the batch shape (``x.shape`` without ``dim``), or a
+    tensor of ``x.dim()`` dimensions with size 1 at ``dim`` (the "keepdim" form). The result is an expanded
+    view, so autograd reduces gradients back to the caller's shape.
+    """
+    batch = x.shape[:dim] + x.shape[dim + 1 :]
+    dtype = dtype or x.dtype
+    if isinstance(value, Tensor):
+        v = value
+        if v.dim() == x.dim() and x.dim() > 0 and v.shape[dim] == 1:
+            v = v.squeeze(dim)
+        try:
+            v = v.to(device=x.device, dtype=dtype).expand(batch)
+        except RuntimeError:
+            raise ValueError(
+                f"{fn}: `{name}` of shape {tuple(value.shape)} does not broadcast to the batch shape "
+                f"{tuple(batch)} (x.shape without dim)"
+            ) from None
+        return v.unsqueeze(-1)
+    return torch.full((), float(value), dtype=dtype, device=x.device).expand(batch + (1,))
+
+
+def check_temperature(t: Union[Number, Tensor], *, fn: str = "topk_mask", name: str = "temperature") -> None:
+    if isinstance(t, bool) or not isinstance(t, (numbers.Real, Tensor)):
+        raise TypeError(f"{fn}: `{name}` must be a positive number or a tensor, got {type(t).__name__}")
+    if isinstance(t, Tensor):
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{fn}: `{name}` must be a floating tensor, got {t.dtype}")
+        if can_read_data(t) and t.numel() and not bool(((t > 0) & torch.isfinite(t)).all()):
+            raise ValueError(f"{fn}: `{name}` must be positive and finite")
+    elif not (t > 0 and t < float("inf")):
+        raise ValueError(f"{fn}: `{name}` must be positive and finite, got {t}")
+
+
+def check_k(k: KArg, n: int, *, integer: bool, fn: str = "topk_mask") -> None:
+    """``k`` must lie in [0, n]; ``integer`` demands integral values (hard selections)."""
+    if isinstance(k, bool) or not isinstance(k, (numbers.Real, Tensor)):
+        raise TypeError(f"{fn}: `k` must be an int or a tensor, got {type(k).__name__}")
+    if isinstance(k, Tensor):
+        if k.dtype == torch.bool or k.is_complex():
+            raise TypeError(f"{fn}: `k` must be an integer or floating tensor, got {k.dtype}")
+        if integer and k.dtype.is_floating_point and can_read_data(k) and k.numel():
+            if not bool((k == k.round()).all()):
+                raise ValueError(f"{fn}: `k` must hold whole numbers for this method")
+        if can_read_data(k) and k.numel() and not bool(((k >= 0) & (k <= n)).all()):
+            raise ValueError(f"{fn}: `k` must lie in [0, n={n}] along dim; got values outside it")
+        return
+    if integer and not float(k).is_integer():
+        raise ValueError(f"{fn}: `k` must be a whole number for this method, got {k}")
+    if not 0 <= k <= n:
+        raise ValueError(f"{fn}: `k`={k} is out of range [0, n={n}] for a dimension of size {n}")
+
+
+def check_infinities(xl: Tensor, k: KArg, *, fn: str = "topk_mask") -> None:
+    """Eager check along the last dim: each row needs at least k entries > -inf and at most k equal to +inf."""
+    if not can_read_data(xl) or xl.numel() == 0:
+        return
+    lo, hi = xl.detach().amin(), xl.detach().amax()
+    if not (lo == -math.inf or hi == math.inf):
+        return
+    kk = k.detach().squeeze(-1) if isinstance(k, Tensor) else k
+    if lo == -math.inf and bool(((xl > -math.inf).sum(-1) < kk).any()):
+        raise ValueError(f"{fn}: `x` has a row with fewer than k entries above -inf (padding)")
+    if hi == math.inf and bool(((xl == math.inf).sum(-1) > kk).any()):
+        raise ValueError(f"{fn}: `x` has a row with more than k entries equal to +inf")
+
+
+def solver_options(solver: str, dtype: torch.dtype, tol=None, max_iter=None, *, fn: str) -> tuple[float, int]:
+    """``(tol, max_iter)`` of ``solver`` for a computation in ``dtype``: validated, None filled from :data:`SOLVERS`."""
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0):
+        raise ValueError(f"{fn}: `tol` must be a positive number, got {tol!r}")
+    bad_iter = isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1
+    if max_iter is not None and bad_iter:
+        raise ValueError(f"{fn}: `max_iter` must be a positive int, got {max_iter!r}")
+    table = SOLVERS[solver]
+    if tol is None:
+        tol = table["tol"][0 if dtype == torch.float64 else 1]
+    return float(tol), int(table["max_iter"] if max_iter is None else max_iter)
+
+
+def check_bool(value: object, name: str, *, fn: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: `{name}` must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_choice(value: object, name: str, choices, *, fn: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{fn}: `{name}` must be a string, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{fn}: unknown `{name}`={value!r}; choose one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def reject_unused(fn: str, why: str, **given) -> None:
+    """``TypeError`` naming every argument in ``given`` that is not None (arguments that ``why`` does not use)."""
+    used = [name for name, value in given.items() if value is not None and value is not False]
+    if used:
+        names = ", ".join(f"`{name}`" for name in used)
+        raise TypeError(f"{fn}: {why} takes no {names}")
+
+
+def row_std(x: Tensor) -> Tensor:
+    """The standard deviation of each row (last dim) over its finite entries, (..., 1); 1 where it is 0 or
+    undefined (fewer than two finite entries, constant rows). Differentiable."""
+    if can_read_data(x) and bool(torch.isfinite(x).all()):
+        std = x.std(-1, keepdim=True, correction=0)
+    else:
+        live = torch.isfinite(x)
+        count = live.sum(-1, keepdim=True).clamp(min=1)
+        xf = torch.where(live, x, 0.0)
+        mean = xf.sum(-1, keepdim=True) / count
+        std = (torch.where(live, xf - mean, 0.0).square().sum(-1, keepdim=True) / count).sqrt()
+    return torch.where(std > 0, std, torch.ones_like(std))
+
+
+SCALES = (None, "std")
+
+
+@dataclass
+class Rows:
+    """A prepared call: the scores with ``dim`` last in the compute dtype, and the per-row parameters.
+
+    ``signed`` is ``x`` for ``largest=True`` and ``-x`` otherwise: every selection is "the k largest of signed".
+    ``k`` is None, an int, or a (..., 1) tensor (compute dtype, or long for integer-only selections); ``t`` is the
+    (..., 1) temperature, or None for an operator without one.
+    """
+
+    x: Tensor
+    signed: Tensor
+    k: Union[int, Tensor, None]
+    t: Union[Tensor, None]
+    largest: bool
+    finite: bool
+    dim: int
+    dtype: torch.dtype
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[-1]
+
+    def restore(self, y: Tensor) -> Tensor:
+        """A result computed along the last dim, back in the caller's dtype and ``dim``."""
+        return move_back(y.to(self.dtype), self.dim)
+
+
+def prepare(
+    fn: str,
+    x: object,
+    k: object = None,
+    *,
+    dim: object = -1,
+    temperature: object = None,
+    largest: object = True,
+    k_kind: str | None = "float",
+    uses_temperature: bool = True,
+    scale: object = None,
+    finite: bool = False,
+    method: str | None = None,
+) -> Rows:
+    """Validate a call and move it to the last dim: the one preparation step of the public operators.
+
+    ``k_kind``: ``"float"`` (a real k in [0, n], per-row tensors, differentiable), ``"int"`` (whole numbers,
+    per-row tensors), ``"python_int"`` (a Python int: a shape) or None (no k). ``temperature`` None is
+    :data:`DEFAULT_TEMPERATURE`; with ``uses_temperature=False`` it must stay None. ``scale="std"`` multiplies the
+    temperature by each row's standard deviation (:func:`row_std`). ``finite`` rejects ±inf scores. ``method``
+    names the method in the error for an unused temperature.
+    """
+    is_finite = check_input(x, fn=fn)
+    d = normalize_dim(x, dim, fn=fn)
+    check_bool(largest, "largest", fn=fn)
+    if scale not in SCALES:
+        raise ValueError(f"{fn}: `scale` must be None or 'std', got {scale!r}")
+    if not uses_temperature:
+        reject_unused(fn, f"method={method!r}" if method else "this call", temperature=temperature, scale=scale)
+    n = x.shape[d]
+    if k_kind == "python_int" and (isinstance(k, bool) or not isinstance(k, numbers.Integral)):
+        raise TypeError(f"{fn}: `k` must be an int, got {type(k).__name__}")
+    if k_kind is not None:
+        check_k(k, n, integer=k_kind != "float", fn=fn)
+    if uses_temperature:
+        temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
+        check_temperature(temperature, fn=fn)
+    cdtype = compute_dtype(x)
+    xl = move_last(x, d).to(cdtype)
+    if finite and not is_finite and can_read_data(x) and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{fn}: `x` must be finite (it contains ±inf)")
+    if k_kind is None:
+        kt = None
+    elif isinstance(k, Tensor):
+        kt = row_param(k, x, d, name="k", fn=fn, dtype=cdtype if k_kind == "float" else torch.long)
+    else:
+        kt = row_param(k, x, d, name="k", fn=fn, dtype=cdtype) if k_kind == "float" else int(k)
+    signed = xl if largest else -xl
+    if k_kind is not None and not is_finite and not finite and x.numel():
+        check_infinities(signed, kt, fn=fn)
+    t = None
+    if uses_temperature:
+        t = row_param(temperature, x, d, name="temperature", fn=fn, dtype=cdtype)
+        if scale == "std" and x.numel():
+            t = t * row_std(xl)
+    return Rows(xl, signed, kt, t, largest, is_finite, d, x.dtype)
