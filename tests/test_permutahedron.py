@@ -654,3 +654,23 @@ def test_cuda_matches_cpu():
             yc.backward(up.cuda())
             yh.backward(up)
             torch.testing.assert_close(xc.grad.cpu(), xh.grad, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_backward_gradcheck_on_the_torch_path(backend, monkeypatch):
+    """The one block backward (``_block_gradient`` over the loss hooks) on the unfused path, with either PAV
+    solver: isotonic (with weights), the projections (p = 2, 4/3), soft sort/rank (l2, kl) and top-k in magnitude,
+    against float64 finite differences."""
+    monkeypatch.setattr(perm, "pav_backend", lambda device="cpu": backend)
+    monkeypatch.setattr(perm, "_fused", lambda *t: False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, dtype=torch.float64, generator=g).requires_grad_()
+    w = (torch.rand(3, 7, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    z = torch.randn(3, 7, dtype=torch.float64, generator=g).requires_grad_()
+    for p in (2, 4 / 3):
+        assert gradcheck(lambda y, w, p=p: isotonic(y, w, p=p), (x, w))
+        assert gradcheck(lambda z, w, p=p: permutahedron_projection(z, w, p=p), (z, w))
+        assert gradcheck(lambda x, p=p: topk_magnitude(x, 3, temperature=0.7, p=p), (x,))
+    for reg in ("l2", "kl"):
+        assert gradcheck(lambda x, reg=reg: soft_rank(x, temperature=0.5, regularization=reg), (x,))
+        assert gradcheck(lambda x, reg=reg: soft_sort(x, temperature=0.5, regularization=reg), (x,))

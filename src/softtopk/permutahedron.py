@@ -217,38 +217,155 @@ def _gid(start: Tensor) -> Tensor:
     return (start + torch.arange(rows, device=start.device).unsqueeze(1) * n).reshape(-1)
 
 
-def _segsum(val: Tensor, gid: Tensor) -> Tensor:
-    """Per-entry sum of ``val`` (R, n) over the entry's block."""
-    flat = val.reshape(-1)
-    return flat.new_zeros(flat.shape).index_add_(0, gid, flat)[gid].view(val.shape)
+class _Blocks:
+    """Sums and log-sum-exps over the blocks of a partition of each row, broadcast back to the entries: the blocks
+    of a PAV solution (``start``), or, with ``start=None``, the whole last dim (Dykstra's pairs)."""
+
+    def __init__(self, start: Tensor | None = None):
+        self.gid = None if start is None else _gid(start)
+
+    def sum(self, val: Tensor) -> Tensor:
+        if self.gid is None:
+            return val.sum(-1, keepdim=True)
+        flat = val.reshape(-1)
+        return flat.new_zeros(flat.shape).index_add_(0, self.gid, flat)[self.gid].view(val.shape)
+
+    def lse(self, val: Tensor) -> Tensor:
+        if self.gid is None:
+            return torch.logsumexp(val, -1, keepdim=True)
+        flat = val.reshape(-1)
+        mx = flat.new_full(flat.shape, -math.inf).scatter_reduce_(0, self.gid, flat, "amax")[self.gid]
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        tot = flat.new_zeros(flat.shape).index_add_(0, self.gid, torch.exp(flat - mx))[self.gid]
+        return (torch.log(tot) + mx).view(val.shape)
+
+    def ratio(self, num: Tensor, den: Tensor) -> Tensor:
+        """Σ_B num / Σ_B den per entry; 0 on blocks with Σ_B den = 0."""
+        dsum = self.sum(den)
+        return torch.where(dsum > 0, self.sum(num) / torch.where(dsum > 0, dsum, torch.ones_like(dsum)), 0.0)
 
 
-def _seglse(val: Tensor, gid: Tensor) -> Tensor:
-    """Per-entry logsumexp of ``val`` (R, n) over the entry's block."""
-    flat = val.reshape(-1)
-    mx = flat.new_full(flat.shape, -math.inf).scatter_reduce_(0, gid, flat, "amax")[gid]
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    tot = flat.new_zeros(flat.shape).index_add_(0, gid, torch.exp(flat - mx))[gid]
-    return (torch.log(tot) + mx).view(val.shape)
+# --------------------------------------------------------------------------------------------------------------
+# The loss of the isotonic problem, as small hooks (the pattern of the threshold family): PAV, Dykstra and every
+# backward below are written once over them.
+#     v = argmin_{v_1 ≥ … ≥ v_n} Σ_i a_i R(v_i − y_i) + b_i v_i + c_i v_i²/2
+# A block B of the solution has the value γ solving Σ_B a_i R'(γ − y_i) + b_i + c_i γ = 0; the implicit function
+# theorem on that equation gives every backward, with the curvature R'' as the weight of each entry.
+# --------------------------------------------------------------------------------------------------------------
+class IsotonicLoss:
+    """R and what PAV, Dykstra and the backward need of it; ``mode`` is its code in the numba kernel."""
+
+    mode = -1
+
+    @staticmethod
+    def grad(u: Tensor) -> Tensor:
+        """R'(u)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def curvature(u: Tensor) -> Tensor:
+        """R''(u)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def pool(y: Tensor, a: Tensor, b: Tensor, c: Tensor, blocks: _Blocks) -> Tensor:
+        """The value γ of every entry's block."""
+        raise NotImplementedError
+
+    @staticmethod
+    def unconstrained(y: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        """argmin_v a R(v − y) + b v + c v²/2, elementwise."""
+        raise NotImplementedError
 
 
-def _block_values(y, a, b, c, mode, gid):
-    """The value of every entry's block (R, n) under the pooling rule of ``mode``."""
-    if mode == Q2:
-        return _segsum(a * y - b, gid) / _segsum(a + c, gid)
-    if mode == KL:
-        return _seglse(y, gid) - _seglse(b, gid)
-    m = _segsum(a, gid)
-    mean = _segsum(a * y, gid) / m
-    e = y - mean
-    mean = mean + _segsum(a * e, gid) / m  # second pass: exact mean even when |y| >> spread
-    e = y - mean
-    ae2 = a * e * e
-    m2 = _segsum(ae2, gid)
-    m3 = _segsum(ae2 * e, gid)
-    bs = _segsum(b, gid)
-    cs = _segsum(c, gid)
-    return mean + _cubic_root((3.0 * m2 + cs) / m, -(m3 - bs - cs * mean) / m)
+class Quadratic(IsotonicLoss):
+    """R(u) = u²/2: least squares (p = 2)."""
+
+    mode = Q2
+
+    @staticmethod
+    def grad(u):
+        return u
+
+    @staticmethod
+    def curvature(u):
+        return torch.ones_like(u)
+
+    @staticmethod
+    def pool(y, a, b, c, blocks):
+        return blocks.sum(a * y - b) / blocks.sum(a + c)
+
+    @staticmethod
+    def unconstrained(y, a, b, c):
+        return (a * y - b) / (a + c)
+
+
+class Quartic(IsotonicLoss):
+    """R(u) = u⁴/4 (p = 4/3): a block's value is the root of a depressed cubic, solved in closed form from the
+    block's weighted central moments."""
+
+    mode = Q4
+
+    @staticmethod
+    def grad(u):
+        return u * u * u
+
+    @staticmethod
+    def curvature(u):
+        return 3.0 * u * u
+
+    @staticmethod
+    def pool(y, a, b, c, blocks):
+        m = blocks.sum(a)
+        mean = blocks.sum(a * y) / m
+        mean = mean + blocks.sum(a * (y - mean)) / m  # second pass: exact mean even when |y| >> spread
+        e = y - mean
+        ae2 = a * e * e
+        m2, m3, bs, cs = blocks.sum(ae2), blocks.sum(ae2 * e), blocks.sum(b), blocks.sum(c)
+        return mean + _cubic_root((3.0 * m2 + cs) / m, -(m3 - bs - cs * mean) / m)
+
+    @staticmethod
+    def unconstrained(y, a, b, c):
+        return y + _cubic_root(c / a, (b + c * y) / a)
+
+
+class Entropic(IsotonicLoss):
+    """Blondel et al.'s KL dual, Σ_i e^{y_i − v_i} + e^{b_i} v_i (a and c unused): γ = lse_B(y) − lse_B(b)."""
+
+    mode = KL
+
+    @staticmethod
+    def pool(y, a, b, c, blocks):
+        return blocks.lse(y) - blocks.lse(b)
+
+
+LOSSES: dict[int, type[IsotonicLoss]] = {loss.mode: loss for loss in (Quadratic, Quartic, Entropic)}
+
+
+def _block_gradient(num: Tensor, den: Tensor, blocks: _Blocks, flat_den: Tensor | None = None):
+    """The implicit-function step that every backward of this module shares: ḡ_B = Σ_B num / Σ_B den per entry.
+
+    ``den`` holds each entry's weight in the derivative of its block equation (a R''). A *flat* block, with
+    Σ_B den = 0 (every entry at the block value, where R'' of p = 4/3 vanishes), takes ``flat_den`` instead (the
+    limit of a singleton), or ḡ = 0 when it is None. Returns (ḡ, the weights used, the flat entries or None).
+    """
+    dsum = blocks.sum(den)
+    flat = dsum <= 0
+    if not bool(flat.any()):
+        return blocks.sum(num) / dsum, den, None
+    if flat_den is None:
+        return torch.where(flat, 0.0, blocks.sum(num) / torch.where(flat, 1.0, dsum)), den, flat
+    den = torch.where(flat, flat_den, den)
+    return blocks.sum(num) / blocks.sum(den), den, flat
+
+
+def _coefficients(y: Tensor, a, b, c) -> tuple[Tensor, Tensor, Tensor]:
+    """a (default 1), b, c (default 0) at y's shape and dtype."""
+    rows, n = y.shape
+    a = torch.ones_like(y) if a is None else a.to(y.dtype).expand(rows, n)
+    b = torch.zeros_like(y) if b is None else b.to(y.dtype).expand(rows, n)
+    c = torch.zeros_like(y) if c is None else c.to(y.dtype).expand(rows, n)
+    return a, b, c
 
 
 def _pav_torch(y, a, b, c, mode):
@@ -258,13 +375,12 @@ def _pav_torch(y, a, b, c, mode):
     solution; a round costs O(R n) and the number of rounds is at most the length of the longest block.
     """
     rows, n = y.shape
-    a = torch.ones_like(y) if a is None else a.to(y.dtype).expand(rows, n)
-    b = torch.zeros_like(y) if b is None else b.to(y.dtype).expand(rows, n)
-    c = torch.zeros_like(y) if c is None else c.to(y.dtype).expand(rows, n)
+    a, b, c = _coefficients(y, a, b, c)
+    loss = LOSSES[mode]
     ar = torch.arange(n, device=y.device).expand(rows, n)
     start = ar.clone()
     while True:
-        v = _block_values(y, a, b, c, mode, _gid(start))
+        v = loss.pool(y, a, b, c, _Blocks(start))
         is_start = start == ar
         viol = torch.zeros_like(is_start)
         viol[:, 1:] = is_start[:, 1:] & (v[:, :-1] < v[:, 1:])
@@ -276,30 +392,10 @@ def _pav_torch(y, a, b, c, mode):
 # --------------------------------------------------------------------------------------------------------------
 # Dykstra (pure torch): dual block-coordinate ascent over the odd and the even pair constraints
 # --------------------------------------------------------------------------------------------------------------
-def _unconstrained(y, a, b, c, mode):
-    """argmin_v a R(v − y) + b v + c v²/2, elementwise."""
-    if mode == Q2:
-        return (a * y - b) / (a + c)
-    return y + _cubic_root(c / a, (b + c * y) / a)
-
-
-def _pair_pooled(y, a, b, c, mode):
-    """The pooled value of each pair: tensors of shape (R, L, 2) -> (R, L, 1)."""
-    if mode == Q2:
-        return (a * y - b).sum(-1, keepdim=True) / (a + c).sum(-1, keepdim=True)
-    m = a.sum(-1, keepdim=True)
-    mean = (a * y).sum(-1, keepdim=True) / m
-    e = y - mean
-    m2 = (a * e * e).sum(-1, keepdim=True)
-    m3 = (a * e * e * e).sum(-1, keepdim=True)
-    bs = b.sum(-1, keepdim=True)
-    cs = c.sum(-1, keepdim=True)
-    return mean + _cubic_root((3.0 * m2 + cs) / m, -(m3 - bs - cs * mean) / m)
-
-
 def _solve_pairs(y, a, b, c, mode, offset):
     """argmin of Σ a R(v − y) + b v + c v²/2 subject to v_i ≥ v_{i+1} for the pairs (i, i+1), i = offset, offset+2, …"""
-    z = _unconstrained(y, a, b, c, mode)
+    loss = LOSSES[mode]
+    z = loss.unconstrained(y, a, b, c)
     rows, n = y.shape
     pairs = (n - offset) // 2
     if pairs == 0:
@@ -310,7 +406,7 @@ def _solve_pairs(y, a, b, c, mode, offset):
         return t[:, sl].reshape(rows, pairs, 2)
 
     zz = cut(z)
-    pooled = _pair_pooled(cut(y), cut(a), cut(b), cut(c), mode)
+    pooled = loss.pool(cut(y), cut(a), cut(b), cut(c), _Blocks())
     viol = zz[..., :1] < zz[..., 1:]
     z = z.clone()
     z[:, sl] = torch.where(viol, pooled, zz).reshape(rows, 2 * pairs)
@@ -333,17 +429,15 @@ def _dykstra(y, a, b, c, mode, tol, max_iter):
     it is much slower still. PAV is the solver of choice on CPU; Dykstra is the batched, branch-free alternative.
     """
     rows, n = y.shape
-    a = torch.ones_like(y) if a is None else a.to(y.dtype).expand(rows, n)
-    b = torch.zeros_like(y) if b is None else b.to(y.dtype).expand(rows, n)
-    c = torch.zeros_like(y) if c is None else c.to(y.dtype).expand(rows, n)
+    a, b, c = _coefficients(y, a, b, c)
+    loss = LOSSES[mode]
 
-    def grad(v):  # φ'(v) without multipliers
-        u = v - y
-        return a * (u if mode == Q2 else u * u * u) + b + c * v
+    def grad(v):  # the objective's gradient without multipliers
+        return a * loss.grad(v - y) + b + c * v
 
     scale = 1.0 + float((y.amax() - y.amin()).abs()) if y.numel() else 1.0
     g2 = torch.zeros_like(y)
-    prev = _unconstrained(y, a, b, c, mode)
+    prev = loss.unconstrained(y, a, b, c)
     worst = math.inf
     for it in range(max_iter):
         v1 = _solve_pairs(y, a, b - g2, c, mode, 0)
@@ -403,25 +497,14 @@ class _Isotonic(torch.autograd.Function):
         # p = 2: d = a, the a-weighted mean of the incoming gradient over the block. p = 4/3: d = 3 a (γ − y)²;
         # a block with Σ d = 0 (every y_i = γ) falls back to the a-weighted mean (its limit for a singleton).
         y, w, v, start = ctx.saved_tensors
+        loss = LOSSES[ctx.mode]
         a = torch.ones_like(y) if w is None else w.expand_as(y)
         u = v - y
-        gid = _gid(start)
-        if ctx.mode == Q2:
-            d = a
-            dsum = _segsum(a, gid)
-        else:
-            d = 3.0 * a * u * u
-            dsum = _segsum(d, gid)
-            flat = dsum <= 0
-            if bool(flat.any()):
-                d = torch.where(flat, a, d)
-                dsum = torch.where(flat, _segsum(a, gid), dsum)
-        gbar = _segsum(gv, gid) / dsum
+        gbar, d, _ = _block_gradient(gv, a * loss.curvature(u), _Blocks(start), flat_den=a)
         gy = d * gbar
         gw = None
         if w is not None and ctx.needs_input_grad[1]:
-            rp = u if ctx.mode == Q2 else u * u * u
-            gw = -rp * gbar
+            gw = -loss.grad(u) * gbar
             if w.shape != gw.shape:
                 gw = gw.sum(0, keepdim=True)
         return gy, gw, None, None, None, None
@@ -546,23 +629,15 @@ class _ProjectSorted(torch.autograd.Function):
         #   Q4 (h = 3u²):    ∂L/∂s = h (g − G_B/Σ_B h),    ∂L/∂w = G_B/Σ_B h   (0 on blocks with Σ_B h = 0)
         #   KL (h = 1):      ∂L/∂s = g − softmax_B(s) G_B, ∂L/∂w = softmax_B(w) G_B
         s, w, v, start = ctx.saved_tensors
-        gid = _gid(start)
-        mode = ctx.mode
-        if mode == Q2:
-            gbar = _segsum(g, gid) / _segsum(torch.ones_like(g), gid)
-            gs, gw = g - gbar, gbar
-        elif mode == Q4:
-            u = s - v
-            h = 3.0 * u * u
-            hsum = _segsum(h, gid)
-            gbar = _segsum(h * g, gid) / torch.where(hsum > 0, hsum, torch.ones_like(hsum))
-            gbar = torch.where(hsum > 0, gbar, torch.zeros_like(gbar))
-            gs, gw = h * (g - gbar), gbar
+        blocks = _Blocks(start)
+        if ctx.mode == KL:
+            gsum, ws = blocks.sum(g), w.expand_as(s)
+            gs = g - torch.exp(s - blocks.lse(s)) * gsum
+            gw = torch.exp(ws - blocks.lse(ws)) * gsum
         else:
-            gsum = _segsum(g, gid)
-            ws = w.expand_as(s)
-            gs = g - torch.exp(s - _seglse(s, gid)) * gsum
-            gw = torch.exp(ws - _seglse(ws, gid)) * gsum
+            h = LOSSES[ctx.mode].curvature(s - v)
+            gbar, _, _ = _block_gradient(h * g, h, blocks)
+            gs, gw = h * (g - gbar), gbar
         if gw.shape != w.shape:
             gw = gw.sum(0, keepdim=True)
         return gs, gw, None
@@ -789,26 +864,14 @@ class _MagnitudeSorted(torch.autograd.Function):
         #   ∂L/∂s = gE − h Ḡ,   ∂L/∂c = γ Ḡ,   ∂L/∂t = Σ_i g_i ∂m_i/∂t.
         # A block with Σ h + Σ c = 0 (all its entries equal to γ, outside the top-k) uses h = 1, and ∂L/∂c = 0.
         s, c, t, v, start = ctx.saved_tensors
-        gid = _gid(start)
+        loss = LOSSES[ctx.mode]
         e = s - v
-        if ctx.mode == Q2:
-            h = torch.ones_like(e)
-            kappa = 1.0 / t + 1.0
-            dm_dt = -e / (t * t)
-        else:
-            h = 3.0 * e * e
-            t3 = t * t * t
-            kappa = h / t3 + 1.0
-            dm_dt = -3.0 * e * e * e / (t3 * t)
-        ge = g * kappa
-        hc = _segsum(h + c, gid)
-        flat = hc <= 0
-        if bool(flat.any()):
-            h = torch.where(flat, torch.ones_like(h), h)
-            hc = torch.where(flat, _segsum(torch.ones_like(h), gid), hc)
-        gbar = _segsum(ge, gid) / hc
-        gs = ge - h * gbar
-        gc = torch.where(flat, torch.zeros_like(gbar), v * gbar)
+        h, rh = loss.curvature(e), loss.curvature(e / t)  # R''(e) = t^(q−2) R''(e/t)
+        dm_dt = -e / (t * t) * rh  # ∂/∂t of R'(e/t)
+        ge = g * (rh / t + 1.0)  # κ = ∂m/∂e
+        gbar, den, flat = _block_gradient(ge, h + c, _Blocks(start), flat_den=torch.ones_like(h))
+        gs = ge - (den - c) * gbar  # h, or 1 on a flat block (where c = 0)
+        gc = v * gbar if flat is None else torch.where(flat, 0.0, v * gbar)
         gt = (g * dm_dt).sum(-1, keepdim=True)
         if gt.shape != t.shape:
             gt = gt.sum_to_size(t.shape)
