@@ -69,6 +69,13 @@ def check_input(x: object, name: str = "x", *, fn: str = "topk_mask", data: bool
     return False
 
 
+def check_finite(x: object, name: str = "x", *, fn: str, data: bool = True) -> None:
+    """:func:`check_input`, and (``data``, eager) no ±inf either: for operators without a meaning for padding."""
+    finite = check_input(x, name, fn=fn, data=data)
+    if data and not finite and can_read_data(x) and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{fn}: `{name}` must be finite (it contains ±inf)")
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype an operator computes in: float32 for half-precision inputs, the input's own dtype otherwise."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -271,7 +278,9 @@ def prepare(
     temperature by each row's standard deviation (:func:`row_std`). ``finite`` rejects ±inf scores. ``method``
     names the method in the error for an unused temperature.
     """
-    is_finite = check_input(x, fn=fn)
+    if finite:
+        check_finite(x, fn=fn)
+    is_finite = finite or check_input(x, fn=fn)
     d = normalize_dim(x, dim, fn=fn)
     check_bool(largest, "largest", fn=fn)
     if scale not in SCALES:
@@ -288,8 +297,6 @@ def prepare(
         check_temperature(temperature, fn=fn)
     cdtype = compute_dtype(x)
     xl = move_last(x, d).to(cdtype)
-    if finite and not is_finite and can_read_data(x) and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{fn}: `x` must be finite (it contains ±inf)")
     if k_kind is None:
         kt = None
     elif isinstance(k, Tensor):

@@ -25,6 +25,7 @@ from ._prepare import (
     DEFAULT_TEMPERATURE,
     SCALES,
     can_read_data,
+    check_finite,
     check_input,
     check_temperature,
     compute_dtype,
@@ -58,13 +59,12 @@ TOP1_MODES = ("softmax", "cross_entropy", "sort")
 # ----------------------------------------------------------------------------------------------------------------
 def _check_logits(x: object, fn: str, name: str = "logits") -> None:
     """A finite floating tensor of shape (batch, classes) with at least one class."""
-    finite = check_input(x, name, fn=fn)  # Tensor, floating dtype, no NaN
+    check_input(x, name, fn=fn)  # Tensor, floating dtype
     if x.dim() != 2:
         raise ValueError(f"{fn}: `{name}` must have shape (batch, classes), got shape {tuple(x.shape)}")
     if x.shape[1] == 0:
         raise ValueError(f"{fn}: `{name}` must have at least one class, got shape {tuple(x.shape)}")
-    if not finite and can_read_data(x) and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{fn}: `{name}` must be finite (it contains ±inf)")
+    check_finite(x, name, fn=fn)  # no NaN, no ±inf
 
 
 def _is_integer_dtype(dtype: torch.dtype) -> bool:

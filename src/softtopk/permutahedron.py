@@ -46,7 +46,7 @@ from ._prepare import (
     DEFAULT_TEMPERATURE,
     KArg,
     can_read_data,
-    check_input,
+    check_finite,
     check_temperature,
     compute_dtype,
     is_transformed,
@@ -86,13 +86,6 @@ def _mode_of_p(p: object, fn: str) -> int:
     if math.isclose(p, 4 / 3, rel_tol=1e-6):
         return Q4
     raise ValueError(f"{fn}: `p` must be 2 or 4/3, got {p}")
-
-
-def _check_finite(x: Tensor, name: str, fn: str, data: bool = True) -> None:
-    """Type checks of a score tensor, and (``data``) the test that it holds finite values only."""
-    finite = check_input(x, name, fn=fn, data=data)
-    if data and not finite and can_read_data(x) and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{fn}: `{name}` must be finite (it contains ±inf)")
 
 
 def _rows(xl: Tensor) -> Tensor:
@@ -563,7 +556,7 @@ def isotonic(
         tensor([2., 2., 2., 0.])
     """
     fn = "isotonic"
-    _check_finite(y, "y", fn)
+    check_finite(y, "y", fn=fn)
     d = normalize_dim(y, dim, fn=fn)
     mode = _mode_of_p(p, fn)
     if solver not in ("pav", "dykstra"):
@@ -755,12 +748,12 @@ def permutahedron_projection(z: Tensor, w: Tensor, *, dim: int = -1, p: Number =
         tensor([1., 0., 0.])
     """
     fn = "permutahedron_projection"
-    _check_finite(z, "z", fn)
+    check_finite(z, "z", fn=fn)
     d = normalize_dim(z, dim, fn=fn)
     mode = _mode_of_p(p, fn)
     if not isinstance(w, Tensor):
         raise TypeError(f"{fn}: `w` must be a torch.Tensor, got {type(w).__name__}")
-    _check_finite(w, "w", fn)
+    check_finite(w, "w", fn=fn)
     try:
         wb = w.broadcast_to(z.shape)
     except RuntimeError:
@@ -946,7 +939,7 @@ def _sort_rank_args(x, temperature, regularization, descending, dim, fn):
     applies) the NaN/inf test is left to the kernel, which reads every entry anyway, and a number ``temperature``
     stays a number."""
     fused = isinstance(x, Tensor) and _fused(x)
-    _check_finite(x, "x", fn, data=not fused)
+    check_finite(x, "x", fn=fn, data=not fused)
     d = normalize_dim(x, dim, fn=fn)
     temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
     check_temperature(temperature, fn=fn)

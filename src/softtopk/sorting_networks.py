@@ -116,6 +116,8 @@ class _Layer:
 @functools.lru_cache(maxsize=64)
 def _network(network: str, n: int, device: torch.device, dtype: torch.dtype) -> tuple[int, tuple[_Layer, ...]]:
     """The wires N and the layers of ``network`` on n scores (static: independent of the values)."""
+    if network not in NETWORKS:
+        raise ValueError(f"unknown sorting network {network!r}; choose one of {', '.join(map(repr, NETWORKS))}")
     specs = []  # (offset, count, dist, larger-to-first mask (count,) or None)
     if network == "odd_even":
         wires = n
