@@ -94,6 +94,11 @@ CASES: dict[str, Callable] = {
     "gumbel_topk sigmoid": lambda x, n: softtopk.gumbel_topk(x, _k(n), relaxation="sigmoid", generator=_gen()),
     # sigmoid((sigmoid(x) - 0.5) / 0.1)
     "threshold_mask": lambda x, n: softtopk.threshold_mask(x, 0.5, temperature=threshold_temperature(0.1)),
+    # softtopk.topk: torch.topk's selection plus the soft weights there, differentiable w.r.t. every score
+    "topk sigmoid (weights)": lambda x, n: softtopk.topk(x, _k(n), **mask_kwargs("sigmoid", 1.0)).weights,
+    "topk sparse max_support=2k": lambda x, n: (
+        softtopk.topk(x, _k(n), method="sparse", temperature=1.0, max_support=2 * _k(n)).weights
+    ),
     "topk_permutation sinkhorn (k=10)": _perm("sinkhorn", epsilon=0.1),
     "topk_permutation odd_even (k=10)": _perm("odd_even", temperature=0.1),
     "topk_permutation bitonic (k=10)": _perm("bitonic", temperature=0.1),

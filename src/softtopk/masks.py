@@ -104,7 +104,9 @@ def topk_mask(
               backward is the perturbed-optimizer estimator on the forward's noise (regenerated from a seed).
 
     Returns:
-        A tensor of ``x``'s shape and dtype with entries in [0, 1]; all but ``"dftopk"`` sum to k along ``dim``.
+        A tensor of ``x``'s shape and dtype with entries in [0, 1]; all but ``"dftopk"`` sum to k along ``dim``
+        (DFTopK's mask can sum to far more than k at a large temperature: do not use it as weights that must sum
+        to k, such as kNN votes).
         Half-precision inputs are computed in float32.
 
     Example:
