@@ -11,6 +11,7 @@ the hinge loss keep their temperature (the comparators' t, the noise σ)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -730,3 +731,16 @@ def test_training_on_digits_lowers_top5_error(name, digits, one_thread):
     after = top5_error()
     print(f"{name}: top-5 error {before:.3f} -> {after:.3f}")
     assert after < 0.25 * before and after < 0.1
+
+
+def test_cascade_rejects_max_support_and_warns_on_underflow():
+    """max_support makes the mask exactly 0 outside the largest entries (ValueError, as the exact-zero methods);
+    a smooth mask that underflows to 0 at a relevant item gives it no gradient: a RuntimeWarning says so."""
+    x = torch.tensor([[10.0, 9.0, -10.0, 0.0]], requires_grad=True)
+    with pytest.raises(ValueError, match="max_support"):
+        cascade_topk_loss(x, torch.tensor([[0, 2]]), method="sigmoid", max_support=3)
+    with pytest.warns(RuntimeWarning, match="underflows"):
+        cascade_topk_loss(x, torch.tensor([[0, 2]]), method="sigmoid", temperature=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cascade_topk_loss(x, torch.tensor([[0, 2]]), method="sigmoid", temperature=4.0)

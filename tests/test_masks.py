@@ -438,7 +438,10 @@ def test_bad_max_support_raises():
         for k, m in ((3, 2), (2.5, 2), (1, 0), (torch.tensor([1.0, 3.0]), 2), (torch.tensor([[0.5], [2.5]]), 2)):
             with pytest.raises(ValueError, match="max_support"):
                 topk_mask(x, k, method=method, max_support=m, **opts)
-        topk_mask(x, 2, method=method, max_support=2, **opts)  # max_support = k is allowed
+        with pytest.raises(ValueError, match="max_support.*equals k"):  # the hard mask with a zero gradient
+            topk_mask(x, 2, method=method, max_support=2, **opts)
+        topk_mask(x, 2, method=method, max_support=3, **opts)
+        topk_mask(x, 2.5, method=method, max_support=3, **opts)
         topk_mask(x, torch.tensor([1.0, 2.5]), method=method, max_support=3, **opts)
         for m in (2.5, "3", -1):
             with pytest.raises((TypeError, ValueError), match="max_support"):
@@ -846,7 +849,7 @@ def test_max_support_is_the_mask_of_the_top_entries(variant, largest):
     Its support has at most max_support entries and it sums to k."""
     g = torch.Generator().manual_seed(36)
     x = torch.randn(3, 40, generator=g, dtype=torch.float64)
-    for k, m, T in ((5, 8, 3.0), (2.5, 6, 10.0), (1, 1, 1.0), (7.25, 20, 0.5), (4, 40, 2.0)):
+    for k, m, T in ((5, 8, 3.0), (2.5, 6, 10.0), (1, 2, 1.0), (2.5, 3, 1.0), (7.25, 20, 0.5), (4, 40, 2.0)):
         y = run(x, k, variant, temperature=T, max_support=m, largest=largest, tol=1e-13)
         assert ((y > 0).sum(-1) <= m).all(), (k, m)
         torch.testing.assert_close(y.sum(-1), torch.full((3,), float(k), dtype=torch.float64), rtol=0, atol=1e-9)
@@ -906,3 +909,15 @@ def test_max_support_gradcheck(variant):
     inner = (y > 0) & (y < 1)
     assert inner.sum(-1).min() >= 2 and ((y > 0).sum(-1) <= 6).all()
     assert torch.autograd.gradcheck(f, (x, k, t), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["sigmoid", "sparse", "lapsum", "dftopk"])
+def test_scale_std_gradient_is_finite_on_rows_without_spread(method):
+    """scale="std" on rows whose finite entries do not vary (one live entry among -inf padding, a constant row):
+    the std is taken as 1 there, and the gradient must stay finite (sqrt at 0 would make it NaN)."""
+    inf = float("inf")
+    for row, k in (([5.0, -inf, -inf], 1), ([2.0, 2.0, 2.0, -inf], 1), ([3.0, 3.0, 3.0], 1)):
+        x = torch.tensor([row], dtype=torch.float64, requires_grad=True)
+        y = topk_mask(x, k, method=method, scale="std")
+        (y * torch.arange(1.0, x.shape[-1] + 1, dtype=torch.float64)).sum().backward()
+        assert torch.isfinite(x.grad).all(), (method, row, x.grad)

@@ -216,14 +216,15 @@ def row_std(x: Tensor) -> Tensor:
     """The standard deviation of each row (last dim) over its finite entries, (..., 1); 1 where it is 0 or
     undefined (fewer than two finite entries, constant rows). Differentiable."""
     if can_read_data(x) and bool(torch.isfinite(x).all()):
-        std = x.std(-1, keepdim=True, correction=0)
+        var = x.var(-1, keepdim=True, correction=0)
     else:
         live = torch.isfinite(x)
         count = live.sum(-1, keepdim=True).clamp(min=1)
         xf = torch.where(live, x, 0.0)
         mean = xf.sum(-1, keepdim=True) / count
-        std = (torch.where(live, xf - mean, 0.0).square().sum(-1, keepdim=True) / count).sqrt()
-    return torch.where(std > 0, std, torch.ones_like(std))
+        var = torch.where(live, xf - mean, 0.0).square().sum(-1, keepdim=True) / count
+    # the square root of 1, not of 0, where the spread vanishes: sqrt's derivative at 0 would make the gradient NaN
+    return torch.where(var > 0, var, torch.ones_like(var)).sqrt()
 
 
 SCALES = (None, "std")

@@ -309,11 +309,17 @@ def _check_support(bound: object, rows: Rows, fn: str) -> int:
 
 
 def check_support(bound: object, k: object, *, fn: str) -> int:
-    """``max_support``: an int at least k (checked against a tensor k's largest value when it can be read)."""
+    """``max_support``: an int above k, or at least a real k (checked against a tensor k's largest value when it can
+    be read): with max_support = k every weight would be exactly 1 and the gradient zero."""
     if isinstance(bound, bool) or not isinstance(bound, numbers.Integral):
         raise TypeError(f"{fn}: `max_support` must be an int, got {type(bound).__name__}")
     if isinstance(k, Tensor):
         k = float(k.detach().max()) if k.numel() and can_read_data(k) else 0.0
+    if bound == k and bound > 0:
+        raise ValueError(
+            f"{fn}: `max_support`={bound} equals k: the mask would be the hard top-k (every weight exactly 1, zero "
+            f"gradient). Use max_support > k (e.g. k + 1) for a soft mask, or method='hard' / straight_through=True"
+        )
     if bound < k:
         raise ValueError(f"{fn}: `max_support`={bound} must be at least k={k:g}")
     return int(bound)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Sequence, Union
 
 import torch
@@ -703,6 +704,11 @@ def _check_mask_method(method: object, options: dict, fn: str) -> None:
             f"cross-entropy's log has zero gradient: pass a method whose mask is strictly inside (0, 1)"
         )
     spec = lookup("mask", method, {key: v for key, v in options.items() if key != "straight_through"}, fn=fn)
+    if options.get("max_support") is not None:
+        raise ValueError(
+            f"{fn}: `max_support` makes the mask exactly 0 outside the largest entries, where the binary "
+            f"cross-entropy's log has zero gradient: relevant items there would never be pulled in"
+        )
     if spec.exact_zeros:
         raise ValueError(
             f"{fn}: method={method!r} gives masks with exact zeros (and ones), where the binary cross-entropy's "
@@ -735,8 +741,10 @@ def cascade_topk_loss(
     The paper's joint term for two cascade stages and its uncertainty weighting are not included; combine
     single-stage losses for them.
 
-    Methods whose mask has exact zeros (``"hard"``, ``"sparse"``, ``"perturbed"``) raise ``ValueError``: the
-    log of an exact 0 has no gradient, so a relevant item outside the mask's support is never pulled in.
+    Methods whose mask has exact zeros (``"hard"``, ``"sparse"``, ``"perturbed"``, ``max_support``,
+    ``straight_through``) raise ``ValueError``: the log of an exact 0 has no gradient, so a relevant item outside
+    the mask's support is never pulled in. For the same reason a ``RuntimeWarning`` is issued when the smooth mask
+    underflows to 0 at a relevant item (a temperature far below the gaps between scores).
 
     The temperature is in the units of the scores (:func:`softtopk.topk_mask`'s width convention): it should be
     comparable to the spread of the scores, not far above it. Measured on a linear pre-ranker (synthetic data,
@@ -778,6 +786,14 @@ def cascade_topk_loss(
     _check_reduction(reduction, fn)
     x = scores.to(compute_dtype(scores))
     y = topk_mask(x, kk, method=method, temperature=temperature, scale=scale, **method_options)
+    if can_read_data(y) and bool(((rel > 0) & (y < torch.finfo(y.dtype).tiny)).any()):
+        warnings.warn(
+            f"{fn}: the mask underflows to 0 at some relevant items (their scores lie far more than the temperature "
+            f"below the k-th): their log is clamped and they get no gradient. Raise the temperature or use "
+            f"scale='std'",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     loss = -(rel * _safe_log(y) + (1.0 - rel) * _safe_log(1.0 - y)).mean(1)
     return _reduce(loss, reduction, scores.dtype)
 

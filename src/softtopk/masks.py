@@ -33,6 +33,8 @@ def _prepare_mask(fn, x, k, dim, method, temperature, largest, scale, straight_t
         raise TypeError(f"{fn}: method={method!r} takes no `straight_through` (it has no soft gradient)")
     k_kind = "float" if spec.float_k and not straight_through else "int"
     uses_t = uses_temperature(spec, options, temperature, fn=fn)
+    if not uses_t and spec.alias is not None:  # the paper's own parameter replaces the temperature and its scale
+        reject_unused(fn, f"method={method!r} with `{spec.alias}`", scale=scale)
     rows = prepare(fn, x, k, dim=dim, temperature=temperature, largest=largest, k_kind=k_kind,
                    uses_temperature=uses_t, scale=scale, method=method)  # fmt: skip
     return spec, rows
@@ -162,6 +164,12 @@ def topk(
     ``result.outside`` is the mask mass that falls outside the returned indices (per row, detached): 0 for
     ``"hard"`` and ``straight_through``, and whenever ``width`` covers the mask's support (``"sparse"``, or any
     normalised method with ``max_support=width``); size ``width`` with it.
+
+    The weights of the normalised methods sum to k over the whole row (to k − ``outside`` over the returned
+    entries): divide by k for combine weights that sum to 1 (a mixture-of-experts layer), or by their own sum to
+    renormalise over the entries actually used. With ``max_support`` the support is bounded, so a router can run
+    exactly ``width = max_support`` experts per token and lose nothing (``outside`` = 0); ``max_support`` must
+    exceed k, since at k every weight is exactly 1 and no gradient reaches the router.
 
     Args:
         x, k, dim, method, temperature, largest, scale, straight_through, **options: as :func:`topk_mask`.
