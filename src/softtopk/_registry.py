@@ -31,7 +31,8 @@ class Method:
     kind: str
     #: (rows, t, **options) -> result along the last dim, in the compute dtype; t is the internal temperature
     compute: Callable[..., Tensor]
-    #: option -> default; None means "filled by parse" (solver defaults depend on the dtype)
+    #: option -> default, the one place a method's defaults are written (None for tol and max_iter: the solver's
+    #: defaults, which depend on the dtype, from ``_prepare.SOLVERS``)
     options: Mapping[str, object] = field(default_factory=dict)
     #: validates the options given (a dict with every option) and returns compute's keyword arguments
     parse: Callable[..., dict] = lambda fn, **o: o
@@ -53,12 +54,12 @@ class Method:
 
 # Parsers: (fn, **options) -> compute's keyword arguments. They validate values only (no data, no dtype), so that
 # modules can check their options when they are built; the computes fill the dtype-dependent defaults.
-def _solver(fn: str, tol=None, max_iter=None, **rest) -> dict:
+def _solver(fn: str, tol, max_iter, **rest) -> dict:
     solver_options("threshold", torch.float32, tol, max_iter, fn=fn)  # validates
     return {"tol": tol, "max_iter": max_iter, **rest}
 
 
-def _sparse_parse(fn: str, p=2, **rest) -> dict:
+def _sparse_parse(fn: str, p, **rest) -> dict:
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"{fn}: `p` must be 2 or 4/3, got {type(p).__name__}")
     if p == 2:
@@ -81,13 +82,13 @@ def _epsilon_rows(rows: Rows, epsilon) -> Tensor:
     return row_param(epsilon, rows.x, rows.x.dim() - 1, name="epsilon", dtype=rows.x.dtype)
 
 
-def _soft_parse(fn: str, epsilon=None, **rest) -> dict:
+def _soft_parse(fn: str, epsilon, **rest) -> dict:
     if epsilon is not None:
         _check_epsilon(fn, epsilon)
     return {"epsilon": epsilon, **_solver(fn, **rest)}
 
 
-def _perturbed_parse(fn: str, n_samples=100, noise="gaussian", generator=None) -> dict:
+def _perturbed_parse(fn: str, n_samples, noise, generator) -> dict:
     if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
         raise ValueError(f"{fn}: `n_samples` must be a positive int, got {n_samples!r}")
     check_choice(noise, "noise", stochastic.NOISES, fn=fn)
@@ -186,7 +187,7 @@ MASK_METHODS: dict[str, Method] = _table(
 
 
 # Permutation methods: compute(rows, t, **options) -> Γ (R, k, n) on rows.signed flattened to (R, n).
-def _sinkhorn_parse(fn: str, epsilon=0.1, tol=None, max_iter=None) -> dict:
+def _sinkhorn_parse(fn: str, epsilon, tol, max_iter) -> dict:
     solver_options("sinkhorn", torch.float32, tol, max_iter, fn=fn)  # validates
     _check_epsilon(fn, epsilon)
     return {"epsilon": epsilon, "tol": tol, "max_iter": max_iter}
@@ -201,7 +202,7 @@ def _sinkhorn(rows, t, epsilon, tol, max_iter):
     return plan.reshape(rows.x.shape[:-1] + (rows.k, rows.n))
 
 
-def _network_parse(fn: str, relaxation="logistic") -> dict:
+def _network_parse(fn: str, relaxation) -> dict:
     return {"relaxation": check_choice(relaxation, "relaxation", sorting_networks.RELAXATIONS, fn=fn)}
 
 
@@ -271,9 +272,10 @@ def uses_temperature(spec: Method, options: Mapping[str, object], temperature: o
 
 
 def parse(spec: Method, options: Mapping[str, object], *, fn: str) -> dict:
-    """The method's options with their defaults, validated (``max_support`` excluded); reads no data."""
+    """The method's options with the defaults of its record filled in, validated (``max_support`` excluded);
+    reads no data."""
     given = {key: val for key, val in options.items() if key not in _GENERIC}
-    return spec.parse(fn, **given)
+    return spec.parse(fn, **{**spec.options, **given})
 
 
 def internal_temperature(spec: Method, rows: Rows, parsed: dict) -> Tensor | None:
@@ -295,17 +297,13 @@ def run_mask(spec: Method, rows: Rows, options: Mapping[str, object], *, straigh
         rows = replace(rows, k=kf)
     bound = options.get("max_support")
     if bound is not None:
-        y = _bounded(spec, rows, t, parsed, _check_support(bound, rows, fn))
+        y = _bounded(spec, rows, t, parsed, check_support(bound, rows.k, fn=fn))
     else:
         y = spec.compute(rows, t, **parsed)
     if straight_through:
         # forward: the exact top-k mask; backward: the gradient of the soft mask (y − y.detach() is exactly 0)
         y = hard_topk_mask(rows.signed.detach(), hard_k) + (y - y.detach())
     return y
-
-
-def _check_support(bound: object, rows: Rows, fn: str) -> int:
-    return check_support(bound, rows.k, fn=fn)
 
 
 def check_support(bound: object, k: object, *, fn: str) -> int:
