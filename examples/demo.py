@@ -48,11 +48,12 @@ def main() -> None:
     for i in range(logits.shape[0]):
         print(
             f"  token {i}: experts {route.indices[i].tolist()}  logits {_row(route.values[i].tolist(), 2)}  "
-            f"combine weights {_row(route.weights[i].tolist())}  outside {route.outside[i].item():.3f}"
+            f"weights {_row(route.weights[i].tolist())}  outside {route.outside[i].item():.3f}"
         )
     (route.weights * torch.tensor([1.0, -1.0])).sum().backward()
     print(
-        f"  (.outside: the mask mass on the other experts; the weights' gradient reaches "
+        f"  (weights sum to k = 2 with .outside, the mask mass on the other experts: combine with weights / k; "
+        f"their gradient reaches "
         f"{int((logits.grad != 0).sum())} of {logits.numel()} logits)"
     )
     same = []
