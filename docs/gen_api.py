@@ -1,6 +1,6 @@
-"""Writes docs/api.md (every public function with its arguments, and the method tables) from the code, and the
-method table of the README between its markers. ``python docs/gen_api.py --check`` fails when either is stale
-(the test suite runs that)."""
+"""Writes docs/api.md (every public function with its arguments, and the method tables) from the code, and
+the method table of the README and of the threshold-mask guide between their markers. ``python docs/gen_api.py
+--check`` fails when any of them is stale (the test suite runs that)."""
 
 from __future__ import annotations
 
@@ -106,8 +106,8 @@ def readme(text: str) -> str:
 
 def main(check: bool) -> int:
     targets = {ROOT / "docs" / "api.md": api_page()}
-    readme_path = ROOT / "README.md"
-    targets[readme_path] = readme(readme_path.read_text())
+    for path in (ROOT / "README.md", ROOT / "docs" / "guides" / "threshold-masks.md"):
+        targets[path] = readme(path.read_text())
     stale = [p for p, text in targets.items() if not p.exists() or p.read_text() != text]
     if check:
         for p in stale:

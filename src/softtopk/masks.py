@@ -67,7 +67,8 @@ def topk_mask(
     =================  ==================================================================  ========  =========
     ``method``         definition                                                          Σ y = k   factor
     =================  ==================================================================  ========  =========
-    ``"hard"``         exact 0/1 mask, ties as ``torch.topk``; zero gradient; no temperature  yes      —
+    ``"hard"``         exact 0/1 mask, ties as ``torch.topk``; zero gradient; takes no       yes       —
+                       temperature
     ``"dftopk"``       :math:`\sigma((x-\tau)/t)`, τ the midpoint of the k-th and (k+1)-th    **no**   1/4
                        largest entries (Zhu et al. 2025); O(n) selection
     ``"sigmoid"``      LML (Amos et al. 2019): φ = sigmoid, binary-entropy regulariser       yes       1/4
@@ -172,10 +173,18 @@ def topk(
     exceed k, since at k every weight is exactly 1 and no gradient reaches the router.
 
     Args:
-        x, k, dim, method, temperature, largest, scale, straight_through, **options: as :func:`topk_mask`.
+        x: scores, as :func:`topk_mask`.
+        k: an int, a real number (normalised methods) or a per-row tensor, as :func:`topk_mask`.
+        dim: the dimension to select along.
+        method: one of :data:`METHODS`.
+        temperature: the width of the transition in score units (None: 1.0), as :func:`topk_mask`.
+        largest: the k largest (default) or the k smallest entries.
         sorted: return the entries in order (as ``torch.topk``).
         width: the number of entries returned; default k (⌈k⌉ for a real k, ⌈max k⌉ for a per-row tensor, which
             reads it: pass ``width`` under ``torch.compile``).
+        scale: None or ``"std"``, as :func:`topk_mask`.
+        straight_through: the hard mask forward, the method's soft gradient backward.
+        **options: the method's options, as :func:`topk_mask`.
 
     Returns:
         A :class:`TopK` ``(values, indices, weights)``, each of ``x``'s shape with ``dim`` of size ``width``.

@@ -542,10 +542,10 @@ def isotonic(
             ``"dykstra"`` (pure torch, iterative, approximate; its backward uses the blocks read off the solution).
         dim: the dimension along which ``v`` is monotone.
         increasing: solve for a non-decreasing ``v``.
-        tol, max_iter: Dykstra's stopping rule: largest step and constraint violation below ``tol`` times
-            (1 + range of y); default ``tol`` 1e-6 (float32) or 1e-10 (float64), ``max_iter`` 1000. A
-            ``RuntimeWarning`` is issued if ``max_iter`` is reached first. PAV is exact and takes neither
-            (``TypeError``).
+        tol: Dykstra's stopping rule: largest step and constraint violation below ``tol`` times (1 + range of y);
+            default 1e-6 (float32) or 1e-10 (float64). PAV is exact and takes no ``tol`` (``TypeError``).
+        max_iter: Dykstra's iterations at most (default 1000); a ``RuntimeWarning`` is issued if it is reached
+            before ``tol``. PAV takes none (``TypeError``).
 
     Returns:
         ``v`` of ``y``'s shape and dtype (half precision is computed in float32).
