@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import sinkhorn, sorting_networks, stochastic, threshold
 from ._prepare import Rows, can_read_data, check_choice, check_temperature, row_param, solver_options
-from .hard import hard_mask, hard_topk_mask
+from .hard import hard_mask, hard_topk_mask, with_soft_gradient
 
 __all__ = ["MASK_METHODS", "METHODS", "PERMUTATION_METHODS", "Method", "lookup", "run_mask"]
 
@@ -301,8 +301,8 @@ def run_mask(spec: Method, rows: Rows, options: Mapping[str, object], *, straigh
     else:
         y = spec.compute(rows, t, **parsed)
     if straight_through:
-        # forward: the exact top-k mask; backward: the gradient of the soft mask (y − y.detach() is exactly 0)
-        y = hard_topk_mask(rows.signed.detach(), hard_k) + (y - y.detach())
+        # forward: the exact top-k mask; backward: the gradient of the soft mask
+        y = with_soft_gradient(hard_topk_mask(rows.signed.detach(), hard_k), y)
     return y
 
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ._prepare import can_read_data
 
-__all__ = ["hard_mask", "hard_topk_mask"]
+__all__ = ["hard_mask", "hard_topk_mask", "with_soft_gradient"]
 
 
 def hard_topk_mask(x: Tensor, k: int | Tensor) -> Tensor:
@@ -51,6 +51,30 @@ class _HardMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return torch.zeros_like(g), None  # piecewise constant: the gradient is zero almost everywhere
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``hard``; backward the incoming gradient into ``soft``, unchanged. The same as
+    ``hard + (soft - soft.detach())`` without its two full-size temporaries and autograd nodes."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(hard, soft):
+        return hard  # returned as-is: autograd makes it a view, no copy
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g
+
+
+def with_soft_gradient(hard: Tensor, soft: Tensor) -> Tensor:
+    """The values of ``hard`` with the gradient of ``soft`` (straight-through estimator, Bengio et al. 2013)."""
+    return _StraightThrough.apply(hard, soft)
 
 
 def hard_mask(x: Tensor, k: int | Tensor) -> Tensor:

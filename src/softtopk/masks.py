@@ -16,7 +16,7 @@ from torch import Tensor
 from . import threshold
 from ._prepare import Rows, can_read_data, check_bool, check_choice, prepare, reject_unused, row_param
 from ._registry import MASK_METHODS, lookup, run_mask, uses_temperature
-from .hard import hard_topk_mask
+from .hard import hard_topk_mask, with_soft_gradient
 from .stochastic import gumbel_noise, relaxed_subset
 
 __all__ = ["METHODS", "TopK", "gumbel_topk", "threshold_mask", "topk", "topk_mask"]
@@ -282,7 +282,7 @@ def threshold_mask(
     if method == "hard":
         return rows.restore(hard + 0.0 * s)  # in the graph, with an exact zero gradient
     y = torch.sigmoid((s - p) / (0.25 * rows.t))  # finite even for infinite scores
-    return rows.restore(hard + (y - y.detach()) if straight_through else y)
+    return rows.restore(with_soft_gradient(hard, y) if straight_through else y)
 
 
 def _threshold(p: object, x: Tensor, rows: Rows, *, bounded: bool, fn: str) -> Tensor:
@@ -355,5 +355,5 @@ def gumbel_topk(
     else:
         y = relaxed_subset(perturbed, rows.k, rows.t)
     if straight_through:
-        y = hard_topk_mask(perturbed.detach(), rows.k) + (y - y.detach())
+        y = with_soft_gradient(hard_topk_mask(perturbed.detach(), rows.k), y)
     return rows.restore(y)
