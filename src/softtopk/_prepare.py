@@ -244,7 +244,6 @@ class Rows:
     k: Union[int, Tensor, None]
     t: Union[Tensor, None]
     largest: bool
-    finite: bool
     dim: int
     dtype: torch.dtype
 
@@ -312,4 +311,4 @@ def prepare(
         t = row_param(temperature, x, d, name="temperature", fn=fn, dtype=cdtype)
         if scale == "std" and x.numel():
             t = t * row_std(xl)
-    return Rows(xl, signed, kt, t, largest, is_finite, d, x.dtype)
+    return Rows(xl, signed, kt, t, largest, d, x.dtype)

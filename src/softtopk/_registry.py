@@ -25,10 +25,9 @@ __all__ = ["MASK_METHODS", "METHODS", "PERMUTATION_METHODS", "Method", "lookup",
 
 @dataclass(frozen=True)
 class Method:
-    """One method of one kind (``"mask"`` or ``"permutation"``)."""
+    """One method of :func:`topk_mask` (a mask) or of :func:`topk_permutation` (a (k, n) matrix per row)."""
 
     name: str
-    kind: str
     #: (rows, t, **options) -> result along the last dim, in the compute dtype; t is the internal temperature
     compute: Callable[..., Tensor]
     #: option -> default, the one place a method's defaults are written (None for tol and max_iter: the solver's
@@ -144,40 +143,40 @@ def _table(*methods: Method) -> dict[str, Method]:
 
 MASK_METHODS: dict[str, Method] = _table(
     Method(
-        "hard", "mask", _hard, support="k", exact_zeros=True, paper="—",
+        "hard", _hard, support="k", exact_zeros=True, paper="—",
         summary="exact 0/1 mask, ties as torch.topk; zero gradient: evaluation, baselines, the forward of "
         "straight_through=True",
     ),
     Method(
-        "dftopk", "mask", _dftopk, factor=lambda: _SIGMOID, sums_to_k=False, paper="DFTopK, Zhu et al. 2025",
+        "dftopk", _dftopk, factor=lambda: _SIGMOID, sums_to_k=False, paper="DFTopK, Zhu et al. 2025",
         summary="σ((x − τ)/t), τ the midpoint of the k-th and (k+1)-th largest: one O(n) selection, no root "
         "finding; **not normalised** (Σy ≠ k): not for weights that must sum to k, such as kNN votes",
     ),
     Method(
-        "sigmoid", "mask", _normalised("sigmoid"), _SOLVER, _solver, lambda **o: _SIGMOID, float_k=True,
+        "sigmoid", _normalised("sigmoid"), _SOLVER, _solver, lambda **o: _SIGMOID, float_k=True,
         boundable=True, paper="LML, Amos, Xu & Kolter 2019",
         summary="φ = sigmoid (binary-entropy regulariser); the default: smooth, every entry gets a gradient",
     ),
     Method(
-        "soft", "mask", _soft, {"epsilon": None, **_SOLVER}, _soft_parse, lambda **o: _SIGMOID, alias="epsilon",
+        "soft", _soft, {"epsilon": None, **_SOLVER}, _soft_parse, lambda **o: _SIGMOID, alias="epsilon",
         float_k=True, boundable=True, paper="SOFT top-k, Xie et al. 2020",
         summary="entropic OT to anchors 0 and 1; at convergence a sigmoid mask, so with `temperature` it equals "
         "`sigmoid`; `epsilon=` gives the paper's ε (relative to max C)",
     ),
     Method(
-        "sparse", "mask", _sparse, {"p": 2, **_SOLVER}, _sparse_parse,
+        "sparse", _sparse, {"p": 2, **_SOLVER}, _sparse_parse,
         lambda family, **o: 1.0 if family == "sparse2" else _CUBIC, float_k=True, exact_zeros=True,
         support="data-dependent; `max_support` bounds it", boundable=True, paper="Sander et al. 2023",
         summary="p=2: the Euclidean projection of x/t; p=4/3: φ(z) = max(z, 0)³; exact zeros and ones, gradients "
         "only where the mask is fractional",
     ),
     Method(
-        "lapsum", "mask", _normalised("lapsum"), _SOLVER, _solver, lambda **o: _LAPLACE, float_k=True,
+        "lapsum", _normalised("lapsum"), _SOLVER, _solver, lambda **o: _LAPLACE, float_k=True,
         boundable=True, paper="LapSum, Struski et al. 2025",
         summary="φ = Laplace CDF: heavier tails than sigmoid, gradients reach entries far from the threshold",
     ),
     Method(
-        "perturbed", "mask", _perturbed, {"n_samples": 100, "noise": "gaussian", "generator": None},
+        "perturbed", _perturbed, {"n_samples": 100, "noise": "gaussian", "generator": None},
         _perturbed_parse,
         lambda noise, **o: 1.0 / math.sqrt(2.0 * math.pi) if noise == "gaussian" else math.log(2.0) / 2.0,
         exact_zeros=True, support="data-dependent (random)", paper="perturbed optimizer, Berthet et al. 2020",
@@ -219,18 +218,18 @@ def _network(name: str):
 
 PERMUTATION_METHODS_TABLE: dict[str, Method] = _table(
     Method(
-        "sinkhorn", "permutation", _sinkhorn, {"epsilon": 0.1, "tol": None, "max_iter": None}, _sinkhorn_parse,
+        "sinkhorn", _sinkhorn, {"epsilon": 0.1, "tol": None, "max_iter": None}, _sinkhorn_parse,
         paper="SOFT sorted top-k, Xie et al. 2020",
         summary="entropic OT of the scores to k + 1 anchors, implicit backward; smoothing by `epsilon` (relative "
         "to max C)",
     ),
     Method(
-        "odd_even", "permutation", _network("odd_even"), {"relaxation": "logistic"}, _network_parse,
+        "odd_even", _network("odd_even"), {"relaxation": "logistic"}, _network_parse,
         lambda **o: 1.0, paper="Petersen et al. 2021",
         summary="relaxed odd-even transposition network: n layers, O(n²) comparators, checkpointed backward",
     ),
     Method(
-        "bitonic", "permutation", _network("bitonic"), {"relaxation": "logistic"}, _network_parse,
+        "bitonic", _network("bitonic"), {"relaxation": "logistic"}, _network_parse,
         lambda **o: 1.0, paper="Petersen et al. 2021, 2022",
         summary="relaxed bitonic network: O(n log² n) comparators, checkpointed backward",
     ),
