@@ -921,3 +921,11 @@ def test_scale_std_gradient_is_finite_on_rows_without_spread(method):
         y = topk_mask(x, k, method=method, scale="std")
         (y * torch.arange(1.0, x.shape[-1] + 1, dtype=torch.float64)).sum().backward()
         assert torch.isfinite(x.grad).all(), (method, row, x.grad)
+
+
+def test_jacrev_through_soft_with_epsilon():
+    """Issue 14 #8: SOFT's cost scale had an in-place backward that vmap (jacrev) cannot batch."""
+    x = torch.randn(6, dtype=torch.float64)
+    jac = torch.func.jacrev(lambda r: topk_mask(r, 2, method="soft", epsilon=0.1))(x)
+    ref = torch.autograd.functional.jacobian(lambda r: topk_mask(r, 2, method="soft", epsilon=0.1), x)
+    torch.testing.assert_close(jac, ref)

@@ -674,3 +674,19 @@ def test_block_backward_gradcheck_on_the_torch_path(backend, monkeypatch):
     for reg in ("l2", "kl"):
         assert gradcheck(lambda x, reg=reg: soft_rank(x, temperature=0.5, regularization=reg), (x,))
         assert gradcheck(lambda x, reg=reg: soft_sort(x, temperature=0.5, regularization=reg), (x,))
+
+
+def test_empty_batches_and_overflow_are_handled():
+    """Issue 14 #7 and #9: zero rows through Dykstra and the fused kernel; scores that overflow once divided by the
+    temperature raise an error naming the public function (not NaN, not a private name)."""
+    for fn in (lambda y: isotonic(y, solver="dykstra"), soft_rank, soft_sort, lambda y: permutahedron_topk(y, 2)):
+        assert fn(torch.zeros(0, 5)).shape == (0, 5)
+    with pytest.raises(ValueError, match="permutahedron_topk: the scaled scores overflow"):
+        permutahedron_topk(torch.tensor([1e38, 1.0, 2.0, 3.0]), 2, temperature=1e-3)
+
+
+def test_kl_soft_sort_preserves_the_logsumexp():
+    """Issue 14 #12: the docstring's invariant per regularisation: l2 keeps the sum, kl the log-sum-exp."""
+    x = torch.randn(4, 9, dtype=torch.float64)
+    torch.testing.assert_close(soft_sort(x, temperature=0.7).sum(-1), x.sum(-1))
+    torch.testing.assert_close(soft_sort(x, temperature=0.7, regularization="kl").logsumexp(-1), x.logsumexp(-1))

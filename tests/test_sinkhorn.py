@@ -262,3 +262,14 @@ def test_cuda_matches_cpu():
         gc.backward(up.cuda())
         gh.backward(up)
         torch.testing.assert_close(xc.grad.cpu(), xh.grad, rtol=0, atol=1e-7)
+
+
+def test_huge_scores_do_not_overflow_the_cost():
+    """Issue 14 #11: (x - a)² overflowed float32 at |x| = 1e20 (all NaN). The cost is scaled before squaring; the
+    plan is then SOFT's own answer at that scale, which for k = 1 is the two-anchor mask of topk_mask(soft, epsilon)."""
+    x = torch.tensor([1e20, 0.0, 1.0])
+    gamma = topk_permutation(x, 1, epsilon=0.1)
+    assert torch.isfinite(gamma).all()
+    torch.testing.assert_close(gamma[0], softtopk.topk_mask(x, 1, method="soft", epsilon=0.1), atol=1e-5, rtol=0)
+    y = torch.tensor([3e19, -2e19, 1e19, 0.0])
+    assert torch.isfinite(topk_permutation(y, 2, epsilon=1e-3)).all()

@@ -311,3 +311,15 @@ def test_stochastic_operators_run_under_torch_compile():
         return a + gumbel_topk(z, 3, generator=gen(1))
 
     torch.testing.assert_close(torch.compile(f, backend="eager")(x), f(x))
+
+
+def test_gumbel_softmax_relaxation_never_takes_an_item_twice():
+    """Issue 14 #5: with logit gaps beyond -log(tiny)·t, p rounds to 1 and log(1 - p) must remove the item (a clamp at
+    log(tiny) let it win the next draw again). Here the hard sample is items 0 and 1."""
+    x = torch.tensor([100.0, 0.0, -100.0])
+    y = gumbel_topk(x, 2, temperature=1e-3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(y, torch.tensor([1.0, 1.0, 0.0])), y
+    x = torch.tensor([100.0, 0.0, -100.0], requires_grad=True)
+    y = gumbel_topk(x, 2, temperature=1e-3, generator=torch.Generator().manual_seed(0))
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -103,3 +103,13 @@ def test_dtypes_infinities_and_errors():
         threshold_mask(torch.tensor([float("nan")]), 0.5)
     with pytest.raises(TypeError, match="`x`"):
         threshold_mask(torch.arange(3), 0.5)
+
+
+def test_softmax_normaliser_rejects_rows_without_a_softmax():
+    """Issue 14 #10: softmax of a row with +inf, or of a row of only -inf, is NaN: a clear error instead."""
+    inf = float("inf")
+    for x in (torch.tensor([inf, 1.0, 2.0]), torch.tensor([[-inf, -inf], [1.0, 2.0]])):
+        with pytest.raises(ValueError, match="threshold_mask: `x`.*softmax"):
+            threshold_mask(x, 0.5, normalize="softmax")
+    y = threshold_mask(torch.tensor([-inf, 1.0, 2.0]), 0.5, normalize="softmax")  # -inf alone is fine: share 0
+    assert torch.isfinite(y).all()

@@ -84,7 +84,8 @@ def topk_mask(
     =================  ==================================================================  ========  =========
 
     Args:
-        x: scores of any floating dtype and any shape; ``-inf`` entries (padding) get exactly 0.
+        x: scores of any floating dtype and any shape; ``-inf`` entries (padding) get exactly 0, ``+inf`` entries
+            exactly 1 (with ``largest=False`` the roles swap: ``+inf`` is the padding).
         k: an int in [0, n], or a tensor broadcastable to the batch shape (``x.shape`` without ``dim``) with one k
             per row. The normalised methods (sigmoid, soft, sparse, lapsum) accept a real k and are differentiable
             with respect to it.
@@ -276,6 +277,9 @@ def threshold_mask(
     if method == "hard":
         reject_unused(fn, "method='hard'", straight_through=straight_through)
     rows = prepare(fn, x, dim=dim, temperature=temperature, k_kind=None, uses_temperature=method != "hard")
+    if normalize == "softmax" and rows.x.numel() and can_read_data(rows.x) and not bool(rows.x.isfinite().all()):
+        if bool((rows.x == math.inf).any()) or bool((rows.x == -math.inf).all(-1).any()):
+            raise ValueError(f"{fn}: `x` has a row with +inf or with only -inf, whose softmax is undefined")
     s = {"sigmoid": torch.sigmoid, "softmax": lambda v: torch.softmax(v, -1), "none": lambda v: v}[normalize](rows.x)
     p = _threshold(threshold, x, rows, bounded=normalize != "none", fn=fn)
     hard = (s > p).to(s.dtype)

@@ -469,6 +469,8 @@ class _Isotonic(torch.autograd.Function):
     def forward(y, w, mode, solver, tol, max_iter):
         if solver == "pav":
             return _pav(y, w, None, None, mode)
+        if y.numel() == 0:
+            return y.clone(), torch.zeros_like(y, dtype=torch.int64)
         with torch.no_grad():
             v, _ = _dykstra(y, w, None, None, mode, tol, max_iter)
             scale = 1.0 + float((y.amax() - y.amin()).abs()) if y.numel() else 1.0
@@ -656,7 +658,7 @@ class _SortProject(torch.autograd.Function):
         import numpy as np  # there whenever numba is; not a dependency of softtopk
 
         kernel = _numba()
-        rows, n = max(y.shape[0], b.shape[0]), y.shape[-1]
+        rows, n = (0 if 0 in (y.shape[0], b.shape[0]) else max(y.shape[0], b.shape[0])), y.shape[-1]
         is_tensor = isinstance(y_scale, Tensor)
         if is_tensor:
             scale = y_scale.detach().reshape(-1).to(torch.float64).contiguous().numpy()
@@ -710,10 +712,16 @@ def _fused(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and can_read_data(t) for t in tensors) and pav_backend("cpu") == "numba"
 
 
-def _project(z: Tensor, w_sorted: Tensor, mode: int) -> Tensor:
-    """P_Ω(z, w) for z (R, n) in any order and w (R or 1, n) sorted decreasingly."""
+def _project(z: Tensor, w_sorted: Tensor, mode: int, fn: str) -> Tensor:
+    """P_Ω(z, w) for z (R, n) in any order and w (R or 1, n) sorted decreasingly; ``fn`` names the caller in
+    errors. Finite scores that overflow once scaled (x / temperature) raise instead of giving NaN."""
+    if z.numel() and can_read_data(z) and not bool(torch.isfinite(z).all()):
+        raise ValueError(
+            f"{fn}: the scaled scores overflow {z.dtype} (|x| / temperature reaches ±inf): raise the temperature "
+            f"or compute in float64"
+        )
     if _fused(z, w_sorted):
-        return _SortProject.apply(z, 1.0, _one_row(w_sorted).to(z.dtype), 1.0, True, mode, "_project")
+        return _SortProject.apply(z, 1.0, _one_row(w_sorted).to(z.dtype), 1.0, True, mode, fn)
     s, perm = torch.sort(z, dim=-1, descending=True)
     mu = _project_sorted(s, w_sorted, mode)
     return torch.zeros_like(mu).scatter(-1, perm, mu)
@@ -763,7 +771,7 @@ def permutahedron_projection(z: Tensor, w: Tensor, *, dim: int = -1, p: Number =
     cdtype = compute_dtype(z)
     zl = move_last(z, d).to(cdtype)
     ws = torch.sort(_rows(move_last(wb, d).to(device=z.device, dtype=cdtype)), dim=-1, descending=True).values
-    mu = _project(_rows(zl), ws, mode)
+    mu = _project(_rows(zl), ws, mode, fn)
     return move_back(mu.reshape(zl.shape).to(z.dtype), d)
 
 
@@ -822,7 +830,7 @@ def permutahedron_topk(
     rows = prepare(fn, x, k, dim=dim, temperature=temperature, largest=largest, finite=True)
     mode = _mode_of_p(p, fn)
     t = rows.t.reshape(-1, 1) * (1.0 if mode == Q2 else _CUBIC)  # the width convention of topk_mask
-    y = _project(_rows(rows.signed) / t, _topk_weights(rows.k.reshape(-1, 1), rows.n), mode)
+    y = _project(_rows(rows.signed) / t, _topk_weights(rows.k.reshape(-1, 1), rows.n), mode, fn)
     return rows.restore(y.reshape(rows.x.shape))
 
 
@@ -995,8 +1003,8 @@ def soft_sort(
     \mathrm{KL}(\mu, e^z)` (``"kl"``). Computed as :math:`\rho/\varepsilon - v`, v the isotonic dual solution
     (PAV). These are the values of fast-soft-sort's ``soft_sort`` and ``torchsort.soft_sort(x,
     regularization_strength=ε)``; torchsort sorts in ascending order, which is ``descending=False`` here
-    (:math:`-s_\varepsilon(-x)`). As ε → 0 the result tends to the hard sort; the sum of the entries is always
-    ``x.sum()``.
+    (:math:`-s_\varepsilon(-x)`). As ε → 0 the result tends to the hard sort. With ``"l2"`` the entries always sum
+    to ``x.sum()``; with ``"kl"`` their log-sum-exp is ``x``'s (the permutahedron is that of :math:`e^x`).
 
     Args:
         x: values, any shape (finite).
@@ -1072,7 +1080,7 @@ def soft_rank(
     if fused:
         out = _SortProject.apply(x2, sign * inv, w, 1.0, True, mode, "soft_rank")
     else:
-        out = _project(sign * x2 * inv, w, mode)
+        out = _project(sign * x2 * inv, w, mode, "soft_rank")
     if mode == KL:
         out = torch.exp(out)
     return move_back(_unrows(out, xl).to(x.dtype), d)

@@ -233,12 +233,14 @@ def sorted_topk_plan(x: Tensor, k: int, eps: Tensor, *, largest: bool, tol: floa
     rows = k + 1 if k < n else k  # anchors; no "rest" anchor when k = n
     j = torch.arange(rows, device=x.device, dtype=x.dtype)
     anchors = (k - j) if largest else j
-    cost = (xl - anchors.view(1, rows, 1)) ** 2  # (R, J, n)
-    cmax = cost.amax(dim=(-2, -1), keepdim=True)
-    cmax = torch.where(cmax > 0, cmax, torch.ones_like(cmax))
+    diff = xl - anchors.view(1, rows, 1)  # (R, J, n)
+    # C / max C = (diff / max |diff|)²: scaled before squaring, so that |x| up to the dtype's range cannot overflow
+    dmax = diff.abs().amax(dim=(-2, -1), keepdim=True)
+    scaled = diff / torch.where(dmax > 0, dmax, torch.ones_like(dmax))
+    cost = scaled * scaled
     nu = torch.full((rows,), 1.0 / n, dtype=torch.float64)
     if rows > k:
         nu[k] = (n - k) / n
     log_nu = torch.log(nu).to(device=x.device, dtype=x.dtype).view(1, rows, 1)
-    plan = _SinkhornPlan.apply(cost / (cmax * eps.reshape(-1, 1, 1)), log_nu, float(tol), int(max_iter))
+    plan = _SinkhornPlan.apply(cost / eps.reshape(-1, 1, 1), log_nu, float(tol), int(max_iter))
     return plan[:, :k, :] * n

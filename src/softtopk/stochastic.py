@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -115,12 +117,19 @@ def relaxed_subset(perturbed: Tensor, k: int | Tensor, t: Tensor) -> Tensor:
     r"""Xie & Ermon's relaxed k-hot sample from Gumbel-perturbed logits (..., n): :math:`\sum_{j<k} p^{(j)}` with
     :math:`p^{(j)} = \mathrm{softmax}(a^{(j)}/t)`, :math:`a^{(j+1)} = a^{(j)} + \log(1 - p^{(j)})`. ``k`` an int or
     a (..., 1) integer tensor (rows stop adding at their own k)."""
-    tiny = torch.finfo(perturbed.dtype).tiny
     steps = k if isinstance(k, int) else (int(k.max()) if k.numel() else 0)
     a, p, y = perturbed, None, torch.zeros_like(perturbed)
+    out = perturbed == -math.inf  # padding, then the items taken whole
     for j in range(steps):
         if p is not None:
-            a = a + torch.log((1 - p).clamp_min(tiny))
-        p = torch.softmax(a / t, dim=-1)
+            # an item whose p rounds to 1 is taken whole and leaves the race (log(1 - p) clamped at log(tiny) would
+            # let it win again once the logit gaps exceed -log(tiny)·t); the others get log(1 - p)
+            taken = p >= 1
+            out = out | taken
+            a = a + torch.log1p(-torch.where(taken, 0.0, p))
+        z = torch.where(out, -math.inf, a / t)
+        # a row with nothing left has exhausted its k (it adds nothing more): a constant, not NaN
+        z = torch.where(out.all(-1, keepdim=True), 0.0, z)
+        p = torch.softmax(z, dim=-1)
         y = y + (p if isinstance(k, int) else p * (k > j).to(p.dtype))
     return y

@@ -552,7 +552,8 @@ class _CostScale(torch.autograd.Function):
         ext = torch.where(use_max, xmax, xmin)
         hit = torch.where(x == ext, 1.0, 0.0).to(x.dtype)
         coef = torch.where(use_max, gm, -gm) / hit.sum(-1, keepdim=True).clamp(min=1.0)
-        return hit.mul_(torch.where(torch.isfinite(ext), coef, 0.0))
+        scale = torch.where(torch.isfinite(ext), coef, 0.0)
+        return hit.mul_(scale) if can_read_data(scale) else hit * scale  # vmap (jacrev) has no in-place broadcast
 
 
 def soft_temperature(x: Tensor, eps: Tensor) -> Tensor:
