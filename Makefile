@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench lint docs docs-serve clean
+.PHONY: install test demo bench lint docs docs-serve wheel-check clean
 
 install: $(STAMP)
 
@@ -33,8 +33,16 @@ docs: $(STAMP)
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
+# the release check: a wheel, installed into a fresh venv, runs the README quickstart from outside the checkout
+wheel-check: $(STAMP)
+	rm -rf build/wheel-venv dist
+	$(PY) -m pip wheel --quiet --no-deps -w dist .
+	$(PYTHON) -m venv build/wheel-venv
+	build/wheel-venv/bin/python -m pip install --quiet torch==2.13.0 dist/softtopk-*.whl
+	cd build && wheel-venv/bin/python ../.ci/quickstart.py ../README.md
+
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks examples docs .ci
 
 clean:
 	rm -rf $(VENV) build site *.egg-info src/*.egg-info .pytest_cache .hypothesis

@@ -15,3 +15,19 @@ def test_api_page_and_readme_method_table_are_current(monkeypatch, capsys):
         runpy.run_path(str(ROOT / "docs" / "gen_api.py"), run_name="__main__")
     except SystemExit as stop:
         assert stop.code == 0, capsys.readouterr().err
+
+
+def _python_blocks(path: Path) -> list[str]:
+    text = path.read_text()
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+def test_readme_and_getting_started_code_runs():
+    """Every ```python block of the README and of the getting-started page runs as written (in order, one namespace
+    per file), so that the first code a user copies works."""
+    for path in (ROOT / "README.md", ROOT / "docs" / "getting-started.md"):
+        namespace: dict = {}
+        blocks = _python_blocks(path)
+        assert blocks, f"no python block in {path.name}"
+        for block in blocks:
+            exec(compile(block, str(path), "exec"), namespace)  # noqa: S102
