@@ -307,3 +307,17 @@ def test_bad_arguments_raise():
     for call, exc, words in cases:
         with pytest.raises(exc, match=words):
             call()
+
+
+@pytest.mark.parametrize("method", ["odd_even", "bitonic"])
+def test_one_huge_score_does_not_corrupt_the_order_of_the_rest(method):
+    """Issue 14 #3: a comparator's outputs were a + α(b − a), which rounds the smaller value away next to a large one
+    (1e8 − 9 = 99999992 in float32): the values network then ordered the rest wrongly. Now (1 − α)a + αb."""
+    xo = torch.tensor([9.0, 1e8, 2.0, 1.0, 7.0, 6.0, 4.0, 8.0])
+    out = topk_permutation(xo, 4, method=method, temperature=0.01) @ xo
+    torch.testing.assert_close(out, torch.tensor([1e8, 9.0, 8.0, 7.0]))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        x = torch.randperm(16, generator=g).float()  # gaps of at least 1 = 100 temperatures: the hard order
+        x[int(torch.randint(16, (1,), generator=g))] = 1e8
+        torch.testing.assert_close(topk_permutation(x, 5, method=method, temperature=0.01) @ x, x.topk(5).values)

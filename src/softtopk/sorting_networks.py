@@ -220,9 +220,12 @@ class _NetworkTopK(torch.autograd.Function):
         for layer in layers:  # the network on the values: records d = b − a at every comparator
             p, q = layer.pair(v)
             d = torch.sub(q, p, out=_diffs(layer, buf))
-            e = _alpha(layer, d, tt, relaxation) * d
-            p.add_(e)
-            q.sub_(e)
+            a = _alpha(layer, d, tt, relaxation)
+            # (1 − α) p + α q as p − α p + α q, not p + α (q − p): exact for α = 0 and 1, where q − p would round
+            # away the smaller value next to a large one (1e8 − 9 is 99999992 in float32)
+            ap, aq = a * p, a * q
+            p.sub_(ap).add_(aq)
+            q.sub_(aq).add_(ap)
         gam = _selector(x, k, wires)
         width = k  # the rows of E_k L_m ⋯ L_l vanish outside the wires [0, width): skip the comparators there
         for layer in reversed(layers):  # Γ = E_k L_m ⋯ L_1, one layer at a time from the left
