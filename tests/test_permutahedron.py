@@ -690,3 +690,37 @@ def test_kl_soft_sort_preserves_the_logsumexp():
     x = torch.randn(4, 9, dtype=torch.float64)
     torch.testing.assert_close(soft_sort(x, temperature=0.7).sum(-1), x.sum(-1))
     torch.testing.assert_close(soft_sort(x, temperature=0.7, regularization="kl").logsumexp(-1), x.logsumexp(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_topk_magnitude_small_temperature_and_huge_values(dtype):
+    """Issue 14 #2: |x| − v cancelled in float32 (3 came out as 2.86 at t = 1e-6, all zeros at 1e-8) and 1e38
+    overflowed to -inf. The operator now computes in float64 and returns x's dtype."""
+    x = torch.tensor([3.0, 1.0, 2.0, 0.0], dtype=dtype)
+    for t in (1e-6, 1e-8):
+        y = topk_magnitude(x, 2, temperature=t)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, torch.tensor([3.0, 0.0, 2.0, 0.0], dtype=dtype), rtol=1e-6, atol=1e-6)
+    if dtype == torch.float32:
+        big = torch.tensor([1e38, -1e38, 1.0, 2.0])
+        torch.testing.assert_close(topk_magnitude(big, 2), torch.tensor([1e38, -1e38, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_projections_do_not_cancel_at_large_scale(backend, monkeypatch):
+    """Issue 14 #1: μ = s − v cancelled once |x|/t was large (float32 from ~1e7, float64 from ~1e16): ranks left
+    [1, n], masks summed to less than k. μ is now read off block-centred quantities, on both paths."""
+    if backend == "torch":
+        monkeypatch.setattr(perm, "_fused", lambda *t: False)
+    elif perm.pav_backend("cpu") != "numba":
+        pytest.skip("numba not installed")
+    x = torch.tensor([3.0, 1.0, 2.0, 0.0])
+    assert torch.equal(permutahedron_topk(x, 2, temperature=1e-7), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert torch.equal(permutahedron_topk(x, 2, temperature=1e-7, p=4 / 3), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    for reg in ("l2", "kl"):
+        assert torch.equal(soft_rank(x, temperature=1e-8, regularization=reg), torch.tensor([1.0, 3.0, 2.0, 4.0]))
+    big = torch.tensor([1e20, 0.0, -1e20], dtype=torch.float64)
+    torch.testing.assert_close(soft_rank(big), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    r = soft_rank(torch.randn(5, 50, dtype=torch.float64) * 1e18, temperature=1e-3)
+    assert bool(((r >= 1) & (r <= 50)).all())
+    torch.testing.assert_close(r.sum(-1), torch.full((5,), 50 * 51 / 2, dtype=torch.float64))

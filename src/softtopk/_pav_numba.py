@@ -209,6 +209,47 @@ def _argsort_descending(x, perm, keys, tmp_keys, tmp_perm, count):
 
 
 @numba.njit(cache=True)
+def _residuals(y, b, mode, start, out):
+    """u = y − γ_B for every entry, written into ``out``, from quantities centred on each block (a = 1, c = 0):
+    y − γ = (y − mean_B y) + mean_B b (Q2), (y − mean_B y) − d_B with d_B the cubic's root (Q4),
+    (y − lse_B y) + lse_B b (KL). Subtracting γ itself cancels: a singleton block of y = 1e20 would give u = 0
+    instead of b."""
+    n = y.shape[0]
+    lo = 0
+    while lo < n:
+        hi = lo + 1
+        while hi < n and start[hi] == lo:
+            hi += 1
+        m = hi - lo
+        if mode == KL:
+            ly, lb = -np.inf, -np.inf
+            for i in range(lo, hi):
+                ly = _logaddexp(ly, y[i])
+                lb = _logaddexp(lb, b[i])
+            for i in range(lo, hi):
+                out[i] = (y[i] - ly) + lb
+        else:
+            mean, bsum = 0.0, 0.0
+            for i in range(lo, hi):
+                mean += y[i]
+                bsum += b[i]
+            mean /= m
+            if mode == Q2:
+                for i in range(lo, hi):
+                    out[i] = (y[i] - mean) + bsum / m
+            else:
+                m2, m3 = 0.0, 0.0
+                for i in range(lo, hi):
+                    e = y[i] - mean
+                    m2 += e * e
+                    m3 += e * e * e
+                d = cubic_root(3.0 * m2 / m, -(m3 - bsum) / m)
+                for i in range(lo, hi):
+                    out[i] = (y[i] - mean) - d
+        lo = hi
+
+
+@numba.njit(cache=True)
 def _project_row(y, y_scale, b, b_sign, sort_y, mode, out, perm, start, u_out, scratch):
     n = perm.shape[0]
     keys, fl, first, tmp_perm, count = scratch
@@ -226,8 +267,9 @@ def _project_row(y, y_scale, b, b_sign, sort_y, mode, out, perm, start, u_out, s
         ys[i] = y_scale * (y[j] if sort_y else y[i])
         bs[i] = b[i] if sort_y else b_sign * b[j]
     _pav_row(ys, ones, bs, zeros, mode, v, start, first, fl[5:])
+    _residuals(ys, bs, mode, start, v)  # v <- u = ys - v, from block-centred quantities
     for i in range(n):
-        u = ys[i] - v[i]
+        u = v[i]
         if u_out.shape[0]:
             u_out[i] = u
         mu = u * u * u if mode == Q4 else u

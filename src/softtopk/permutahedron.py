@@ -270,6 +270,12 @@ class IsotonicLoss:
         """argmin_v a R(v − y) + b v + c v²/2, elementwise."""
         raise NotImplementedError
 
+    @staticmethod
+    def residual(y: Tensor, b: Tensor, blocks: _Blocks) -> Tensor:
+        """y − γ_B for a = 1, c = 0 (the projections), from quantities centred on each block: subtracting γ itself
+        cancels when |y| is large (a singleton block of y = 1e20 would give 0 instead of b)."""
+        raise NotImplementedError
+
 
 class Quadratic(IsotonicLoss):
     """R(u) = u²/2: least squares (p = 2)."""
@@ -291,6 +297,11 @@ class Quadratic(IsotonicLoss):
     @staticmethod
     def unconstrained(y, a, b, c):
         return (a * y - b) / (a + c)
+
+    @staticmethod
+    def residual(y, b, blocks):
+        m = blocks.sum(torch.ones_like(y))
+        return (y - blocks.sum(y) / m) + blocks.sum(b) / m
 
 
 class Quartic(IsotonicLoss):
@@ -321,6 +332,12 @@ class Quartic(IsotonicLoss):
     def unconstrained(y, a, b, c):
         return y + _cubic_root(c / a, (b + c * y) / a)
 
+    @staticmethod
+    def residual(y, b, blocks):
+        m = blocks.sum(torch.ones_like(y))
+        e = y - blocks.sum(y) / m
+        return e - _cubic_root(3.0 * blocks.sum(e * e) / m, -(blocks.sum(e * e * e) - blocks.sum(b)) / m)
+
 
 class Entropic(IsotonicLoss):
     """Blondel et al.'s KL dual, Σ_i e^{y_i − v_i} + e^{b_i} v_i (a and c unused): γ = lse_B(y) − lse_B(b)."""
@@ -330,6 +347,10 @@ class Entropic(IsotonicLoss):
     @staticmethod
     def pool(y, a, b, c, blocks):
         return blocks.lse(y) - blocks.lse(b)
+
+    @staticmethod
+    def residual(y, b, blocks):
+        return (y - blocks.lse(y)) + blocks.lse(b)
 
 
 LOSSES: dict[int, type[IsotonicLoss]] = {loss.mode: loss for loss in (Quadratic, Quartic, Entropic)}
@@ -603,17 +624,17 @@ class _ProjectSorted(torch.autograd.Function):
 
     @staticmethod
     def forward(s, w, mode):
-        v, start = _pav(s, None, w, None, mode)
-        u = s - v
-        return (u * u * u if mode == Q4 else u), v, start
+        _, start = _pav(s, None, w, None, mode)
+        u = LOSSES[mode].residual(s, w.expand_as(s), _Blocks(start))  # s − v, without cancellation
+        return (u * u * u if mode == Q4 else u.clone()), u, start  # μ must not be u itself: u is not differentiable
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         s, w, mode = inputs
-        _, v, start = output
-        ctx.mark_non_differentiable(v, start)
+        _, u, start = output
+        ctx.mark_non_differentiable(u, start)
         ctx.mode = mode
-        ctx.save_for_backward(s, w, v, start)
+        ctx.save_for_backward(s, w, u, start)
 
     @staticmethod
     @once_differentiable
@@ -623,14 +644,14 @@ class _ProjectSorted(torch.autograd.Function):
         #   Q2 (h = 1):      ∂L/∂s = g − G_B/|B|,          ∂L/∂w = G_B/|B|
         #   Q4 (h = 3u²):    ∂L/∂s = h (g − G_B/Σ_B h),    ∂L/∂w = G_B/Σ_B h   (0 on blocks with Σ_B h = 0)
         #   KL (h = 1):      ∂L/∂s = g − softmax_B(s) G_B, ∂L/∂w = softmax_B(w) G_B
-        s, w, v, start = ctx.saved_tensors
+        s, w, u, start = ctx.saved_tensors
         blocks = _Blocks(start)
         if ctx.mode == KL:
             gsum, ws = blocks.sum(g), w.expand_as(s)
             gs = g - torch.exp(s - blocks.lse(s)) * gsum
             gw = torch.exp(ws - blocks.lse(ws)) * gsum
         else:
-            h = LOSSES[ctx.mode].curvature(s - v)
+            h = LOSSES[ctx.mode].curvature(u)
             gbar, _, _ = _block_gradient(h * g, h, blocks)
             gs, gw = h * (g - gbar), gbar
         if gw.shape != w.shape:
@@ -930,8 +951,10 @@ def topk_magnitude(
     fn = "topk_magnitude"
     rows = prepare(fn, x, k, dim=dim, temperature=temperature, finite=True)
     mode = _mode_of_p(p, fn)
-    xl, t, n = _rows(rows.x), rows.t.reshape(-1, 1), rows.n
-    w = _topk_weights(rows.k.reshape(-1, 1), n)
+    # in float64: the result is e/t + e with e = |x| − v, and v agrees with |x| to about t·|x|, so float32 would
+    # cancel e away at small t (3 came out as 2.86 at t = 1e-6) and overflow at |x| near its range
+    xl, t, n = _rows(rows.x).double(), rows.t.reshape(-1, 1).double(), rows.n
+    w = _topk_weights(rows.k.reshape(-1, 1).double(), n)
     s, perm = torch.sort(xl.abs(), dim=-1, descending=True)
     c = w * (t if mode == Q2 else t * t * t)  # t^(q−1) w: the isotonic problem scaled by t^(q−1)
     m_sorted = _MagnitudeSorted.apply(s, c, t, mode)[0]
