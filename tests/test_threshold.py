@@ -545,3 +545,17 @@ def test_kth_pair_selection_on_long_rows(ties):
         vals, idx = _kth_pair(x, k)
         assert torch.equal(vals, ref[:, [k - 1, k]]), k
         assert torch.equal(x.gather(-1, idx), vals), k
+
+
+@pytest.mark.parametrize("variant", ["sigmoid", "sparse", "sparse43", "lapsum"])
+@pytest.mark.parametrize("dtype, offset", [(torch.float32, 1e15), (torch.float64, 1e30)])
+def test_ties_at_a_large_offset(variant, dtype, offset):
+    """Issue 14 #4: three tied top scores at a large offset, k = 2: each must get 2/3. x/t resolves τ only to
+    ulp(x/t), so the first solve stalls at Σy = 0 or 3; the re-solve is centred on the score nearest the threshold,
+    with its bracket found anew (it returned all zeros or 1/2 each before)."""
+    x = torch.tensor([[offset, offset, offset, -offset, 0.0]], dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        y = run(x, 2, variant, temperature=0.5)
+    expected = torch.tensor([[2 / 3, 2 / 3, 2 / 3, 0.0, 0.0]], dtype=dtype)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-9)

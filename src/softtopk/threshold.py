@@ -430,10 +430,21 @@ def _solve(family, x, k, t, tol, max_iter):
         far = (tau.abs() > 0.1 * tol / torch.finfo(x.dtype).eps) & ~degenerate
         redo = far | ~ok
         if bool(redo.any()):
-            shift = torch.where(redo, tau, 0.0)
+            # Rows within tol are polished around their own τ (centre τ·t). Rows that stalled short of it restart
+            # centred on the score nearest the threshold, where x − c is exact for the entries that matter, ties
+            # at the threshold included (τ·t itself is known only to ulp(τ)·t), with the bracket found anew in that
+            # frame (the first one, at the coarse resolution of x/t, may have collapsed onto no bracket at all),
+            # starting as the first solve did, with that score at φ⁻¹(k/n).
+            fresh = redo & ~ok
+            nearest = x.gather(-1, (x * rt - tau).abs().nan_to_num(math.inf).argmin(-1, keepdim=True))
+            nearest = torch.where(torch.isfinite(nearest), nearest, 0.0)
+            shift = torch.where(fresh, nearest * rt, torch.where(redo, tau, 0.0))
             centre = shift * t
+            lo_c = torch.where(fresh, (xmin - centre) * rt - zp, lo - shift)
+            hi_c = torch.where(fresh, (xmax - centre) * rt - zp, hi - shift)
+            start = torch.where(fresh, torch.minimum(torch.maximum(-zp, lo_c), hi_c), tau - shift)
             y, tau2, ok, dsum = _newton(
-                family, x, rt, centre, k, n_live, tau - shift, lo - shift, hi - shift, ~redo, tol, max_iter, eager, buf
+                family, x, rt, centre, k, n_live, start, lo_c, hi_c, ~redo, tol, max_iter, eager, buf
             )
             tau = torch.where(redo, tau2, tau)
     if eager and not bool(ok.all()):
