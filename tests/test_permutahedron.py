@@ -724,3 +724,12 @@ def test_projections_do_not_cancel_at_large_scale(backend, monkeypatch):
     r = soft_rank(torch.randn(5, 50, dtype=torch.float64) * 1e18, temperature=1e-3)
     assert bool(((r >= 1) & (r <= 50)).all())
     torch.testing.assert_close(r.sum(-1), torch.full((5,), 50 * 51 / 2, dtype=torch.float64))
+
+
+def test_quartic_pav_torch_path_does_not_overflow(monkeypatch):
+    """Issue 14 #6: the torch PAV's cubic moments overflowed float32 from a spread of ~1e13 (NaN); it pools in
+    float64 now, as the numba kernel does."""
+    monkeypatch.setattr(perm, "pav_backend", lambda device="cpu": "torch")
+    for scale in (1e13, 1e25):
+        y = isotonic(torch.tensor([1.0, -1.0, 3.0, 0.0]) * scale, p=4 / 3)
+        torch.testing.assert_close(y, torch.tensor([1.0, 1.0, 1.0, 0.0]) * scale)

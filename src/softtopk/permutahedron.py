@@ -163,6 +163,10 @@ def _pav(
     with torch.no_grad():
         if backend == "numba":
             return _pav_numba_call(y, a, b, c, mode)
+        if mode == Q4 and y.dtype != torch.float64:  # the cubic moments overflow float32 from a spread of ~1e13
+            wide = [None if t is None else t.double() for t in (a, b, c)]
+            v, start = _pav_torch(y.double(), *wide, mode)
+            return v.to(y.dtype), start
         return _pav_torch(y, a, b, c, mode)
 
 

@@ -330,7 +330,7 @@ def _newton(family, x, rt, centre, k, n_live, tau, lo, hi, done, tol, max_iter, 
             step = resid / dsum
         new = tau + step
         inside = (new > lo) & (new < hi)  # false for NaN/inf too
-        new = torch.where(inside, new, 0.5 * (lo + hi))
+        new = torch.where(inside, new, (0.5 * lo + 0.5 * hi))
         done = done | (new == tau)  # stalled at machine precision (ok tells whether within tol)
         tau = torch.where(done, tau, new)
         if eager and buf is not None and it + 1 < max_iter:
@@ -407,6 +407,10 @@ def _solve(family, x, k, t, tol, max_iter):
     n = x.shape[-1]
     xmin, xmax, n_live, n_pinf = _row_stats(x, eager)
     rt = t.reciprocal()
+    if eager and x.dtype != torch.float64 and not bool(torch.isfinite(torch.maximum(-xmin, xmax) * rt).all()):
+        # |x|/t beyond the dtype's range (float32 scores near 1e38 at t < 1): solved in float64, where it is not
+        y, dsum, tau, centre = _solve(family, x.double(), k.double(), t.double(), tol, max_iter)
+        return y.to(x.dtype), dsum.to(x.dtype), tau.to(x.dtype), centre.to(x.dtype)
     # Rows with nothing left to choose among the finite entries are exact 0/1 masks (τ = ±∞).
     k_fin = k - n_pinf
     none = k_fin <= 0
@@ -414,9 +418,11 @@ def _solve(family, x, k, t, tol, max_iter):
     degenerate = none | full
     p_max = 1.0 - 1e-16 if x.dtype == torch.float64 else 1.0 - 1e-7
     zp = family.phi_inv((k_fin / (n_live - n_pinf)).clamp(1e-30, p_max))
-    lo = torch.where(degenerate, 0.0, xmin * rt - zp)  # S(lo) >= k, in units of t
-    hi = torch.where(degenerate, 0.0, xmax * rt - zp)  # S(hi) <= k
-    tau = 0.5 * (lo + hi)
+    # S(lo) >= k and S(hi) <= k, in units of t; finite even where |x|/t overflows (τ = (lo + hi)/2 must not be NaN)
+    big = torch.finfo(x.dtype).max
+    lo = torch.where(degenerate, 0.0, (xmin * rt - zp).clamp(min=-big))
+    hi = torch.where(degenerate, 0.0, (xmax * rt - zp).clamp(max=big))
+    tau = 0.5 * lo + 0.5 * hi
     if n > 4 * _SUBSAMPLE:
         tau = _warm_start(family, x, rt, k, lo, hi, tau, degenerate, eager)
     tol = tol * k.clamp(min=1.0)
@@ -438,10 +444,10 @@ def _solve(family, x, k, t, tol, max_iter):
             fresh = redo & ~ok
             nearest = x.gather(-1, (x * rt - tau).abs().nan_to_num(math.inf).argmin(-1, keepdim=True))
             nearest = torch.where(torch.isfinite(nearest), nearest, 0.0)
-            shift = torch.where(fresh, nearest * rt, torch.where(redo, tau, 0.0))
-            centre = shift * t
-            lo_c = torch.where(fresh, (xmin - centre) * rt - zp, lo - shift)
-            hi_c = torch.where(fresh, (xmax - centre) * rt - zp, hi - shift)
+            shift = torch.where(redo & ~fresh, tau, 0.0)  # the polished rows' τ, in units of t
+            centre = torch.where(fresh, nearest, shift * t)  # not nearest/t·t: |x|/t may overflow
+            lo_c = torch.where(fresh, ((xmin - centre) * rt - zp).clamp(min=-big), lo - shift)
+            hi_c = torch.where(fresh, ((xmax - centre) * rt - zp).clamp(max=big), hi - shift)
             start = torch.where(fresh, torch.minimum(torch.maximum(-zp, lo_c), hi_c), tau - shift)
             y, tau2, ok, dsum = _newton(
                 family, x, rt, centre, k, n_live, start, lo_c, hi_c, ~redo, tol, max_iter, eager, buf
