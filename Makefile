@@ -43,6 +43,7 @@ wheel-check: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples docs .ci
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) build site *.egg-info src/*.egg-info .pytest_cache .hypothesis

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ DEFAULT_TEMPERATURE = 1.0
 #: Solver defaults, the one table: tolerance (float64, other dtypes) and iteration cap of each iterative solver.
 #: threshold: Newton on sum(y) = k, |sum(y) - k| <= tol. sinkhorn: max_i |n (P1)_i - 1| <= tol. dykstra: largest
 #: step and violation <= tol (1 + range of y).
-SOLVERS = {
+SOLVERS: dict[str, dict[str, Any]] = {
     "threshold": {"tol": (1e-9, 1e-5), "max_iter": 50},
     "sinkhorn": {"tol": (1e-10, 1e-5), "max_iter": 1000},
     "dykstra": {"tol": (1e-10, 1e-6), "max_iter": 1000},
@@ -69,7 +69,7 @@ def check_input(x: object, name: str = "x", *, fn: str = "topk_mask", data: bool
     return False
 
 
-def check_finite(x: object, name: str = "x", *, fn: str, data: bool = True) -> None:
+def check_finite(x: Any, name: str = "x", *, fn: str, data: bool = True) -> None:
     """:func:`check_input`, and (``data``, eager) no ±inf either: for operators without a meaning for padding."""
     finite = check_input(x, name, fn=fn, data=data)
     if data and not finite and can_read_data(x) and not bool(torch.isfinite(x).all()):
@@ -132,7 +132,7 @@ def row_param(
     return torch.full((), float(value), dtype=dtype, device=x.device).expand(batch + (1,))
 
 
-def check_temperature(t: Union[Number, Tensor], *, fn: str = "topk_mask", name: str = "temperature") -> None:
+def check_temperature(t: Any, *, fn: str = "topk_mask", name: str = "temperature") -> None:
     if isinstance(t, bool) or not isinstance(t, (numbers.Real, Tensor)):
         raise TypeError(f"{fn}: `{name}` must be a positive number or a tensor, got {type(t).__name__}")
     if isinstance(t, Tensor):
@@ -140,7 +140,7 @@ def check_temperature(t: Union[Number, Tensor], *, fn: str = "topk_mask", name: 
             raise TypeError(f"{fn}: `{name}` must be a floating tensor, got {t.dtype}")
         if can_read_data(t) and t.numel() and not bool(((t > 0) & torch.isfinite(t)).all()):
             raise ValueError(f"{fn}: `{name}` must be positive and finite")
-    elif not (t > 0 and t < float("inf")):
+    elif not 0 < float(t) < math.inf:
         raise ValueError(f"{fn}: `{name}` must be positive and finite, got {t}")
 
 
@@ -177,11 +177,13 @@ def check_infinities(xl: Tensor, k: KArg, *, fn: str = "topk_mask") -> None:
         raise ValueError(f"{fn}: `x` has a row with more than k entries equal to +inf")
 
 
-def solver_options(solver: str, dtype: torch.dtype, tol=None, max_iter=None, *, fn: str) -> tuple[float, int]:
+def solver_options(
+    solver: str, dtype: torch.dtype, tol: Any = None, max_iter: Any = None, *, fn: str
+) -> tuple[float, int]:
     """``(tol, max_iter)`` of ``solver`` for a computation in ``dtype``: validated, None filled from :data:`SOLVERS`."""
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0):
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not float(tol) > 0):
         raise ValueError(f"{fn}: `tol` must be a positive number, got {tol!r}")
-    bad_iter = isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1
+    bad_iter = isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1  # type: ignore[operator]
     if max_iter is not None and bad_iter:
         raise ValueError(f"{fn}: `max_iter` must be a positive int, got {max_iter!r}")
     table = SOLVERS[solver]
@@ -241,8 +243,8 @@ class Rows:
 
     x: Tensor
     signed: Tensor
-    k: Union[int, Tensor, None]
-    t: Union[Tensor, None]
+    k: Any  # None, an int or a (..., 1) tensor, as the call's k_kind says (typed loosely: the kind is dynamic)
+    t: Any  # a (..., 1) tensor, or None for a call without a temperature
     largest: bool
     dim: int
     dtype: torch.dtype
@@ -258,15 +260,15 @@ class Rows:
 
 def prepare(
     fn: str,
-    x: object,
-    k: object = None,
+    x: Any,
+    k: Any = None,
     *,
-    dim: object = -1,
-    temperature: object = None,
-    largest: object = True,
+    dim: Any = -1,
+    temperature: Any = None,
+    largest: Any = True,
     k_kind: str | None = "float",
     uses_temperature: bool = True,
-    scale: object = None,
+    scale: Any = None,
     finite: bool = False,
     method: str | None = None,
 ) -> Rows:
@@ -297,14 +299,15 @@ def prepare(
         check_temperature(temperature, fn=fn)
     cdtype = compute_dtype(x)
     xl = move_last(x, d).to(cdtype)
+    kt: Any = None
     if k_kind is None:
-        kt = None
+        pass
     elif isinstance(k, Tensor):
         kt = row_param(k, x, d, name="k", fn=fn, dtype=cdtype if k_kind == "float" else torch.long)
     else:
         kt = row_param(k, x, d, name="k", fn=fn, dtype=cdtype) if k_kind == "float" else int(k)
     signed = xl if largest else -xl
-    if k_kind is not None and not is_finite and not finite and x.numel():
+    if kt is not None and not is_finite and not finite and x.numel():
         check_infinities(signed, kt, fn=fn)
     t = None
     if uses_temperature:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 from torch import Tensor
@@ -305,13 +305,14 @@ def run_mask(spec: Method, rows: Rows, options: Mapping[str, object], *, straigh
     return y
 
 
-def check_support(bound: object, k: object, *, fn: str) -> int:
+def check_support(bound: Any, k: Any, *, fn: str) -> int:
     """``max_support``: an int above k, or at least a real k (checked against a tensor k's largest value when it can
     be read): with max_support = k every weight would be exactly 1 and the gradient zero."""
     if isinstance(bound, bool) or not isinstance(bound, numbers.Integral):
         raise TypeError(f"{fn}: `max_support` must be an int, got {type(bound).__name__}")
     if isinstance(k, Tensor):
         k = float(k.detach().max()) if k.numel() and can_read_data(k) else 0.0
+    bound, k = int(bound), float(k)
     if bound == k and bound > 0:
         raise ValueError(
             f"{fn}: `max_support`={bound} equals k: the mask would be the hard top-k (every weight exactly 1, zero "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ TOP1_MODES = ("softmax", "cross_entropy", "sort")
 # ----------------------------------------------------------------------------------------------------------------
 # validation and reduction shared by the losses
 # ----------------------------------------------------------------------------------------------------------------
-def _check_logits(x: object, fn: str, name: str = "logits") -> None:
+def _check_logits(x: Any, fn: str, name: str = "logits") -> None:
     """A finite floating tensor of shape (batch, classes) with at least one class."""
     check_input(x, name, fn=fn)  # Tensor, floating dtype
     if x.dim() != 2:
@@ -95,10 +95,10 @@ def _check_reduction(reduction: object, fn: str) -> None:
         raise ValueError(f"{fn}: unknown `reduction`={reduction!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
 
 
-def _check_int(value: object, name: str, lo: int, hi: int, fn: str) -> int:
+def _check_int(value: Any, name: str, lo: int, hi: float, fn: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{fn}: `{name}` must be an int, got {type(value).__name__}")
-    if not lo <= value <= hi:
+    if not lo <= int(value) <= hi:
         raise ValueError(f"{fn}: `{name}`={value} is out of range [{lo}, {hi}]")
     return int(value)
 
@@ -113,7 +113,7 @@ def _check_real(value: object, name: str, fn: str, *, positive: bool = False) ->
     return value
 
 
-def _check_temperature_scale(temperature: object, scale: object, fn: str) -> None:
+def _check_temperature_scale(temperature: Any, scale: Any, fn: str) -> None:
     """The loss's own check of the mask arguments, so that its errors name the loss."""
     if temperature is not None:
         check_temperature(temperature, fn=fn)
@@ -356,6 +356,7 @@ def _sorted_part(x: Tensor, t: Tensor, p: tuple[float, ...], top1: str, method: 
 def _mixture_loss(x: Tensor, t: Tensor, p1: float, rest: Tensor | None, top1: str) -> Tensor:
     """−log of the mixture of the top-1 term (per ``top1``) and the sorted part ``rest``."""
     if top1 == "sort":
+        assert rest is not None  # every rank has a weight in "sort" mode (p_k sums to 1)
         return -_safe_log(rest)
     log_sm = F.log_softmax(x, dim=1).gather(1, t.unsqueeze(1)).squeeze(1)
     if top1 == "softmax":
@@ -364,7 +365,7 @@ def _mixture_loss(x: Tensor, t: Tensor, p1: float, rest: Tensor | None, top1: st
         if p1 == 0.0:
             return -_safe_log(rest)
         return -torch.logaddexp(math.log(p1) + log_sm, _safe_log(rest))
-    loss = -p1 * log_sm if p1 > 0 else 0.0  # "cross_entropy"
+    loss = -p1 * log_sm if p1 > 0 else torch.zeros_like(log_sm)  # "cross_entropy"
     return loss if rest is None else loss - (1.0 - p1) * _safe_log(rest / (1.0 - p1))
 
 
@@ -441,7 +442,7 @@ class _NoisedKthLargest(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x: Tensor, noise: Tensor, j: int) -> Tensor:
+    def forward(x: Tensor, noise: Tensor, j: int) -> tuple[Tensor, Tensor]:
         vals, idx = torch.kthvalue(-(x.unsqueeze(-1) + noise), j, dim=1)  # j-th smallest of −(x + σZ)
         return -vals.mean(-1), idx
 
@@ -581,9 +582,8 @@ def smooth_topk_hinge_loss(
         kth, _ = _NoisedKthLargest.apply(x, z.mul_(sigma), k + 1)
     else:
         kth = x.topk(k + 1, dim=1).values[:, -1]
-    if balanced:
-        m_y = margin
-    else:
+    m_y: Union[float, Tensor] = margin
+    if not balanced:
         m_y = _class_margins(class_counts, n, margin, fn, x.device, cdtype)[t]
     loss = scale * F.relu(m_y + kth - x.gather(1, t.unsqueeze(1)).squeeze(1))
     return _reduce(loss, reduction, logits.dtype)

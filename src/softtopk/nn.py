@@ -57,7 +57,12 @@ class SoftTopK(nn.Module):
         uses_temperature(spec, options, temperature, fn=fn)  # a method's alias and temperature together raise
         if options.get("max_support") is not None:
             check_support(options["max_support"], k, fn=fn)
-        check_k(k, math.inf, integer=not spec.float_k or straight_through, fn=fn)
+        check_k(
+            k,
+            math.inf,  # type: ignore[arg-type]
+            integer=not spec.float_k or straight_through,
+            fn=fn,
+        )
         if temperature is not None:
             check_temperature(temperature, fn=fn)
         for name, flag in zip(_FLAGS, (largest, straight_through, hard_in_eval)):
@@ -71,9 +76,15 @@ class SoftTopK(nn.Module):
         if spec.factor is None:
             why = f"method={method!r}"
             reject_unused(fn, why, temperature=temperature, scale=scale, straight_through=straight_through)
-        self.k, self.method, self.temperature, self.dim, self.largest = k, method, temperature, dim, largest
-        self.scale, self.straight_through, self.hard_in_eval = scale, straight_through, hard_in_eval
-        self.options = options
+        self.k: Union[int, float, Tensor] = k
+        self.method: str = method
+        self.temperature: Union[float, Tensor, None] = temperature
+        self.dim: int = int(dim)
+        self.largest: bool = largest
+        self.scale: Union[str, None] = scale
+        self.straight_through: bool = straight_through
+        self.hard_in_eval: bool = hard_in_eval
+        self.options: dict = options
 
     def forward(self, x: Tensor) -> Tensor:
         if self.hard_in_eval and not self.training:

@@ -165,7 +165,7 @@ def _pav(
             return _pav_numba_call(y, a, b, c, mode)
         if mode == Q4 and y.dtype != torch.float64:  # the cubic moments overflow float32 from a spread of ~1e13
             wide = [None if t is None else t.double() for t in (a, b, c)]
-            v, start = _pav_torch(y.double(), *wide, mode)
+            v, start = _pav_torch(y.double(), wide[0], wide[1], wide[2], mode)
             return v.to(y.dtype), start
         return _pav_torch(y, a, b, c, mode)
 

@@ -118,7 +118,7 @@ def _network(network: str, n: int, device: torch.device, dtype: torch.dtype) -> 
     """The wires N and the layers of ``network`` on n scores (static: independent of the values)."""
     if network not in NETWORKS:
         raise ValueError(f"unknown sorting network {network!r}; choose one of {', '.join(map(repr, NETWORKS))}")
-    specs = []  # (offset, count, dist, larger-to-first mask (count,) or None)
+    specs: list[tuple[int, int, int, Tensor | None]] = []  # (offset, count, dist, larger-to-first mask or None)
     if network == "odd_even":
         wires = n
         specs = [(layer % 2, (n - layer % 2) // 2, 1, None) for layer in range(n)]
@@ -135,19 +135,19 @@ def _network(network: str, n: int, device: torch.device, dtype: torch.dtype) -> 
             s *= 2
     real = torch.arange(wires) < n  # wires holding scores (the others hold sentinels)
     layers, start = [], 0
-    for offset, count, dist, first in specs:
+    for offset, count, dist, larger_first in specs:
         if count == 0:
             continue
         idx = torch.arange(offset, offset + 2 * count * dist).view(count, 2, dist)
         rp, rq = real[idx[:, 0]], real[idx[:, 1]]
         soft = hard = None
         if not bool((rp & rq).all()):
-            up = torch.ones(count, 1, dtype=torch.bool) if first is None else first.view(count, 1)
+            up = torch.ones(count, 1, dtype=torch.bool) if larger_first is None else larger_first.view(count, 1)
             swap = torch.where(up, ~rp & rq, rp & ~rq)  # the sentinel sits on the larger side: swap
             real[idx[:, 0]], real[idx[:, 1]] = torch.where(swap, rq, rp), torch.where(swap, rp, rq)
             soft = (rp & rq).to(device)
             hard = swap.to(device=device, dtype=dtype)
-        sign = None if first is None else (first.to(dtype) * 2 - 1).view(count, 1).to(device)
+        sign = None if larger_first is None else (larger_first.to(dtype) * 2 - 1).view(count, 1).to(device)
         layers.append(_Layer(offset, count, dist, start, sign, soft, hard))
         start += count * dist
     return wires, tuple(layers)
@@ -175,7 +175,7 @@ def _z(layer: _Layer, d: Tensor, t: Tensor) -> Tensor:
 def _alpha(layer: _Layer, d: Tensor, t: Tensor, relaxation: str) -> Tensor:
     """The swap probabilities (R, count, dist) of a layer from its input differences d = b − a."""
     a = _swap_prob(_z(layer, d, t), relaxation)
-    return a if layer.soft is None else torch.where(layer.soft, a, layer.hard)
+    return a if layer.soft is None else torch.where(layer.soft, a, layer.hard)  # type: ignore[arg-type]
 
 
 def _mix(layer: _Layer, rows: Tensor, a: Tensor, count: int | None = None) -> Tensor:

@@ -122,7 +122,9 @@ class Sigmoid(Family):
     def dphi_(y, out):
         return torch.addcmul(y, y, y, value=-1.0, out=out)
 
-    phi_inv = staticmethod(torch.logit)
+    @staticmethod
+    def phi_inv(p):
+        return torch.logit(p)
 
 
 class Laplace(Family):
