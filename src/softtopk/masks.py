@@ -199,7 +199,7 @@ def topk(
     """
     fn = "topk"
     spec, rows = _prepare_mask(fn, x, k, dim, method, temperature, largest, scale, straight_through, options)
-    width = _width(width, rows, fn)
+    width = _width(width, k, rows, fn)
     values, indices = torch.topk(x, width, dim=rows.dim, largest=largest, sorted=sorted)
     y = run_mask(spec, rows, options, straight_through=straight_through, fn=fn) if x.numel() else rows.x
     idx = indices if rows.dim == x.dim() - 1 else indices.movedim(rows.dim, -1)
@@ -209,12 +209,12 @@ def topk(
     return result
 
 
-def _width(width: object, rows: Rows, fn: str) -> int:
+def _width(width: object, k: object, rows: Rows, fn: str) -> int:
+    """The number of entries :func:`topk` returns: ``width``, or ⌈k⌉ (⌈max k⌉ for a per-row tensor k)."""
     if width is None:
-        k = rows.k
-        if isinstance(k, Tensor):
+        if isinstance(k, Tensor):  # the caller's tensor (the prepared one of a number k may have no rows)
             k = float(k.detach().max()) if k.numel() else 0.0
-        return min(math.ceil(k), rows.n)
+        return min(math.ceil(float(k)), rows.n)  # type: ignore[arg-type]
     if isinstance(width, bool) or not isinstance(width, int):
         raise TypeError(f"{fn}: `width` must be an int, got {type(width).__name__}")
     if not 0 <= width <= rows.n:
