@@ -468,6 +468,21 @@ def test_vmap(op):
     assert_same(tuple(fn(x)), ref)
 
 
+@pytest.mark.parametrize("op", cases("test_jacrev"))
+def test_jacrev(op):
+    """torch.func.jacrev (reverse mode through vmap) equals the Jacobian built row by row by autograd."""
+    need(op.grad, "hard or stochastic: no gradient to check")
+    need(op.vmap == "yes", "vmap is documented unsupported")
+    x = spaced((2, 5))
+
+    def first(r):
+        return soft_part(op, op.call(r, -1, 2))[0]
+
+    jac = torch.func.jacrev(first)(x)
+    ref = torch.autograd.functional.jacobian(first, x)
+    torch.testing.assert_close(jac, ref)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # hostile values
 # ---------------------------------------------------------------------------------------------------------------
@@ -559,3 +574,23 @@ def test_fuzz_topk(problem):
     if method in NORMALISED_METHODS:
         total = r.weights.sum(-1) + r.outside.reshape(-1)
         torch.testing.assert_close(total, torch.full(x.shape[:1], float(k), dtype=x.dtype), atol=1e-6, rtol=0)
+
+
+@st.composite
+def _operator_inputs(draw):
+    op = draw(st.sampled_from(OPERATORS))
+    batch, n = draw(st.integers(0, 3)), draw(st.integers(3, 8))
+    values = draw(st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=batch * n, max_size=batch * n))
+    return op, torch.tensor(values, dtype=torch.float64).reshape(batch, n)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_operator_inputs())
+def test_fuzz_every_operator(problem):
+    """Every operator on random shapes (0 to 3 rows) and values (ties included): finite results, masks in [0, 1]."""
+    op, x = problem
+    out = op.call(x, -1, 2)
+    for t in float_tensors(out):
+        assert torch.isfinite(t).all(), (op.name, t)
+    for m in masks(op, out):
+        assert m.numel() == 0 or (float(m.min()) >= 0 and float(m.max()) <= 1 + 1e-12), (op.name, m)
