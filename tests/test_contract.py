@@ -452,6 +452,38 @@ def test_compile(op):
     assert_same(tuple(compiled(x)), tensors(op.call(x, -1, 2)))
 
 
+#: operators that do not trace into one graph, and why (docs/contract.md): under torch.compile they run with graph
+#: breaks, which test_compile covers
+NOT_FULLGRAPH = {
+    "topk_mask[perturbed]": "draws noise from a torch.Generator (an opaque object)",
+    "gumbel_topk": "draws noise from a torch.Generator (an opaque object)",
+    "losses.smooth_topk_hinge_loss": "draws noise from a torch.Generator (an opaque object)",
+    "losses.SmoothTopKHingeLoss": "draws noise from a torch.Generator (an opaque object)",
+    "topk_permutation[odd_even]": "the sorting networks' layers are built per size with data-dependent guards",
+    "topk_permutation[bitonic]": "the sorting networks' layers are built per size with data-dependent guards",
+    "topk_distribution[bitonic]": "the sorting networks' layers are built per size with data-dependent guards",
+    "losses.topk_cross_entropy": "its default P_K weights are checked in Python (data-dependent)",
+    "losses.TopKCrossEntropyLoss": "runs a sorting network (data-dependent guards)",
+    **{
+        name: "the PAV kernel reads the data: a graph break by design"
+        for name in ("soft_sort", "soft_rank", "isotonic", "permutahedron_projection", "permutahedron_topk")
+    },
+    "topk_magnitude": "the PAV kernel reads the data: a graph break by design",
+}
+
+
+@pytest.mark.parametrize("op", cases("test_compile_fullgraph"))
+def test_compile_fullgraph(op):
+    """Where the operator allows it, torch.compile traces it into one graph (fullgraph=True) with the same values."""
+    need(op.name not in NOT_FULLGRAPH, NOT_FULLGRAPH.get(op.name, ""))
+    x = scores((3, 7))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: tensors(op.call(x, -1, 2)), backend="eager", fullgraph=True)
+    # traced, the iterative solvers run their whole iteration budget (no data-dependent early exit): rounding-close
+    for u, v in zip(compiled(x), tensors(op.call(x, -1, 2))):
+        torch.testing.assert_close(u, v, rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("op", cases("test_vmap"))
 def test_vmap(op):
     x = scores((4, 3, 7))
