@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Union
 
+import torch
 from torch import Tensor
 
-from ._prepare import prepare
+from ._prepare import is_transformed, prepare
 from ._registry import internal_temperature, lookup, parse, uses_temperature
 
 __all__ = ["topk_distribution", "topk_permutation"]
@@ -106,6 +107,12 @@ def topk_permutation(
 
 
 def _permutation(fn, x, k, dim, method, temperature, largest, options) -> Tensor:
+    if isinstance(x, Tensor) and not torch.compiler.is_compiling() and is_transformed(x):
+        raise NotImplementedError(
+            f"{fn}: torch.func transforms (vmap, jacrev, ...) are not supported: the Sinkhorn plan and the sorting "
+            f"networks have no batching rule. Every operator takes any batch shape: pass the vmapped dimension as a "
+            f"batch dimension"
+        )
     spec = lookup("permutation", method, options, fn=fn)
     rows = prepare(
         fn,
