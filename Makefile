@@ -21,10 +21,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
-	$(PY) -m benchmarks --quick
+	$(PY) -m softtopk.bench --quick
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.core
+	$(PY) -m softtopk.bench --write README.md docs/benchmarks.md
 
 # the documentation site, built strictly: a broken reference or an undocumented parameter fails
 docs: $(STAMP)
@@ -33,16 +33,18 @@ docs: $(STAMP)
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
-# the release check: a wheel, installed into a fresh venv, runs the README quickstart from outside the checkout
+# the release check: a wheel, installed into a fresh venv, runs the README quickstart and the benchmark CLI from
+# outside the checkout
 wheel-check: $(STAMP)
 	rm -rf build/wheel-venv dist
 	$(PY) -m pip wheel --quiet --no-deps -w dist .
 	$(PYTHON) -m venv build/wheel-venv
 	build/wheel-venv/bin/python -m pip install --quiet torch==2.13.0 dist/softtopk-*.whl
 	cd build && wheel-venv/bin/python ../.ci/quickstart.py ../README.md
+	cd build && wheel-venv/bin/softtopk-bench --quick --tag core --only hard --no-files > /dev/null
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks examples docs .ci
+	$(PY) -m ruff check src tests examples docs .ci
 	$(PY) -m mypy
 
 clean:

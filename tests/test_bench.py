@@ -1,164 +1,184 @@
-"""softtopk-bench (benchmarks/suite.py): the CLI end to end in a tiny configuration, the exponent fit, the peer-skip
-notice, the README markers, the in-house peers against softtopk's own masks, and the benchmarks' internal
-temperatures against softtopk's width convention (benchmarks/_temperature.py)."""
+"""softtopk-bench (src/softtopk/bench): the CLI end to end in a tiny configuration, the sections written from one
+run's JSON (and rewritten identically from it), the case registry, the caps, the warm-up, the exponent fit, the
+peer-skip notice, and the in-house peers against softtopk's own operators."""
 
 import json
 import math
 import sys
+import time
 
 import pytest
 import torch
-from benchmarks import suite
-from benchmarks._temperature import mask_kwargs, threshold_temperature
-from benchmarks.peers import sigmoid_bisect_mask, sinkhorn_unrolled_mask
 
 import softtopk
+from softtopk.bench import main
+from softtopk.bench.cases import APP_SHAPES, BASELINE, TAGS, Case, Shape, _tags, softtopk_cases
+from softtopk.bench.peers import sigmoid_bisect_mask, unrolled_sinkhorn
+from softtopk.bench.run import SCHEMA, Config, _History, fit_exponent, plan, run_shape, select_cases
 
-TINY = ["--sizes", "100", "200", "--no-fixed-k", "--no-large", "--budget", "0.02", "--min-rounds", "2"]
-TINY += ["--max-rounds", "2", "--temperatures", "0.1", "--quality-n", "40", "--quality-rows", "2"]
-TINY += ["--ref-samples", "200", "--no-progress"]
+FAST = ["--budget", "0.01", "--no-progress"]
+PAGE = """intro
+<!-- bench:summary -->
+old summary
+<!-- /bench:summary -->
+middle
+<!-- bench:core -->
+old core
+<!-- /bench:core -->
+<!-- bench:operators -->
+untouched
+<!-- /bench:operators -->
+outro
+"""
 
 
-def test_cli_tiny_writes_everything(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- SUITE:START -->\nold\n<!-- SUITE:END -->\noutro\n")
+def _tiny(tmp_path, *extra):
+    page = tmp_path / "README.md"
+    page.write_text(PAGE)
     out = tmp_path / "bench"
-    argv = TINY + ["--only", "hard", "sigmoid", "sigmoid-bisect", "--out", str(out), "--readme", str(readme)]
-    assert suite.main(argv) == 0
+    argv = ["--quick", "--tag", "core", "apps", "quality", "--only", "softmax", "sigmoid", "dftopk"]
+    assert main(argv + FAST + ["--out", str(out), "--write", str(page), *extra]) == 0
+    return page, out
+
+
+def test_cli_tiny_writes_json_plots_and_sections(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    page, out = _tiny(tmp_path)
     printed = capsys.readouterr().out
-    assert "| sigmoid | softtopk |" in printed and "| sigmoid-bisect | in-house |" in printed
-    for name in (
-        "suite.json",
-        "speed.csv",
-        "quality.csv",
-        "summary.md",
-        "speed.png",
-        "memory.png",
-        "scaling.png",
-        "quality.png",
-        "masks.png",
-    ):
-        assert (out / name).stat().st_size > 0, name
-    doc = json.loads((out / "suite.json").read_text())
-    assert {r["n"] for r in doc["speed"]} == {100, 200}
-    topk = [r for r in doc["speed"] if r["case"] == "torch.topk"]
-    assert all(r["ratio"] == 1.0 and r["rounds"] == 2 for r in topk)
-    assert all(r["bytes_per_element"] is not None for r in doc["speed"])
-    hard = next(q for q in doc["quality"] if q["case"] == "hard")
-    assert hard["dist"] == 0.0 and hard["exact"] == 1.0 and hard["cos"] is None
-    text = readme.read_text()
-    assert text.startswith("intro\n<!-- SUITE:START -->\n") and text.endswith("<!-- SUITE:END -->\noutro\n")
-    assert "old" not in text and "bench/speed.png" in text and "| sigmoid | softtopk |" in text
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema"] == SCHEMA and doc["machine"]["cpu"] and doc["machine"]["cores"] >= 1
+    assert {"softtopk", "torch", "python"} <= set(doc["versions"])
+    cases = {r["case"] for r in doc["speed"]}
+    assert cases == {BASELINE, "softmax", "sigmoid", "dftopk"}
+    assert {r["use"] for r in doc["speed"] if r["use"]} == {s.use for s in APP_SHAPES}
+    assert all(r["ratio"] == 1.0 for r in doc["speed"] if r["case"] == BASELINE)
+    assert all(r["first_call_ms"] > 0 and r["rounds"] >= 2 for r in doc["speed"])
+    assert {q["case"] for q in doc["quality"]["rows"]} == {"sigmoid", "dftopk"}
+    for name in ("speed.png", "apps.png", "quality.png"):
+        assert (out / name).stat().st_size > 0
+    text = page.read_text()
+    assert text.startswith("intro\n<!-- bench:summary -->\n")
+    assert text.endswith("untouched\n<!-- /bench:operators -->\noutro\n")
+    assert "old summary" not in text and "old core" not in text and "| 4096 × 8, k=2 | MoE router" in text
+    assert "](bench/speed.png)" in text and "| sigmoid | softtopk |" in text
+    assert "section operators left as it was" in printed
 
 
-def test_subcommand_alone(tmp_path, capsys):
-    assert suite.main(TINY + ["quality", "--only", "sigmoid", "--no-files"]) == 0
-    printed = capsys.readouterr().out
-    assert "**Quality**" in printed and "**Speed**" not in printed
+def test_from_json_rewrites_the_same_sections(tmp_path):
+    pytest.importorskip("matplotlib")
+    page, out = _tiny(tmp_path)
+    first = page.read_text()
+    page.write_text(PAGE)
+    assert main(["--from-json", str(out / "results.json"), "--write", str(page)]) == 0
+    assert page.read_text() == first
 
 
-def test_readme_without_markers_fails_before_running(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("no markers here\n")
-    with pytest.raises(SystemExit, match="SUITE:START"):
-        suite.main(["--readme", str(readme)])
-
-
-def test_unknown_subcommand_and_device():
+def test_write_checks_the_file_before_running(tmp_path):
+    page = tmp_path / "README.md"
+    page.write_text("no sections here\n")
     with pytest.raises(SystemExit):
-        suite.main(["speeed"])
+        main(["--write", str(page)])
+    page.write_text("<!-- bench:nonsense -->\nx\n<!-- /bench:nonsense -->\n")
+    with pytest.raises(SystemExit, match="unknown section"):
+        main(["--quick", "--tag", "core", "--only", "hard", "--no-files", "--write", str(page)] + FAST)
+
+
+def test_bad_arguments_exit():
+    with pytest.raises(SystemExit):
+        main(["--tag", "speeed"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
-            suite.main(["--device", "cuda"])
+            main(["--device", "cuda"])
 
 
 def test_peer_skip_notice(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "entmax", None)  # `import entmax` now raises ImportError
-    assert suite.main(TINY + ["speed", "--only", "entmax", "sigmoid", "--no-files"]) == 0
+    assert main(["--quick", "--tag", "peers", "--only", "entmax", "sigmoid", "--no-files"] + FAST) == 0
     printed = capsys.readouterr().out
     notices = [line for line in printed.splitlines() if line.startswith("# peer entmax skipped:")]
     assert len(notices) == 1 and "pip install" in notices[0]
-    assert "entmax.sparsemax |" not in printed and "| sigmoid | softtopk |" in printed
+    assert "| entmax.sparsemax |" not in printed and "| sigmoid | softtopk |" in printed
+
+
+def test_every_case_is_tagged_and_named_once():
+    cases = softtopk_cases()
+    names = [c.name for c in cases]
+    assert len(names) == len(set(names))
+    assert all(c.tags and c.tags <= set(TAGS) for c in cases)
+    for tag in TAGS:
+        assert any(tag in c.tags for c in cases), tag
+
+
+def test_plan_measures_each_case_once_per_shape():
+    cfg = Config(tags=("core", "peers", "apps"))
+    shapes = plan(cfg, select_cases(cfg, []))
+    grid = Shape(32, 1000, 10)
+    names = [c.name for c in shapes[grid]]
+    assert len(names) == len(set(names)) and {"sigmoid", "torch.topk", "sigmoid-bisect"} <= set(names)
+    assert all(BASELINE in [c.name for c in at] for at in shapes.values())
+    sizes = [s.rows * s.n for s in shapes]
+    assert sizes == sorted(sizes) and set(APP_SHAPES) <= set(shapes)
+
+
+@pytest.mark.parametrize("case", softtopk_cases(), ids=lambda c: c.name)
+def test_every_case_runs(case):
+    cfg = Config(budget_s=0.0, min_rounds=1, max_rounds=1)
+    shape = Shape(3, 40, 4)
+    base = next(c for c in softtopk_cases() if c.name == BASELINE)
+    records = run_shape(shape, [base] if case.name == BASELINE else [base, case], cfg, _History())
+    rec = records[-1]
+    assert rec["case"] == case.name and rec["skipped"] is None and rec["note"] == "", rec
+    assert rec["median_ms"] > 0 and rec["bytes_per_element"] is not None
+
+
+def test_first_call_is_a_warm_up_not_timed():
+    calls = []
+
+    def slow_first(x, k):
+        if not calls:
+            time.sleep(0.3)  # a JIT compile
+        calls.append(1)
+        return x * 2
+
+    cfg = Config(budget_s=0.0, min_rounds=3, max_rounds=3)
+    base = next(c for c in softtopk_cases() if c.name == BASELINE)
+    case = Case("jit", "in-house", _tags("core"), call=slow_first)
+    rec = run_shape(Shape(2, 16, 2), [base, case], cfg, _History())[-1]
+    assert rec["first_call_ms"] >= 300 and rec["median_ms"] < 100 and rec["rounds"] == 3
+
+
+def test_caps_stop_a_case_before_it_runs():
+    hist, cfg = _History(), Config(max_call_s=1.0, max_mem_gb=1.0)
+    case = Case("quadratic", "in-house", _tags("core"), call=lambda x, k: x, order=2.0)
+    hist.last["quadratic"] = (32 * 1000, 0.05, 1000)
+    assert hist.refuse(case, Shape(32, 1000, 10), cfg) is None
+    assert "s cap" in hist.refuse(case, Shape(32, 10_000, 100), cfg)
+    hist.last["quadratic"] = (32 * 1000, 1e-4, 2**28)
+    assert "GiB cap" in hist.refuse(case, Shape(32, 10_000, 100), cfg)
 
 
 def test_fit_exponent():
-    # points are (n, milliseconds)
     lin = [(n, 3e-3 * n) for n in (10**2, 10**3, 10**4, 10**5, 10**6)]
-    fit = suite.fit_exponent(lin)
-    assert fit["exponent"] == pytest.approx(1.0) and (fit["n_min"], fit["n_max"]) == (10**4, 10**6)
-    quad = [(n, 1e-6 * n**2) for n in (10**2, 10**3, 10**4)]
-    assert suite.fit_exponent(quad)["exponent"] == pytest.approx(2.0)
+    slope, lo, hi = fit_exponent(lin)
+    assert slope == pytest.approx(1.0) and (lo, hi) == (10**4, 10**6)
+    assert fit_exponent([(n, 1e-6 * n**2) for n in (10**2, 10**3, 10**4)])[0] == pytest.approx(2.0)
     # a fixed 1 ms per-call overhead flattens the small sizes: only those taking >= 10 ms are fitted
     overhead = [(n, 1.0 + 1e-5 * n) for n in (10**2, 10**3, 10**4, 10**5, 10**6, 10**7)]
-    fit = suite.fit_exponent(overhead)
-    assert fit["n_min"] == 10**6 and fit["overhead_free"] and 0.9 < fit["exponent"] < 1.0
-    assert suite.fit_exponent(overhead, last=6, min_ms=0.0)["exponent"] < 0.6
-    assert suite.fit_exponent([(100, 1.0)]) is None
-    assert suite.fit_exponent([(100, 1.0), (1000, 10.0)])["exponent"] == pytest.approx(1.0)
+    slope, lo, _ = fit_exponent(overhead)
+    assert lo == 10**6 and 0.9 < slope < 1.0
+    assert fit_exponent([(100, 1.0)]) is None
 
 
 def test_inhouse_peers_match_softtopk():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 50, generator=gen, dtype=torch.float64)
     # converged Sinkhorn = SOFT's closed form (softtopk's "soft" is the converged two-anchor plan)
-    y = sinkhorn_unrolled_mask(x, 7, 0.1, iters=3000)
-    ref = softtopk.topk_mask(x, 7, method="soft", epsilon=0.1)
-    assert torch.allclose(y, ref, atol=1e-6) and torch.allclose(y.sum(-1), torch.full((3,), 7.0, dtype=x.dtype))
-    # the bisection finds the same threshold as softtopk's sigmoid mask (internal t = temperature / 4)
+    y = unrolled_sinkhorn(x, 7, 0.1, iters=3000)
+    assert torch.allclose(y, softtopk.topk_mask(x, 7, method="soft", epsilon=0.1), atol=1e-6)
+    # with k + 1 anchors: SOFT sorted top-k, which topk_permutation solves to tolerance
+    y = unrolled_sinkhorn(x, 4, 0.1, sorted_=True, iters=3000)
+    assert torch.allclose(y, softtopk.topk_permutation(x, 4, method="sinkhorn", epsilon=0.1), atol=1e-6)
+    # the bisection finds the threshold of softtopk's sigmoid mask (the sigmoid's t = temperature / 4)
     y = sigmoid_bisect_mask(x, 7, 0.3)
-    ref = softtopk.topk_mask(x, 7, method="sigmoid", temperature=4 * 0.3)
-    assert torch.allclose(y, ref, atol=1e-8)
+    assert torch.allclose(y, softtopk.topk_mask(x, 7, method="sigmoid", temperature=4 * 0.3), atol=1e-8)
     assert math.isclose(float(y.sum(-1)[0]), 7.0, abs_tol=1e-8)
-
-
-# the inverse of each family's profile: z = (x - tau)/t from the mask value y (entries strictly inside (0, 1))
-_INVERSE = {
-    "sigmoid": torch.logit,
-    "dftopk": torch.logit,
-    "lapsum": lambda y: torch.where(y < 0.5, torch.log(2 * y), -torch.log(2 * (1 - y))),
-    "sparse": lambda y: y,
-    "sparse(p=4/3)": lambda y: y ** (1 / 3),
-}
-
-
-@pytest.mark.parametrize("case", list(_INVERSE))
-def test_internal_temperature_gives_the_family_profile(case):
-    # the benchmarks' mask at internal t is clip(phi((x - tau)/t)): x - t * phi^-1(y) is the same tau on every entry
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 60, generator=gen, dtype=torch.float64)
-    t = 0.6
-    method, opts = ("sparse", {"p": 4 / 3}) if case == "sparse(p=4/3)" else (case, {})
-    y = softtopk.topk_mask(x, 6, **mask_kwargs(method, t, **opts))
-    inside = (y > 1e-6) & (y < 1 - 1e-6)
-    assert int(inside.sum(-1).min()) >= 3
-    tau = torch.where(inside, x - t * _INVERSE[case](y.clamp(1e-12, 1 - 1e-12)), torch.nan)
-    spread = (tau.nan_to_num(-torch.inf).amax(-1) - tau.nan_to_num(torch.inf).amin(-1)).max()
-    assert float(spread) < 1e-6, case
-    if case == "dftopk":  # tau is the midpoint of the k-th and (k+1)-th largest entries
-        top = x.topk(7, dim=-1).values
-        mid = (top[:, 5] + top[:, 6]) / 2
-        assert torch.allclose(tau.nanmean(-1), mid, atol=1e-6)
-
-
-def test_internal_temperature_straight_through_perturbed_threshold():
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(3, 20, generator=gen, dtype=torch.float64)
-    w = torch.randn(3, 20, generator=gen, dtype=torch.float64)
-    # "straight_through": the hard mask forward, the sigmoid mask's gradient (same internal t) backward
-    xs = x.clone().requires_grad_()
-    y = softtopk.topk_mask(xs, 4, **mask_kwargs("straight_through", 0.2))
-    (grad,) = torch.autograd.grad((y * w).sum(), xs)
-    xr = x.clone().requires_grad_()
-    (ref,) = torch.autograd.grad((softtopk.topk_mask(xr, 4, **mask_kwargs("sigmoid", 0.2)) * w).sum(), xr)
-    assert torch.equal(y.detach(), softtopk.topk_mask(x, 4, method="hard")) and torch.allclose(grad, ref)
-    # "perturbed" at internal t: Gaussian noise of sigma t; for two entries E[hard] = Phi((x0 - x1) / (t sqrt 2))
-    pair = torch.tensor([0.3, 0.0], dtype=torch.float64)
-    y = softtopk.topk_mask(
-        pair, 1, **mask_kwargs("perturbed", 0.5, n_samples=200_000, generator=torch.Generator().manual_seed(0))
-    )
-    want = 0.5 * (1 + math.erf(0.3 / (0.5 * math.sqrt(2)) / math.sqrt(2)))
-    assert abs(float(y[0]) - want) < 0.01
-    # threshold_mask at internal t: sigmoid((sigmoid(x) - threshold) / t)
-    y = softtopk.threshold_mask(x, 0.5, temperature=threshold_temperature(0.1))
-    assert torch.allclose(y, torch.sigmoid((torch.sigmoid(x) - 0.5) / 0.1))

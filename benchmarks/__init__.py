@@ -1,1 +1,0 @@
-"""Benchmarks of softtopk: run ``python -m benchmarks.core`` (see its docstring)."""

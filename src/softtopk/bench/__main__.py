@@ -1,0 +1,8 @@
+"""``python -m softtopk.bench``: the same as the ``softtopk-bench`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

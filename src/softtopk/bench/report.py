@@ -1,0 +1,236 @@
+"""Tables, plots and the marked sections of the README and the site, all from one run's JSON document.
+
+A file takes a generated section between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; NAME is one of
+:data:`SECTIONS`. A section whose data the document lacks (its tag was not run) is left as it is, with a notice.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from .cases import APP_SHAPES, BASELINE, CORE_METHODS, SOFTMAX, fmt_n
+from .run import fit_exponent
+
+__all__ = ["SECTIONS", "provenance", "render", "write_sections"]
+
+Doc = dict[str, Any]
+#: the methods of the app-shape table, in its column order
+APP_COLUMNS = (SOFTMAX, *CORE_METHODS)
+
+
+def _x(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.2f}×" if v < 10 else f"{v:.1f}×" if v < 100 else f"{v:.0f}×"
+
+
+def _speed(doc: Doc) -> dict[tuple[str, int, int], dict]:
+    return {(r["case"], r["rows"], r["n"]): r for r in doc["speed"]}
+
+
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return ""
+    if r["skipped"] is not None:
+        return "skip"
+    return _x(r["ratio"]) + ("*" if r["note"] else "")
+
+
+def provenance(doc: Doc) -> str:
+    """One line: when, on what, with which versions."""
+    m, v = doc["machine"], doc["versions"]
+    hw = m["gpu"] or f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch threads"
+    others = ", ".join(f"{k} {v[k]}" for k in v if k not in ("softtopk", "torch", "python"))
+    quick = " --quick" if doc["config"]["quick"] else ""
+    return (f"`softtopk-bench{quick}` on {doc['date'][:10]}: {hw}; softtopk {v['softtopk']}, torch {v['torch']}, "
+            f"Python {v['python']}" + (f", {others}" if others else "") + ".")  # fmt: skip
+
+
+def target(case: str, softmax_ratio: float | None) -> float | None:
+    """The app-shape target of a case, as a ratio to torch.topk: dftopk 1.0, the others max(1, 2.5 × softmax)."""
+    if case == "dftopk":
+        return 1.0
+    if case == SOFTMAX or softmax_ratio is None:
+        return None
+    return max(1.0, 2.5 * softmax_ratio)
+
+
+def apps_table(doc: Doc) -> list[str]:
+    """Rows: the application shapes; columns: softmax and the threshold methods (bold: over target)."""
+    at, cols = _speed(doc), [c for c in APP_COLUMNS if any(r["case"] == c for r in doc["speed"])]
+    lines = ["| shape | from | topk ms | " + " | ".join(cols) + " |", "|:---|:---|---:|" + "---:|" * len(cols)]
+    met = total = 0
+    for s in APP_SHAPES:
+        if (BASELINE, s.rows, s.n) not in at:
+            continue
+        sm = at.get((SOFTMAX, s.rows, s.n), {}).get("ratio")
+        cells = []
+        for c in cols:
+            r, lim = at.get((c, s.rows, s.n)), target(c, sm)
+            ok = r is not None and r["skipped"] is None and (lim is None or r["ratio"] <= lim)
+            met, total = met + (ok and lim is not None), total + (lim is not None and r is not None)
+            cells.append(_cell(r) if ok or r is None else f"**{_cell(r)}**")
+        ms = at[BASELINE, s.rows, s.n]["median_ms"]
+        lines.append(f"| {s.label} | {s.use} | {ms:.3g} | " + " | ".join(cells) + " |")
+    return lines + ["", f"Targets met: {met} of {total} (bold: missed; dftopk ≤ 1.0×, the others ≤ max(1.0×, "
+                    "2.5 × softmax) torch.topk)."]  # fmt: skip
+
+
+def grid_table(doc: Doc, tag: str, exponent: bool = True) -> list[str]:
+    """Rows: the cases of ``tag``; columns: n on the batch-32 grid, bytes/element, fitted exponent."""
+    at = _speed(doc)
+    names = [c["name"] for c in doc["cases"] if tag in c["tags"]]
+    sizes = sorted({r["n"] for r in doc["speed"] if r["rows"] == 32 and r["case"] in names})
+    head = "| case | source | " + " | ".join(f"n={fmt_n(n)}" for n in sizes) + " | bytes/elem |"
+    lines = [head + (" exponent |" if exponent else ""), "|:---|:---|" + "---:|" * (len(sizes) + 1 + exponent)]
+    for c in (c for c in doc["cases"] if c["name"] in names):
+        rs = [at.get((c["name"], 32, n)) for n in sizes]
+        ok = [r for r in rs if r is not None and r["skipped"] is None]
+        if not rs or all(r is None for r in rs):
+            continue
+        mem = ok[-1]["bytes_per_element"] if ok else None
+        cells = [_cell(r) for r in rs] + [f"{mem:.1f} (n={fmt_n(ok[-1]['n'])})" if mem is not None else "–"]
+        if exponent:
+            fit = fit_exponent([(r["n"], r["median_ms"]) for r in ok])
+            cells.append(f"{fit[0]:.2f} ({fmt_n(fit[1])}–{fmt_n(fit[2])})" if fit else "–")
+        name = c["name"] + (f" (k={c['fixed_k']})" if c["fixed_k"] and f"k={c['fixed_k']}" not in c["name"] else "")
+        lines.append(f"| {name} | {c['source']} | " + " | ".join(cells) + " |")
+    base = " · ".join(f"n={fmt_n(n)}: {at[BASELINE, 32, n]['median_ms']:.3g} ms"
+                      for n in sizes if (BASELINE, 32, n) in at)  # fmt: skip
+    return lines + ["", f"torch.topk forward+backward, batch 32, k = n/100: {base}"]
+
+
+def _notes(doc: Doc, tag: str) -> list[str]:
+    names = {c["name"] for c in doc["cases"] if tag in c["tags"]}
+    lines = [f"- {c['name']}: {c['note']}" for c in doc["cases"] if c["name"] in names and c["note"]]
+    flags = {(r["case"], r["skipped"] or r["note"]) for r in doc["speed"] if r["case"] in names}
+    stops = sorted({(c, w) for c, w in flags if w}, key=lambda cw: cw[0])
+    seen: set[str] = set()
+    for c, why in stops:
+        if c not in seen:
+            seen.add(c)
+            lines.append(f"- {c} (skip or *): {why}")
+    return lines
+
+
+def _legend(doc: Doc, what: str) -> str:
+    return (f"{what[0].upper() + what[1:]}: forward+backward time as a ratio to `torch.topk(x, k).values` "
+            "forward+backward on the same input (median of interleaved rounds after a warm-up call; a fixed random "
+            "upstream gradient), float32, "
+            f"softtopk's masks at temperature {doc['config']['speed_temperature']}; bytes/elem: peak extra memory "
+            f"of one call per element of x. {provenance(doc)}")  # fmt: skip
+
+
+def _first_calls(doc: Doc) -> str:
+    firsts = [(r["first_call_ms"], r["median_ms"], r["case"]) for r in doc["speed"]
+              if r.get("first_call_ms") and r["source"] == "softtopk" and r["rows"] * r["n"] <= 32 * 1000]  # fmt: skip
+    if not firsts:
+        return ""
+    worst = max(firsts, key=lambda f: f[0] - f[1])
+    return (f"First calls (not timed): the slowest softtopk first call took {worst[0]:.0f} ms ({worst[2]}), "
+            "the one-time cost of compiling its kernels; later calls take the times above.")
+
+
+def section_summary(doc: Doc) -> list[str] | None:
+    if not any(r["use"] for r in doc["speed"]):
+        return None
+    return [_legend(doc, "each method at the shapes applications use"), "", *apps_table(doc), "",
+            "![forward+backward time relative to torch.topk against n](docs/benchmarks/speed.png)"]  # fmt: skip
+
+
+def section_apps(doc: Doc) -> list[str] | None:
+    if not any(r["use"] for r in doc["speed"]):
+        return None
+    return [_legend(doc, "each method at the shapes applications use"), "", *apps_table(doc), "",
+            _first_calls(doc), "", "![app shapes](benchmarks/apps.png)"]  # fmt: skip
+
+
+def _grid_section(tag: str, what: str, plot: str | None = None) -> Callable[[Doc], list[str] | None]:
+    def section(doc: Doc) -> list[str] | None:
+        own = {c["name"] for c in doc["cases"] if tag in c["tags"] and c["kind"] != "baseline"}
+        if not any(r["case"] in own for r in doc["speed"]):
+            return None
+        body = [_legend(doc, what), "", *grid_table(doc, tag), ""]
+        notes = _notes(doc, tag)
+        body += (["How each case is called, and why one was skipped or flagged (*):", "", *notes, ""] if notes else [])
+        return body + ([f"![{tag}](benchmarks/{plot})"] if plot else [])
+
+    return section
+
+
+def section_quality(doc: Doc) -> list[str] | None:
+    q = doc.get("quality")
+    if not q:
+        return None
+    s, temps = q["setup"], q["setup"]["temperatures"]
+    head = "| case | source | " + " | ".join(f"‖y−h‖₁/2k t={t:g}" for t in temps)
+    lines = [head + " | |Σy−k| | exact 0/1 | " + " | ".join(f"cos t={t:g}" for t in temps) + " |"]
+    lines.append("|:---|:---|" + "---:|" * (2 * len(temps) + 2))
+    mid = temps[len(temps) // 2]
+    for name in dict.fromkeys(r["case"] for r in q["rows"]):
+        rs = {r["temperature"]: r for r in q["rows"] if r["case"] == name}
+
+        def f(t: float, key: str, fmt: str, rs: dict = rs) -> str:
+            v = rs[t].get(key)
+            return "failed" if "error" in rs[t] else "–" if v is None else format(v, fmt)
+
+        cells = [f(t, "dist", ".3f") for t in temps] + [f(mid, "sum_err", ".2g"), f(mid, "exact", ".2f")]
+        cells += [f(t, "cos", ".3f") for t in temps]
+        lines.append(f"| {name} | {rs[mid]['source']} | " + " | ".join(cells) + " |")
+    return [f"{s['rows']} rows of randn, n = {s['n']}, k = {s['k']}; t is each operator's own temperature (softtopk: "
+            "the width convention). ‖y−h‖₁/2k: distance to the hard mask; |Σy−k| and exact 0/1 at the middle "
+            f"temperature t = {mid:g}; cos: gradient cosine with the perturbed optimizer at σ = t "
+            f"({s['ref_samples']} samples). {provenance(doc)}", "", *lines, "",
+            "![quality](benchmarks/quality.png)"]  # fmt: skip
+
+
+SECTIONS: dict[str, Callable[[Doc], list[str] | None]] = {
+    "summary": section_summary,
+    "apps": section_apps,
+    "core": _grid_section("core", "the threshold family, batch 32, k = n/100", "speed.png"),
+    "peers": _grid_section("peers", "softtopk and its peers, batch 32, k = n/100"),
+    "quality": section_quality,
+    "operators": _grid_section("operators", "the other operators and the losses, batch 32, k = n/100"),
+    "permutahedron": _grid_section("permutahedron", "the permutahedron operators and their peers, batch 32"),
+}
+
+
+def render(doc: Doc) -> dict[str, str]:
+    """Every section the document has data for, as markdown."""
+    out = {}
+    for name, fn in SECTIONS.items():
+        lines = fn(doc)
+        if lines is not None:
+            out[name] = "\n".join(lines).replace("\n\n\n", "\n\n")
+    return out
+
+
+_MARK = re.compile(r"<!-- bench:([a-z]+) -->\n(.*?)<!-- /bench:\1 -->", re.S)
+
+
+def write_sections(path: str | Path, doc: Doc, plots: Path | None) -> list[str]:
+    """Rewrite every marked section of ``path`` that ``doc`` has data for; returns the notices."""
+    path = Path(path)
+    text, sections, notices = path.read_text(), render(doc), []
+    names = _MARK.findall(text)
+    if not names:
+        raise SystemExit(f"{path}: no <!-- bench:NAME --> ... <!-- /bench:NAME --> section to write")
+
+    def fill(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in SECTIONS:
+            raise SystemExit(f"{path}: unknown section {name!r}; sections: {', '.join(SECTIONS)}")
+        if name not in sections:
+            notices.append(f"{path}: section {name} left as it was (not measured in this run)")
+            return m.group(0)
+        body = sections[name]
+        if plots is not None:  # image links relative to the file written
+            rel = os.path.relpath(plots, path.resolve().parent).replace(os.sep, "/")
+            body = re.sub(r"\]\((?:docs/)?benchmarks/", f"]({rel}/", body)
+        return f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->"
+
+    path.write_text(_MARK.sub(fill, text))
+    return notices
