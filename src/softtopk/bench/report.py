@@ -137,8 +137,8 @@ def _first_calls(doc: Doc) -> str:
 def section_summary(doc: Doc) -> list[str] | None:
     if not any(r["use"] for r in doc["speed"]):
         return None
-    return [_legend(doc, "each method at the shapes applications use"), "", *apps_table(doc), "",
-            "![forward+backward time relative to torch.topk against n](docs/benchmarks/speed.png)"]  # fmt: skip
+    return [_legend(doc, "each method at the shapes applications use"), "", *apps_table(doc), "", _first_calls(doc),
+            "", "![forward+backward time relative to torch.topk against n](docs/benchmarks/speed.png)"]  # fmt: skip
 
 
 def section_apps(doc: Doc) -> list[str] | None:
