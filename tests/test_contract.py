@@ -161,6 +161,25 @@ def _lml_module(x, dim=-1, k=2, t=None):
     return losses.LMLLoss(k, temperature=T_DEFAULT if t is None else t, reduction="none")(x, _targets(x))
 
 
+def _lml_set(x, dim=-1, k=2, t=None):
+    return losses.lml_loss(x, _relevant(x), k, temperature=T_DEFAULT if t is None else t, reduction="none")
+
+
+def _stages(x: torch.Tensor) -> list[torch.Tensor]:
+    """Two stages scoring the same candidates: x and a second, fixed function of x."""
+    return [x, 0.5 * x.flip(-1) + x]
+
+
+def _joint(x, dim=-1, k=2, t=None):
+    t = T_DEFAULT if t is None else t
+    return losses.joint_cascade_loss(_stages(x), _relevant(x), k, temperature=t, reduction="none")
+
+
+def _joint_module(x, dim=-1, k=2, t=None):
+    mod = losses.JointCascadeLoss(2, k, temperature=T_DEFAULT if t is None else t, reduction="none")
+    return mod(_stages(x), _relevant(x))
+
+
 def _topk_ce(x, dim=-1, k=2, t=None):
     return losses.topk_cross_entropy(x, _targets(x), k, epsilon=T_DEFAULT if t is None else t, reduction="none")
 
@@ -216,12 +235,15 @@ OPERATORS = [
     Op("nn.SoftTopK", _module, normalised=True, tensor_t=True),
     Op("losses.lml_loss", _lml, **_LOSS),
     Op("losses.LMLLoss", _lml_module, **_LOSS),
+    Op("losses.lml_loss[set]", _lml_set, **_LOSS),
     Op("losses.topk_cross_entropy", _topk_ce, temp="epsilon", **{**_LOSS, "vmap": "raises"}),
     Op("losses.TopKCrossEntropyLoss", _topk_ce_module, **{**_LOSS, "vmap": "raises"}),
     Op("losses.smooth_topk_hinge_loss", _hinge, **_HINGE),
     Op("losses.SmoothTopKHingeLoss", _hinge_module, **_HINGE),
     Op("losses.cascade_topk_loss", _cascade, **{**_LOSS, "nan_name": "scores", "k_range": (0, 0)}),
     Op("losses.CascadeTopKLoss", _cascade_module, **{**_LOSS, "nan_name": "scores", "k_range": (0, 0)}),
+    Op("losses.joint_cascade_loss", _joint, **{**_LOSS, "nan_name": "stage_scores", "k_range": (0, 0)}),
+    Op("losses.JointCascadeLoss", _joint_module, **{**_LOSS, "nan_name": "stage_scores", "k_range": (0, 0)}),
 ]
 OPS = {op.name: op for op in OPERATORS}
 
@@ -469,6 +491,9 @@ NOT_FULLGRAPH = {
         for name in ("soft_sort", "soft_rank", "isotonic", "permutahedron_projection", "permutahedron_topk")
     },
     "topk_magnitude": "the PAV kernel reads the data: a graph break by design",
+    # the table's call builds the module, whose nn.Parameter dynamo cannot create inside a graph; the forward of a
+    # built module traces into one graph (tests/test_losses.py::test_joint_compiles_fullgraph)
+    "losses.JointCascadeLoss": "the call builds the module (an nn.Parameter), which dynamo does not trace",
 }
 
 

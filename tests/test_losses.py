@@ -25,10 +25,12 @@ from conftest import ref_dftopk, ref_threshold_mask, spaced
 from softtopk.losses import (
     DEFAULT_P_K,
     CascadeTopKLoss,
+    JointCascadeLoss,
     LMLLoss,
     SmoothTopKHingeLoss,
     TopKCrossEntropyLoss,
     cascade_topk_loss,
+    joint_cascade_loss,
     lml_loss,
     smooth_topk_hinge_loss,
     topk_cross_entropy,
@@ -559,7 +561,7 @@ def test_bad_targets(name):
     with pytest.raises(TypeError, match=f"{pre}: `target` must be a torch.Tensor"):
         fn(x, y.tolist())
     with pytest.raises(ValueError, match=rf"{pre}: `target` must have shape \(batch,\)"):
-        fn(x, y[:, None])
+        fn(x, y[:, None, None] if name == "lml" else y[:, None])  # lml_loss: (batch, K) is a set of targets
     with pytest.raises(ValueError, match=rf"{pre}: `target` must hold class indices in \[0, 4\]"):
         fn(x, torch.tensor([0, 5, 1]))
     with pytest.raises(ValueError, match=rf"{pre}: `target` must hold class indices"):
@@ -744,3 +746,301 @@ def test_cascade_rejects_max_support_and_warns_on_underflow():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cascade_topk_loss(x, torch.tensor([[0, 2]]), method="sigmoid", temperature=4.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LML with a set of targets
+# ----------------------------------------------------------------------------------------------------------------
+def _sets(b, n, size, seed=3):
+    """(b, size) distinct indices per row."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(n, generator=g)[:size] for _ in range(b)])
+
+
+@pytest.mark.parametrize("k,T,size", [(2, 2.0, 2), (3, 1.0, 1), (4, 4.0, 3), (2, 0.5, 4)])
+def test_lml_set_matches_literal_reference(k, T, size):
+    """−Σ_{i∈G} log y_i with y the LML mask by brentq (float64), for indices, a bool and a float indicator."""
+    x = rows(4, 7)
+    idx = _sets(4, 7, size)
+    t = T * MASK_FACTOR["sigmoid"]
+    want = torch.tensor(
+        [-np.log(ref_threshold_mask(x[b].numpy(), k, t, "sigmoid")[idx[b].numpy()]).sum() for b in range(4)],
+        dtype=torch.float64,
+    )
+    got = lml_loss(x, idx, k, temperature=T, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)  # log of y ≈ 1e-30: the solver's tol, relative
+    indicator = torch.zeros(4, 7, dtype=torch.bool).scatter_(1, idx, True)
+    torch.testing.assert_close(lml_loss(x, indicator, k, temperature=T, reduction="none"), got)
+    torch.testing.assert_close(lml_loss(x, indicator.double(), k, temperature=T, reduction="none"), got)
+    torch.testing.assert_close(LMLLoss(k, temperature=T, reduction="sum")(x, idx), got.sum())
+
+
+def test_lml_set_of_one_is_the_single_target_loss():
+    x, y = rows(5, 6), labels(5, 6)
+    for k in (1, 3):
+        single = lml_loss(x, y, k, temperature=0.7, reduction="none")
+        assert torch.equal(lml_loss(x, y[:, None], k, temperature=0.7, reduction="none"), single)
+        one_hot = torch.nn.functional.one_hot(y, 6).bool()
+        assert torch.equal(lml_loss(x, one_hot, k, temperature=0.7, reduction="none"), single)
+
+
+def test_lml_set_limits_empty_set_and_gradcheck():
+    x = rows(3, 6)
+    idx = _sets(3, 6, 2)
+    empty = torch.zeros(3, 6, dtype=torch.bool)
+    assert float(lml_loss(x, empty, 2, reduction="sum")) == 0.0  # an empty set has likelihood 1
+    assert float(lml_loss(x, idx, 6, reduction="sum")) == 0.0  # k = n: every class selected
+    in_top = lml_loss(x, x.topk(2, dim=1).indices, 2, temperature=4e-3, reduction="none")
+    assert bool((in_top < 1e-6).all())  # G = the top k: the loss tends to 0 as t → 0
+    xr = x.clone().requires_grad_()
+    t = torch.tensor([0.7, 1.5, 1.0], dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda x, t: lml_loss(x, idx, 3, temperature=t, reduction="none"), (xr, t))
+
+
+def test_lml_set_bad_targets_name_target():
+    x = rows(3, 5)
+    with pytest.raises(ValueError, match="lml_loss: `target` has a repeated index"):
+        lml_loss(x, torch.tensor([[0, 0], [1, 2], [3, 4]]), 2)
+    with pytest.raises(ValueError, match=r"lml_loss: `target` must hold item indices in \[0, 4\]"):
+        lml_loss(x, torch.tensor([[0], [7], [1]]), 2)
+    with pytest.raises(ValueError, match="lml_loss: an integer `target` holds item indices of shape"):
+        lml_loss(x, torch.tensor([[0, 1]] * 4), 2)  # 4 rows for 3
+    with pytest.raises(ValueError, match="lml_loss: a boolean or floating `target` is a 0-1 indicator"):
+        lml_loss(x, torch.ones(3, 4, dtype=torch.bool), 2)
+    with pytest.raises(ValueError, match="lml_loss: `target` as an indicator must hold only 0 and 1"):
+        lml_loss(x, torch.full((3, 5), 0.5, dtype=torch.float64), 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# joint cascade loss
+# ----------------------------------------------------------------------------------------------------------------
+def ref_joint(xs, rel, ks, Ts, log_weights=None):
+    """The objective written out literally, per row: τ the midpoint of the k-th and (k+1)-th largest, y = σ((x −
+    τ)/(T/4)), L_s = BCE(y_s, r), L_joint = BCE(Π_s y_s, r), Σ_s L_s/(2 w_s²) + L_joint + Σ_s log w_s."""
+    ys = []
+    for x, k, T in zip(xs, ks, Ts):
+        s = x.sort(dim=1, descending=True).values
+        inf = torch.full((x.shape[0], 1), math.inf, dtype=x.dtype)
+        padded = torch.cat([inf, s, -inf], 1)
+        tau = (padded[:, k] + padded[:, k + 1]) / 2
+        ys.append(torch.sigmoid((x - tau[:, None]) / (T / 4)))
+    stage = [F.binary_cross_entropy(y, rel, reduction="none").mean(1) for y in ys]
+    joint = F.binary_cross_entropy(torch.stack(ys).prod(0), rel, reduction="none").mean(1)
+    w = torch.ones(len(xs), dtype=xs[0].dtype) if log_weights is None else log_weights.exp()
+    return sum(L / (2 * w[s] ** 2) for s, L in enumerate(stage)) + joint + torch.log(w).sum()
+
+
+def _stage_rows(S, b=4, n=9, seed=10):
+    return [rows(b, n, seed=seed + s) for s in range(S)]
+
+
+def _relevant_set(b=4, n=9, size=3):
+    idx = _sets(b, n, size, seed=7)
+    return idx, torch.zeros(b, n, dtype=torch.float64).scatter_(1, idx, 1.0)
+
+
+@pytest.mark.parametrize("S", [1, 2, 3])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_joint_matches_literal_formula(S, weighted):
+    xs = _stage_rows(S)
+    idx, rel = _relevant_set()
+    ks = [5, 4, 3][:S]
+    Ts = [2.0, 1.2, 0.8][:S]
+    lw = torch.tensor([0.3, -0.4, 0.1][:S], dtype=torch.float64) if weighted else None
+    want = ref_joint(xs, rel, ks, Ts, lw)
+    got = joint_cascade_loss(xs, idx, ks, temperature=Ts, log_weights=lw, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(joint_cascade_loss(xs, idx, ks, temperature=Ts, log_weights=lw), want.mean())
+    torch.testing.assert_close(
+        joint_cascade_loss(xs, idx, ks, temperature=Ts, log_weights=lw, reduction="sum"), want.sum()
+    )
+    # the same k or temperature for every stage; one (S, batch, n) tensor; the relevance as an indicator
+    one_k = joint_cascade_loss(torch.stack(xs), rel.bool(), 3, temperature=1.0, log_weights=lw, reduction="none")
+    torch.testing.assert_close(one_k, ref_joint(xs, rel, [3] * S, [1.0] * S, lw), rtol=1e-12, atol=1e-12)
+
+
+def test_joint_default_k_is_each_rows_set_size_and_one_stage_is_the_cascade_loss():
+    xs = _stage_rows(2, b=3, n=7)
+    rel = torch.tensor([[1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 1, 0, 0, 0], [0, 0, 1, 0, 1, 0, 0]], dtype=torch.bool)
+    got = joint_cascade_loss(xs, rel, reduction="none")  # k = K per row, T = 1
+    want = torch.stack(
+        [ref_joint([x[b : b + 1] for x in xs], rel[b : b + 1].double(), [int(rel[b].sum())] * 2, [1.0] * 2)[0]
+         for b in range(3)]
+    )  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # S = 1, unit weights: L_1/2 + L_joint = 1.5 · the cascade loss
+    one = joint_cascade_loss(xs[:1], rel, 2, temperature=0.6, reduction="none")
+    torch.testing.assert_close(one, 1.5 * cascade_topk_loss(xs[0], rel, 2, temperature=0.6, reduction="none"))
+
+
+@pytest.mark.parametrize("method", ["sigmoid", "lapsum", "soft"])
+def test_joint_with_normalised_methods(method):
+    """The stage masks from the brentq reference (soft with a temperature is the sigmoid mask)."""
+    xs = _stage_rows(2, b=3, n=7)
+    idx, rel = _relevant_set(3, 7, 2)
+    ks, T = [4, 2], 0.9
+    family = "lapsum" if method == "lapsum" else "sigmoid"
+    lw = torch.tensor([0.2, -0.3], dtype=torch.float64)
+    ys = [
+        torch.tensor(np.stack([ref_threshold_mask(x[b].numpy(), k, T * MASK_FACTOR[family], family) for b in range(3)]))
+        for x, k in zip(xs, ks)
+    ]
+    stage = [F.binary_cross_entropy(y, rel, reduction="none").mean(1) for y in ys]
+    joint = F.binary_cross_entropy(ys[0] * ys[1], rel, reduction="none").mean(1)
+    want = sum(L * torch.exp(-2 * lw[s]) / 2 for s, L in enumerate(stage)) + joint + lw.sum()
+    got = joint_cascade_loss(xs, idx, ks, method=method, temperature=T, log_weights=lw, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["dftopk", "sigmoid"])
+def test_joint_gradcheck(method):
+    xs = [x.requires_grad_() for x in _stage_rows(3, b=3, n=6)]
+    idx = _sets(3, 6, 2)
+    lw = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64, requires_grad=True)
+    # temperatures where no mask entry is far below the solver's tolerance (log y amplifies it by 1/y)
+    t = torch.tensor([1.0, 1.5, 2.0], dtype=torch.float64, requires_grad=True)
+
+    def f(x0, x1, x2, lw, t):
+        return joint_cascade_loss([x0, x1, x2], idx, [4, 3, 2], method=method, temperature=t, log_weights=lw,
+                                  reduction="none")  # fmt: skip
+
+    assert gradcheck(f, (*xs, lw, t))
+    assert gradcheck(lambda x0, x1, lw: joint_cascade_loss(torch.stack([x0, x1]), idx, log_weights=lw, scale="std",
+                                                           method=method), (xs[0], xs[1], lw[:2]))  # fmt: skip
+
+
+def test_joint_dftopk_is_exact_where_the_masks_saturate():
+    """From the logits, the loss and its gradient stay exact where σ underflows (float32, t = 0.025): equal to the
+    float64 computation, with a gradient pulling the relevant item up, and no warning."""
+    x = torch.tensor([[0.0, 50.0, 60.0, 70.0, 80.0], [80.0, 70.0, 60.0, 50.0, 0.0]])
+    rel = torch.tensor([[1.0, 0, 0, 0, 1], [1, 0, 0, 0, 1]])
+    xs = [x.clone().requires_grad_(), x.flip(1).clone().requires_grad_()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = joint_cascade_loss(xs, rel, 2, temperature=0.1, reduction="sum")
+    want = joint_cascade_loss([v.double() for v in xs], rel.double(), 2, temperature=0.1, reduction="sum")
+    assert math.isfinite(float(got.detach())) and float(got.detach()) > 1000  # z = −2600 at the relevant item 0
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    got.backward()
+    assert float(xs[0].grad[0, 0]) < 0 and torch.isfinite(xs[0].grad).all()
+    # k = 0 and k = n: exact masks, finite losses and gradients
+    for k in (0, 5):
+        xr = x.clone().requires_grad_()
+        loss = joint_cascade_loss([xr, xr * 0.5], rel, k)
+        loss.backward()
+        assert math.isfinite(float(loss.detach())) and torch.isfinite(xr.grad).all()
+
+
+def test_joint_module_owns_the_weights():
+    xs = _stage_rows(2)  # float64 (in float32 the masks saturate here, and cascade_topk_loss's clamped log is off)
+    idx, _ = _relevant_set()
+    loss_fn = JointCascadeLoss(2, [5, 3], temperature=1.5)
+    (param,) = list(loss_fn.parameters())
+    assert param is loss_fn.log_weights and param.shape == (2,) and torch.equal(param, torch.zeros(2))
+    loss = loss_fn(xs, idx)
+    torch.testing.assert_close(loss, joint_cascade_loss(xs, idx, [5, 3], temperature=1.5, log_weights=param))
+    loss.backward()
+    # ∂/∂ log w_s of mean_rows[L_s e^{−2 log w_s}/2 + log w_s] at log w = 0 is 1 − mean L_s
+    stage_means = [cascade_topk_loss(x, idx, k, temperature=1.5) for x, k in zip(xs, [5, 3])]
+    torch.testing.assert_close(param.grad, (1 - torch.stack(stage_means)).float())
+    assert "n_stages=2" in repr(loss_fn) and "k=[5, 3]" in repr(loss_fn)
+    with pytest.raises(ValueError, match="JointCascadeLoss: `stage_scores` has 3 stages; .*n_stages=2"):
+        loss_fn(xs + xs[:1], idx)
+    with pytest.raises(ValueError, match=r"JointCascadeLoss: `n_stages`=0 is out of range"):
+        JointCascadeLoss(0)
+    with pytest.raises(ValueError, match="JointCascadeLoss: `k` has 3 entries for 2 stages"):
+        JointCascadeLoss(2, [3, 2, 1])
+    with pytest.raises(ValueError, match="JointCascadeLoss: `temperature` must be positive"):
+        JointCascadeLoss(2, temperature=[1.0, 0.0])
+    with pytest.raises(ValueError, match="JointCascadeLoss: .*exact zeros"):
+        JointCascadeLoss(2, method="sparse")
+    with pytest.raises(ValueError, match="JointCascadeLoss: unknown `reduction`"):
+        JointCascadeLoss(2, reduction="avg")
+
+
+def test_joint_module_trains_the_weights_towards_the_stage_losses():
+    """The optimum of L_s/(2w²) + log w is w² = L_s: Adam on log_weights alone gets there."""
+    xs = _stage_rows(2)
+    idx, _ = _relevant_set()
+    loss_fn = JointCascadeLoss(2, [5, 3])
+    opt = torch.optim.Adam(loss_fn.parameters(), lr=0.05)
+    for _ in range(400):
+        opt.zero_grad()
+        loss_fn(xs, idx).backward()
+        opt.step()
+    stage_means = torch.stack([cascade_topk_loss(x, idx, k) for x, k in zip(xs, [5, 3])])
+    torch.testing.assert_close(loss_fn.log_weights.detach().double().exp() ** 2, stage_means, rtol=1e-3, atol=1e-4)
+
+
+def test_joint_bad_inputs_name_the_argument():
+    xs = _stage_rows(2, b=3, n=5)
+    idx = _sets(3, 5, 2)
+    fn = "joint_cascade_loss"
+    cases = [
+        (dict(stage_scores=[xs[0], xs[1][:, :4]]), ValueError, "every stage of `stage_scores`"),
+        (dict(stage_scores=[xs[0], xs[1][:2]]), ValueError, "every stage of `stage_scores`"),
+        (dict(stage_scores=[xs[0], xs[1].float()]), ValueError, "every stage of `stage_scores`"),
+        (dict(stage_scores=[]), ValueError, "`stage_scores` must hold at least one stage"),
+        (dict(stage_scores=torch.zeros(0, 3, 5, dtype=torch.float64)), ValueError, "at least one stage"),
+        (dict(stage_scores=xs[0]), ValueError, r"`stage_scores` as one tensor must have shape \(stages, batch, n\)"),
+        (dict(stage_scores=xs[0].tolist()), TypeError, r"`stage_scores` must be a torch.Tensor"),
+        (dict(stage_scores="scores"), TypeError, "`stage_scores` must be a sequence"),
+        (dict(stage_scores=[xs[0], poke(xs[1], math.nan)]), ValueError, r"`stage_scores` contains NaN \(stage 1\)"),
+        (dict(stage_scores=[xs[0], xs[1].long()]), TypeError, r"`stage_scores` must have a floating dtype"),
+        (dict(k=[3, 2, 1]), ValueError, "`k` has 3 entries for 2 stages"),
+        (dict(k=[3]), ValueError, "`k` has 1 entries for 2 stages"),
+        (dict(k=[3, 6]), ValueError, r"`k`=6 is out of range \[0, 5\]"),
+        (dict(k=2.5), TypeError, "`k` must be an int"),
+        (dict(temperature=[1.0, 1.0, 1.0]), ValueError, "`temperature` has 3 entries for 2 stages"),
+        (dict(temperature=[1.0, -1.0]), ValueError, "`temperature` must be positive"),
+        (dict(log_weights=torch.zeros(3, dtype=torch.float64)), ValueError, r"`log_weights` must hold one log-weight"),
+        (dict(log_weights=torch.zeros(1, 2)), ValueError, r"`log_weights` must hold one log-weight per stage"),
+        (dict(log_weights=[0.0, 0.0]), TypeError, "`log_weights` must be None or a floating tensor"),
+        (dict(log_weights=torch.zeros(2, dtype=torch.long)), TypeError, "`log_weights` must be None or a floating"),
+        (dict(log_weights=torch.tensor([0.0, math.inf])), ValueError, "`log_weights` must be finite"),
+        (dict(relevant=torch.tensor([[0, 0], [1, 2], [3, 4]])), ValueError, "`relevant` has a repeated index"),
+        (dict(relevant=torch.ones(3, 4, dtype=torch.bool)), ValueError, "a boolean or floating `relevant`"),
+        (dict(method="nope"), ValueError, "unknown `method`='nope'"),
+        (dict(tol=1e-3), TypeError, "method='dftopk' takes no option `tol`"),
+        (dict(scale="var"), ValueError, "`scale` must be None or 'std'"),
+        (dict(reduction="avg"), ValueError, "unknown `reduction`='avg'"),
+    ]
+    for kw, exc, msg in cases:
+        args = {**dict(stage_scores=xs, relevant=idx, k=2), **kw}
+        with pytest.raises(exc, match=f"{fn}: .*{msg}" if not msg.startswith("`") else f"{fn}: {msg}"):
+            joint_cascade_loss(args.pop("stage_scores"), args.pop("relevant"), args.pop("k"), **args)
+
+
+@pytest.mark.parametrize("kw", EXACT_ZEROS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_joint_rejects_masks_with_exact_zeros(kw):
+    xs = _stage_rows(2, b=3, n=6)
+    idx = _sets(3, 6, 2)
+    with pytest.raises(ValueError, match="joint_cascade_loss: .*gradient"):
+        joint_cascade_loss(xs, idx, 2, **kw)
+    with pytest.raises(ValueError, match="JointCascadeLoss: .*gradient"):
+        JointCascadeLoss(2, 2, **kw)
+    with pytest.raises(ValueError, match="joint_cascade_loss: `max_support`"):
+        joint_cascade_loss(xs, idx, 2, method="sigmoid", max_support=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_joint_half_precision(dtype):
+    xs = [x.float() for x in _stage_rows(2, b=6, n=8)]
+    idx = _sets(6, 8, 3)
+    ref = joint_cascade_loss(xs, idx, [5, 3], reduction="none")
+    xh = [x.to(dtype).requires_grad_() for x in xs]
+    got = joint_cascade_loss(xh, idx, [5, 3], reduction="none")
+    assert got.dtype == dtype and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05)
+    got.sum().backward()
+    assert all(x.grad.dtype == dtype and bool(torch.isfinite(x.grad).all()) for x in xh)
+
+
+def test_joint_compiles_fullgraph():
+    """The forward of a built JointCascadeLoss traces into one graph, with the eager values and gradients."""
+    xs = _stage_rows(2, b=3, n=7)
+    idx, rel = _relevant_set(3, 7, 2)
+    loss_fn = JointCascadeLoss(2, [4, 2], temperature=0.8).double()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: loss_fn([a, b], rel), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*xs), loss_fn(xs, rel))

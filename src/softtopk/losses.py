@@ -30,19 +30,22 @@ from ._prepare import (
     check_input,
     check_temperature,
     compute_dtype,
+    prepare,
     reject_unused,
 )
-from ._registry import lookup
+from ._registry import internal_temperature, lookup
 from .masks import topk_mask
 from .permutations import topk_permutation
 
 __all__ = [
     "DEFAULT_P_K",
     "CascadeTopKLoss",
+    "JointCascadeLoss",
     "LMLLoss",
     "SmoothTopKHingeLoss",
     "TopKCrossEntropyLoss",
     "cascade_topk_loss",
+    "joint_cascade_loss",
     "lml_loss",
     "smooth_topk_hinge_loss",
     "topk_cross_entropy",
@@ -145,7 +148,8 @@ def lml_loss(
     temperature: Union[float, Tensor, None] = None,
     reduction: str = "mean",
 ) -> Tensor:
-    r"""Top-k loss of the Limited Multi-Label projection layer: :math:`-\log y_{\mathrm{target}}`.
+    r"""Top-k loss of the Limited Multi-Label projection layer: :math:`-\log y_{\mathrm{target}}`, or
+    :math:`-\sum_{i \in G} \log y_i` for a set G of targets.
 
     :math:`y = \arg\max_{0 \le y \le 1,\ \sum_i y_i = k} \langle x/t, y\rangle + H_b(y)` is the LML projection
     (Amos, Koltun & Kolter 2019, "The Limited Multi-Label Projection Layer"), i.e. ``topk_mask(logits, k,
@@ -155,9 +159,18 @@ def lml_loss(
     k largest) or grows without bound (target outside) as t → 0. k = 1 is not softmax cross-entropy: the LML
     layer with k = 1 is a sigmoid of the logits with a common threshold τ.
 
+    **Sets of targets** (ranking, multi-label): ``target`` may also give a set G per row, as integer indices of
+    shape (batch, K) or as a 0-1 indicator of the logits' shape; the loss is then the negative log-likelihood of
+    the set, :math:`-\sum_{i \in G} \log y_i` (the LML paper's multi-label likelihood; 0 for an empty set). One
+    class is the case K = 1, with the same value. It extends ``lml_loss`` rather than adding a function because
+    the mask, k, the temperature and the reduction are the same and a class index is a one-element set. With
+    k ≥ |G| the loss tends to 0 as t → 0 when G lies among the k largest; with k < |G| it stays bounded below by
+    the cost of putting mass k on |G| items.
+
     Args:
         logits: scores of shape (batch, classes), finite.
-        target: class indices of shape (batch,), an integer tensor.
+        target: class indices of shape (batch,) (an integer tensor); or a set per row: integer indices of shape
+            (batch, K) (no repeats within a row) or a 0-1 indicator of shape (batch, classes) (bool or float).
         k: the size of the predicted set, an int in [1, classes].
         temperature: T > 0 (the width convention of :func:`softtopk.topk_mask`; None: 1.0), a number or a
             per-row tensor of shape (batch,).
@@ -169,21 +182,30 @@ def lml_loss(
         >>> logits = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
         >>> lml_loss(logits, torch.tensor([2, 0]), k=2, temperature=4.0, reduction="none")
         tensor([0.4741, 1.7014])
+        >>> lml_loss(logits, torch.tensor([[2, 0], [0, 3]]), k=2, temperature=4.0, reduction="none")  # sets
+        tensor([0.6755, 1.9028])
     """
     fn = "lml_loss"
     _check_logits(logits, fn)
-    _check_target(target, logits, fn)
+    is_set = isinstance(target, Tensor) and target.dim() == 2
+    if not is_set:
+        _check_target(target, logits, fn)
+    rel = _relevance(target, logits, fn, name="target") if is_set else None
     k = _check_int(k, "k", 1, logits.shape[1], fn)
     _check_temperature_scale(temperature, None, fn)
     _check_reduction(reduction, fn)
     x = logits.to(compute_dtype(logits))
     y = topk_mask(x, k, method="sigmoid", temperature=temperature)
-    loss = -_safe_log(y.gather(1, target.long().unsqueeze(1)).squeeze(1))
+    if rel is None:
+        loss = -_safe_log(y.gather(1, target.long().unsqueeze(1)).squeeze(1))
+    else:
+        loss = -(rel * _safe_log(y)).sum(1)
     return _reduce(loss, reduction, logits.dtype)
 
 
 class LMLLoss(nn.Module):
-    """``nn.Module`` form of :func:`lml_loss`: ``LMLLoss(k, temperature=1.0)(logits, target)``.
+    """``nn.Module`` form of :func:`lml_loss`: ``LMLLoss(k, temperature=1.0)(logits, target)``; ``target`` is one
+    class per row or a set per row (indices (batch, K) or a 0-1 indicator), as :func:`lml_loss`.
 
     Example:
         >>> import torch
@@ -660,41 +682,53 @@ class SmoothTopKHingeLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Cascade top-K selection loss (DFTopK, Zhu et al. 2025)
 # ----------------------------------------------------------------------------------------------------------------
-def _relevance(relevant: object, scores: Tensor, fn: str) -> Tensor:
-    """The 0/1 relevance indicator (batch, n) in the scores' compute dtype."""
+def _relevance(relevant: object, scores: Tensor, fn: str, name: str = "relevant") -> Tensor:
+    """The 0/1 indicator (batch, n) in the scores' compute dtype of a set given as an indicator or as indices."""
     if not isinstance(relevant, Tensor):
-        raise TypeError(f"{fn}: `relevant` must be a torch.Tensor, got {type(relevant).__name__}")
+        raise TypeError(f"{fn}: `{name}` must be a torch.Tensor, got {type(relevant).__name__}")
     cdtype = compute_dtype(scores)
     b, n = scores.shape
     if relevant.dtype == torch.bool or relevant.dtype.is_floating_point:
         if relevant.shape != scores.shape:
             raise ValueError(
-                f"{fn}: a boolean or floating `relevant` is a 0-1 indicator of the scores' shape {tuple(scores.shape)}"
+                f"{fn}: a boolean or floating `{name}` is a 0-1 indicator of the scores' shape {tuple(scores.shape)}"
                 f", got shape {tuple(relevant.shape)}"
             )
         rel = relevant.to(device=scores.device, dtype=cdtype)
         if can_read_data(rel) and not bool(((rel == 0) | (rel == 1)).all()):
-            raise ValueError(f"{fn}: `relevant` as an indicator must hold only 0 and 1")
+            raise ValueError(f"{fn}: `{name}` as an indicator must hold only 0 and 1")
         return rel
     if not _is_integer_dtype(relevant.dtype):
         raise TypeError(
-            f"{fn}: `relevant` must be a bool/float indicator or an integer index tensor, got {relevant.dtype}"
+            f"{fn}: `{name}` must be a bool/float indicator or an integer index tensor, got {relevant.dtype}"
         )
     if relevant.dim() != 2 or relevant.shape[0] != b or relevant.shape[1] > n:
         raise ValueError(
-            f"{fn}: an integer `relevant` holds item indices of shape (batch, K) with batch={b} and K <= {n}, got "
+            f"{fn}: an integer `{name}` holds item indices of shape (batch, K) with batch={b} and K <= {n}, got "
             f"shape {tuple(relevant.shape)} (pass a 0-1 indicator as bool or float)"
         )
     idx = relevant.to(device=scores.device, dtype=torch.long)
     if idx.numel() and can_read_data(idx) and not bool(((idx >= 0) & (idx < n)).all()):
-        raise ValueError(f"{fn}: `relevant` must hold item indices in [0, {n - 1}]; got values outside it")
+        raise ValueError(f"{fn}: `{name}` must hold item indices in [0, {n - 1}]; got values outside it")
     rel = torch.zeros((b, n), dtype=cdtype, device=scores.device).scatter_(1, idx, 1.0)
     if can_read_data(rel) and idx.numel() and bool((rel.sum(1) != idx.shape[1]).any()):
         raise ValueError(
-            f"{fn}: `relevant` has a repeated index in a row (an integer `relevant` holds item indices; pass a 0-1 "
+            f"{fn}: `{name}` has a repeated index in a row (an integer `{name}` holds item indices; pass a 0-1 "
             f"indicator as bool or float)"
         )
     return rel
+
+
+def _warn_underflow(y: Tensor, rel: Tensor, fn: str, stacklevel: int) -> None:
+    """A ``RuntimeWarning`` when the mask underflows to 0 at a relevant item (its log is clamped, no gradient)."""
+    if can_read_data(y) and bool(((rel > 0) & (y < torch.finfo(y.dtype).tiny)).any()):
+        warnings.warn(
+            f"{fn}: the mask underflows to 0 at some relevant items (their scores lie far more than the temperature "
+            f"below the k-th): their log is clamped and they get no gradient. Raise the temperature or use "
+            f"scale='std'",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def _check_mask_method(method: object, options: dict, fn: str) -> None:
@@ -786,14 +820,7 @@ def cascade_topk_loss(
     _check_reduction(reduction, fn)
     x = scores.to(compute_dtype(scores))
     y = topk_mask(x, kk, method=method, temperature=temperature, scale=scale, **method_options)
-    if can_read_data(y) and bool(((rel > 0) & (y < torch.finfo(y.dtype).tiny)).any()):
-        warnings.warn(
-            f"{fn}: the mask underflows to 0 at some relevant items (their scores lie far more than the temperature "
-            f"below the k-th): their log is clamped and they get no gradient. Raise the temperature or use "
-            f"scale='std'",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    _warn_underflow(y, rel, fn, stacklevel=2)
     loss = -(rel * _safe_log(y) + (1.0 - rel) * _safe_log(1.0 - y)).mean(1)
     return _reduce(loss, reduction, scores.dtype)
 
@@ -839,4 +866,309 @@ class CascadeTopKLoss(nn.Module):
         return (
             f"k={self.k}, method={self.method!r}, temperature={self.temperature}, scale={self.scale!r}, "
             f"reduction={self.reduction!r}{opts}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Joint loss of a cascade of stages (DFTopK, Zhu et al. 2025)
+# ----------------------------------------------------------------------------------------------------------------
+_STAGES = "a sequence of (batch, n) tensors (one per stage) or one tensor of shape (stages, batch, n)"
+
+
+def _stages(stage_scores: object, fn: str) -> list[Tensor]:
+    """The stages' scores as a list of S ≥ 1 finite (batch, n) tensors of one shape, dtype and device."""
+    if isinstance(stage_scores, Tensor):
+        if stage_scores.dim() != 3:
+            raise ValueError(
+                f"{fn}: `stage_scores` as one tensor must have shape (stages, batch, n), got shape "
+                f"{tuple(stage_scores.shape)} (pass [scores] for one stage)"
+            )
+        stages = list(stage_scores.unbind(0))
+    elif isinstance(stage_scores, (list, tuple)):
+        stages = list(stage_scores)
+    else:
+        raise TypeError(f"{fn}: `stage_scores` must be {_STAGES}, got {type(stage_scores).__name__}")
+    if not stages:
+        raise ValueError(f"{fn}: `stage_scores` must hold at least one stage, got none")
+    for s, x in enumerate(stages):
+        try:
+            _check_logits(x, fn, "stage_scores")
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (stage {s})") from None
+        first = stages[0]
+        if (x.shape, x.dtype, x.device) != (first.shape, first.dtype, first.device):
+            raise ValueError(
+                f"{fn}: every stage of `stage_scores` scores the same candidates: stage {s} has shape "
+                f"{tuple(x.shape)}, dtype {x.dtype}, device {x.device}; stage 0 has shape {tuple(first.shape)}, "
+                f"dtype {first.dtype}, device {first.device}"
+            )
+    return stages
+
+
+def _n_stages(stage_scores: object) -> int | None:
+    """The number of stages of a well-formed ``stage_scores`` (None otherwise: the function's checks report it)."""
+    if isinstance(stage_scores, Tensor):
+        return stage_scores.shape[0] if stage_scores.dim() == 3 else None
+    return len(stage_scores) if isinstance(stage_scores, (list, tuple)) else None
+
+
+def _per_stage(value: object, n_stages: int, name: str, fn: str) -> list:
+    """One value per stage: a list or tuple of ``n_stages`` values, or one value for every stage."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n_stages:
+            raise ValueError(
+                f"{fn}: `{name}` has {len(value)} entries for {n_stages} stages: pass one per stage, or one value "
+                f"for every stage"
+            )
+        return list(value)
+    return [value] * n_stages
+
+
+def _check_stage_args(k: object, temperature: object, scale: object, n_stages: int, fn: str) -> list:
+    """Checks ``k`` (None or an int ≥ 0 per stage) and the temperatures; returns the per-stage temperatures."""
+    for kk in _per_stage(k, n_stages, "k", fn):
+        if kk is not None:
+            _check_int(kk, "k", 0, math.inf, fn)
+    temperatures = _per_stage(temperature, n_stages, "temperature", fn)
+    for t in temperatures:
+        _check_temperature_scale(t, scale, fn)
+    return temperatures
+
+
+def _check_log_weights(log_weights: object, n_stages: int, fn: str) -> None:
+    if log_weights is None:
+        return
+    if not isinstance(log_weights, Tensor) or not log_weights.dtype.is_floating_point:
+        kind = log_weights.dtype if isinstance(log_weights, Tensor) else type(log_weights).__name__
+        raise TypeError(f"{fn}: `log_weights` must be None or a floating tensor, got {kind}")
+    if log_weights.shape != (n_stages,):
+        raise ValueError(
+            f"{fn}: `log_weights` must hold one log-weight per stage, shape ({n_stages},), got shape "
+            f"{tuple(log_weights.shape)}"
+        )
+    if can_read_data(log_weights) and not bool(torch.isfinite(log_weights).all()):
+        raise ValueError(f"{fn}: `log_weights` must be finite")
+
+
+def _kth_midpoint(x: Tensor, k: Union[int, Tensor]) -> Tensor:
+    """τ = (x_(k) + x_(k+1))/2 of each row of x (batch, n), x_(j) the j-th largest, x_(0) = +∞, x_(n+1) = −∞;
+    (batch, 1), differentiable (the gradient reaches the k-th and (k+1)-th entries, as in DFTopK)."""
+    b, n = x.shape
+    if isinstance(k, Tensor):
+        kk = k
+        m = min(int(kk.max()) + 1, n) if kk.numel() and can_read_data(kk) else n
+    else:
+        kk, m = torch.full((b, 1), k, dtype=torch.long, device=x.device), min(k + 1, n)
+    pad = x.new_full((b, 1), math.inf)
+    vals = torch.cat([pad, x.topk(m, dim=1).values, -pad], 1)
+    return vals.gather(1, torch.cat([kk, kk + 1], 1).clamp(max=m + 1)).mean(1, keepdim=True)
+
+
+def _dftopk_logits(x: Tensor, k: Union[int, Tensor], temperature: Any, scale: Any, fn: str) -> Tensor:
+    """z = (x − τ)/t, the logits of DFTopK's mask σ(z) (t = T/4, τ by :func:`_kth_midpoint`).
+
+    At k = 0 and k = n the mask is exact (τ = ±∞); there z is ∓(−log tiny), so that a disagreeing label costs
+    −log tiny, as the clamped log of the probability methods, with no gradient."""
+    spec = lookup("mask", "dftopk", {}, fn=fn)
+    rows = prepare(fn, x, k, temperature=temperature, scale=scale, k_kind="int")
+    t = internal_temperature(spec, rows, {})
+    assert t is not None  # dftopk takes a temperature
+    tau = _kth_midpoint(x, rows.k)
+    finite = torch.isfinite(tau)
+    z = (x - torch.where(finite, tau, 0.0)) / t
+    return torch.where(finite, z, torch.full_like(tau, -math.log(torch.finfo(x.dtype).tiny)).copysign(-tau))
+
+
+def _log1mexp(a: Tensor) -> Tensor:
+    """log(1 − e^a) for a ≤ 0, stably (Mächler 2012): log(−expm1 a) above −log 2, log1p(−e^a) below; clamped at
+    log tiny where a = 0 (a product of masks exactly 1)."""
+    cut = -math.log(2.0)
+    near = torch.log((-torch.expm1(a.clamp(min=cut))).clamp_min(torch.finfo(a.dtype).tiny))
+    return torch.where(a > cut, near, torch.log1p(-torch.exp(a.clamp(max=cut))))
+
+
+def _bce(rel: Tensor, log_y: Tensor, log_not_y: Tensor) -> Tensor:
+    """−mean_i [r_i log y_i + (1 − r_i) log(1 − y_i)], per row."""
+    return -(rel * log_y + (1.0 - rel) * log_not_y).mean(1)
+
+
+def _joint_terms(
+    xs: list[Tensor], ks: list, ts: list, rel: Tensor, method: str, scale: Any, options: dict, fn: str
+) -> tuple[list[Tensor], Tensor]:
+    """The stage losses L_s and the joint loss, per row (see :func:`joint_cascade_loss`)."""
+    log_ys, log_nots, probs = [], [], []
+    for x, k, t in zip(xs, ks, ts):
+        if method == "dftopk":  # from the logits: log σ(z), log(1 − σ(z)) = log σ(−z)
+            z = _dftopk_logits(x, k, t, scale, fn)
+            log_ys.append(F.logsigmoid(z))
+            log_nots.append(F.logsigmoid(-z))
+        else:  # from the probabilities, with the clamped log of cascade_topk_loss
+            y = topk_mask(x, k, method=method, temperature=t, scale=scale, **options)
+            _warn_underflow(y, rel, fn, stacklevel=4)
+            probs.append(y)
+            log_ys.append(_safe_log(y))
+            log_nots.append(_safe_log(1.0 - y))
+    log_p = torch.stack(log_ys).sum(0)  # log Π_s y_s = Σ_s log y_s
+    log_not_p = _log1mexp(log_p) if method == "dftopk" else _safe_log(1.0 - torch.stack(probs).prod(0))
+    return [_bce(rel, a, b) for a, b in zip(log_ys, log_nots)], _bce(rel, log_p, log_not_p)
+
+
+def _uncertainty_weighted(stage_losses: list[Tensor], log_weights: Tensor | None) -> Tensor:
+    """Σ_s L_s / (2 w_s²) + Σ_s log w_s, w_s = exp(log_weights[s]) (w_s = 1 when ``log_weights`` is None)."""
+    losses = torch.stack(stage_losses, -1)  # (batch, S)
+    if log_weights is None:
+        return 0.5 * losses.sum(-1)
+    lw = log_weights.to(losses.dtype)
+    return (0.5 * losses * torch.exp(-2.0 * lw)).sum(-1) + lw.sum()
+
+
+def joint_cascade_loss(
+    stage_scores: Union[Sequence[Tensor], Tensor],
+    relevant: Tensor,
+    k: Union[int, Sequence[int], None] = None,
+    *,
+    method: str = "dftopk",
+    temperature: Union[float, Tensor, Sequence[Union[float, Tensor]], None] = None,
+    scale: str | None = None,
+    log_weights: Tensor | None = None,
+    reduction: str = "mean",
+    **method_options,
+) -> Tensor:
+    r"""Joint top-K loss of a cascade of S stages (Zhu et al. 2025, "Differentiable Fast Top-K Selection for
+    Large-Scale Recommendation", DFTopK): :math:`\sum_s \frac{L_s}{2 w_s^2} + L_{\mathrm{joint}} + \sum_s \log w_s`.
+
+    Each stage s of a cascade (e.g. retrieval, then pre-ranking) scores the same n candidates,
+    :math:`x^{(s)}`, and keeps its top :math:`k_s`. With :math:`y^{(s)}` = ``topk_mask(x_s, k_s, method=method,
+    temperature=T_s, scale=scale)`` the stage's soft selection and :math:`r` the indicator of the ground-truth set G
+    (the top-K of the final ranking),
+
+    - :math:`L_s = \mathrm{BCE}(y^{(s)}, r) = -\frac1n \sum_i [r_i \log y^{(s)}_i + (1 - r_i)\log(1 - y^{(s)}_i)]`
+      is :func:`cascade_topk_loss` of stage s;
+    - :math:`L_{\mathrm{joint}} = \mathrm{BCE}(\prod_s y^{(s)}, r)`: an item reaches the end of the cascade only if
+      every stage keeps it, so the product of the masks is the cascade's soft selection;
+    - :math:`w_s = \exp(\texttt{log\_weights}[s])` are learnable uncertainty weights (Kendall, Gal & Cipolla 2018),
+      which balance the stage losses; the :math:`\log w_s` term keeps them from growing without bound (for
+      fixed losses the optimum is :math:`w_s^2 = L_s`).
+      ``log_weights=None`` means :math:`w_s = 1` (:math:`\sum_s L_s/2 + L_{\mathrm{joint}}`).
+      :class:`JointCascadeLoss` owns them as an ``nn.Parameter``.
+
+    This is the objective of the authors' code for two stages (its weights start at 1, i.e. ``log_weights`` 0),
+    for any number of stages. With ``"dftopk"`` (the paper's operator, :math:`y = \sigma(z)`,
+    :math:`z = (x - \theta)/t`, θ the midpoint of the k-th and (k + 1)-th largest scores, t = T/4: the code's τ is
+    ``temperature / 4``) the cross-entropies are computed from the logits z: :math:`\log y = \log\sigma(z)`,
+    :math:`\log(1 - y) = \log\sigma(-z)`, :math:`\log\prod_s y^{(s)} = \sum_s \log\sigma(z^{(s)})` and
+    :math:`\log(1 - \prod_s y^{(s)}) = \mathrm{log1mexp}(\sum_s \log\sigma(z^{(s)}))`, so the loss and its gradient
+    stay exact where the masks saturate (no clamping; for k = 0 or n, where the mask is exact, a disagreeing label
+    costs :math:`-\log\mathrm{tiny}`). The other methods without exact zeros (``"sigmoid"``, ``"soft"``,
+    ``"lapsum"``) take the logarithms of the probabilities, clamped as in :func:`cascade_topk_loss`; methods with
+    exact zeros raise ``ValueError`` as there. As the temperature → 0 each :math:`y^{(s)}` tends to the stage's hard
+    top-:math:`k_s` selection.
+
+    The loss of a row includes :math:`\sum_s \log w_s`; ``reduction`` then reduces the rows, so ``"sum"`` scales
+    every term by the batch size and leaves the optimal weights unchanged.
+
+    Args:
+        stage_scores: the S ≥ 1 stages' scores of the same candidates: a sequence of S finite tensors of shape
+            (batch, n) (one dtype and device), or one tensor of shape (S, batch, n).
+        relevant: the ground-truth set, a 0-1 indicator of shape (batch, n) (bool or float) or an integer tensor of
+            item indices of shape (batch, K) (no repeats within a row), as :func:`cascade_topk_loss`.
+        k: each stage's selection size: None (default: each row's K, every stage), an int in [0, n] for every
+            stage, or a sequence of S such values (e.g. ``[30, 20]``: retrieval keeps 30, pre-ranking 20).
+        method: a method of :func:`softtopk.topk_mask` without exact zeros (``"dftopk"``, default; ``"sigmoid"``,
+            ``"soft"``, ``"lapsum"``), the same for every stage.
+        temperature: T > 0 (None: 1.0), a number or a per-row tensor of shape (batch,), or a sequence of S of these
+            (one per stage: stages' scores may live on different scales).
+        scale: None (T in score units) or ``"std"`` (T times each row's standard deviation, per stage).
+        log_weights: None, or the learnable :math:`\log w_s`, a floating tensor of shape (S,).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` over the batch.
+        **method_options: passed to ``topk_mask`` (none for ``"dftopk"``).
+
+    Example:
+        >>> import torch
+        >>> from softtopk.losses import joint_cascade_loss
+        >>> retrieval = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+        >>> prerank = torch.tensor([[2.0, 0.0, 3.0, 1.0], [1.0, 3.0, 0.0, 2.0]])
+        >>> relevant = torch.tensor([[0, 2], [1, 3]])  # the ground-truth top-2 of each row
+        >>> joint_cascade_loss([retrieval, prerank], relevant, [3, 2], temperature=4.0, reduction="none")
+        tensor([0.6925, 0.8959])
+        >>> joint_cascade_loss([retrieval, prerank], relevant, [3, 2], temperature=4.0,
+        ...                    log_weights=torch.tensor([0.5, -0.5]), reduction="none")
+        tensor([0.8461, 0.9704])
+    """
+    fn = "joint_cascade_loss"
+    stages = _stages(stage_scores, fn)
+    n_stages, n = len(stages), stages[0].shape[1]
+    rel = _relevance(relevant, stages[0], fn)
+    _check_mask_method(method, method_options, fn)
+    temperatures = _check_stage_args(k, temperature, scale, n_stages, fn)
+    default_k = rel.sum(1).round().long()
+    ks = [default_k if v is None else _check_int(v, "k", 0, n, fn) for v in _per_stage(k, n_stages, "k", fn)]
+    _check_log_weights(log_weights, n_stages, fn)
+    _check_reduction(reduction, fn)
+    xs = [x.to(compute_dtype(x)) for x in stages]
+    stage_losses, joint = _joint_terms(xs, ks, temperatures, rel, method, scale, method_options, fn)
+    return _reduce(joint + _uncertainty_weighted(stage_losses, log_weights), reduction, stages[0].dtype)
+
+
+class JointCascadeLoss(nn.Module):
+    r"""``nn.Module`` form of :func:`joint_cascade_loss` that owns the uncertainty weights:
+    ``JointCascadeLoss(n_stages, k)(stage_scores, relevant)``.
+
+    ``log_weights`` is an ``nn.Parameter`` of shape (n_stages,), initialised to 0 (every :math:`w_s = 1`, as the
+    authors' code); train it with the models' parameters (pass ``loss_fn.parameters()`` to the optimiser too).
+    :math:`w_s` = ``log_weights.exp()``. The other arguments are checked when the module is built; ``eval()``
+    changes nothing.
+
+    Example:
+        >>> import torch
+        >>> from softtopk.losses import JointCascadeLoss
+        >>> loss_fn = JointCascadeLoss(2, [3, 2], temperature=4.0)
+        >>> retrieval = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
+        >>> prerank = torch.tensor([[2.0, 0.0, 3.0, 1.0]])
+        >>> loss = loss_fn([retrieval, prerank], torch.tensor([[0, 2]]))
+        >>> loss
+        tensor(0.6925, grad_fn=<MeanBackward0>)
+        >>> loss.backward()
+        >>> loss_fn.log_weights.grad
+        tensor([0.5679, 0.6623])
+    """
+
+    def __init__(
+        self,
+        n_stages: int,
+        k: Union[int, Sequence[int], None] = None,
+        *,
+        method: str = "dftopk",
+        temperature: Union[float, Tensor, Sequence[Union[float, Tensor]], None] = None,
+        scale: str | None = None,
+        reduction: str = "mean",
+        **method_options,
+    ):
+        super().__init__()
+        fn = "JointCascadeLoss"
+        n_stages = _check_int(n_stages, "n_stages", 1, math.inf, fn)
+        _check_mask_method(method, method_options, fn)
+        _check_stage_args(k, temperature, scale, n_stages, fn)
+        _check_reduction(reduction, fn)
+        self.n_stages, self.k, self.method, self.temperature, self.scale = n_stages, k, method, temperature, scale
+        self.reduction, self.method_options = reduction, method_options
+        self.log_weights = nn.Parameter(torch.zeros(n_stages))
+
+    def forward(self, stage_scores: Union[Sequence[Tensor], Tensor], relevant: Tensor) -> Tensor:
+        count = _n_stages(stage_scores)
+        if count is not None and count != self.n_stages:
+            raise ValueError(
+                f"JointCascadeLoss: `stage_scores` has {count} stages; the module was built for "
+                f"n_stages={self.n_stages}"
+            )
+        return joint_cascade_loss(
+            stage_scores, relevant, self.k, method=self.method, temperature=self.temperature, scale=self.scale,
+            log_weights=self.log_weights, reduction=self.reduction, **self.method_options,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        opts = "".join(f", {key}={val!r}" for key, val in self.method_options.items())
+        return (
+            f"n_stages={self.n_stages}, k={self.k}, method={self.method!r}, temperature={self.temperature}, "
+            f"scale={self.scale!r}, reduction={self.reduction!r}{opts}"
         )
