@@ -559,3 +559,86 @@ def test_ties_at_a_large_offset(variant, dtype, offset):
         y = run(x, 2, variant, temperature=0.5)
     expected = torch.tensor([[2 / 3, 2 / 3, 2 / 3, 0.0, 0.0]], dtype=dtype)
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The numba kernel (float32, CPU, eager) against the pure-torch reference solver.
+# ----------------------------------------------------------------------------------------------------------
+def _kernel_available():
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_numba = pytest.mark.skipif(not _kernel_available(), reason="numba is not installed (the `fast` extra)")
+
+
+def _both_backends(fn):
+    """``fn()`` with the numba kernel and with the torch reference: the two results."""
+    from softtopk import threshold
+
+    out = {}
+    try:
+        for backend in ("numba", "torch"):
+            threshold.BACKEND["threshold"] = backend
+            out[backend] = fn()
+    finally:
+        threshold.BACKEND["threshold"] = "numba"
+    return out["numba"], out["torch"]
+
+
+@needs_numba
+def test_kernel_is_used_for_float32_cpu_only():
+    from softtopk.threshold import threshold_backend
+
+    assert threshold_backend(torch.zeros(2, 3)) == "numba"
+    assert threshold_backend(torch.zeros(2, 3, dtype=torch.float64)) == "torch"
+    assert threshold_backend(torch.func.vmap(lambda v: v)(torch.zeros(2, 3))) == "numba"  # unwrapped result
+    seen = []
+    torch.func.vmap(lambda v: seen.append(threshold_backend(v)) or v)(torch.zeros(2, 3))
+    assert seen == ["torch"]
+
+
+@needs_numba
+@pytest.mark.parametrize("variant", ["sigmoid", "sparse", "sparse43", "lapsum", "soft"])
+@pytest.mark.parametrize(
+    "shape, k",
+    [((64, 8), 2), ((16, 200), 20), ((4, 1000), 5), ((3, 5000), 700), ((2, 40000), 4), ((5, 1), 0.5), ((6, 7), 7)],
+)
+def test_kernel_matches_reference(variant, shape, k):
+    """Values and gradients (x, per-row k, per-row temperature) of the kernel equal the reference's to float32
+    tolerance, and Σy = k."""
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(shape, generator=g)
+    gy = torch.randn(shape, generator=g)
+    k0 = torch.full(shape[:-1], float(k)) * torch.linspace(0.5, 1.0, shape[0]) if k not in (0, shape[-1]) else None
+    t0 = torch.linspace(0.1, 2.0, shape[0])
+
+    def fn():
+        x = x0.clone().requires_grad_()
+        kk = k0.clone().requires_grad_() if k0 is not None else k
+        t = t0.clone().requires_grad_()
+        y = run(x, kk, variant, temperature=t)
+        y.backward(gy)
+        return y.detach(), x.grad, None if k0 is None else kk.grad, t.grad
+
+    numba_out, torch_out = _both_backends(fn)
+    expect_k = k0 if k0 is not None else torch.full(shape[:-1], float(k))
+    torch.testing.assert_close(numba_out[0].sum(-1), expect_k, rtol=0, atol=1e-4 * max(k, 1))
+    for a, b, what in zip(numba_out, torch_out, ("y", "grad x", "grad k", "grad t")):
+        if b is not None:
+            scale = max(float(b.abs().max()), 1.0)
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-3 * scale, msg=what)
+
+
+@needs_numba
+@pytest.mark.parametrize("variant", ["sigmoid", "sparse", "lapsum"])
+def test_kernel_hands_rows_with_infinities_to_reference(variant):
+    """-inf padding and +inf scores: the kernel declines and the reference solves the call, identically."""
+    x = torch.randn(3, 10)
+    x[0, :4] = -math.inf
+    x[1, 0] = math.inf
+    numba_out, torch_out = _both_backends(lambda: run(x, 3, variant, temperature=0.5))
+    assert torch.equal(numba_out, torch_out)

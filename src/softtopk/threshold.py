@@ -503,12 +503,97 @@ def _implicit_backward(family, y, dsum, x, t, tau, centre, gy, needs_k, needs_t)
     return gx, gk, gt
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The numba kernel (optional): the whole solve of a row, and the backward, in one call each, rows in parallel.
+# --------------------------------------------------------------------------------------------------------------
+_KERNEL_MODULE: object = None
+
+
+def _kernel():
+    """The numba kernel module, or None when numba is not installed (imported on first use)."""
+    global _KERNEL_MODULE
+    if _KERNEL_MODULE is None:
+        try:
+            from . import _threshold_numba
+
+            _KERNEL_MODULE = _threshold_numba
+        except ImportError:
+            _KERNEL_MODULE = False
+    return _KERNEL_MODULE or None
+
+
+#: ``"numba"`` (the default: the kernel for float32 CPU tensors in eager mode when numba imports) or ``"torch"``
+#: (the reference solver everywhere); tests set it to compare the two.
+BACKEND = {"threshold": "numba"}
+
+
+def threshold_backend(x: Tensor) -> str:
+    """The solver :func:`normalised_mask` uses for ``x`` (compute dtype): ``"numba"`` for float32 CPU tensors in
+    eager mode (not under ``torch.compile`` or a ``torch.func`` transform) when numba is installed, else
+    ``"torch"``, the pure-torch reference."""
+    if BACKEND["threshold"] != "numba" or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
+        return "torch"
+    if not can_read_data(x) or _kernel() is None:
+        return "torch"
+    return "numba"
+
+
+def _rows_f64(a: Tensor, shape, rows: int) -> Tensor:
+    """A (..., 1) parameter as a contiguous float64 vector of ``rows`` entries."""
+    return a.detach().to(torch.float64).expand(shape).reshape(rows).contiguous()
+
+
+def _kernel_solve(family, x, k, t, tol, max_iter):
+    """:func:`threshold_mask_solve` by the numba kernel: (y, Σφ', τ, 1/t) with τ and 1/t float64 (..., 1), or
+    None when a row needs the reference (non-finite scores, extreme |x|/t, no convergence)."""
+    mod = _kernel()
+    n = x.shape[-1]
+    x2 = x.detach().reshape(-1, n).contiguous()
+    rows = x2.shape[0]
+    shape = x.shape[:-1] + (1,)
+    kk, rt = _rows_f64(k, shape, rows), _rows_f64(t, shape, rows).reciprocal_()
+    y = torch.empty_like(x2)
+    tau, dsum = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
+    status = torch.empty(rows, dtype=torch.int8)
+    code = mod.CODES[_family_key(family)]
+    mod.forward(code, x2.numpy(), kk.numpy(), rt.numpy(), tol, max_iter, y.numpy(), tau.numpy(), dsum.numpy(),
+                status.numpy(), mod.lanes(rows))  # fmt: skip
+    if bool(status.any()):
+        return None
+    return y.reshape(x.shape), dsum.to(x.dtype).reshape(shape), tau.reshape(shape), rt.reshape(shape)
+
+
+def _kernel_backward(family, y, x, rt, tau, gy, needs_k, needs_t):
+    """The implicit backward (see :func:`_implicit_backward`) by the numba kernel."""
+    mod = _kernel()
+    n = y.shape[-1]
+    rows = y.numel() // n
+    y2, g2 = y.reshape(rows, n), gy.to(y.dtype).reshape(rows, n).contiguous()
+    x2 = x.detach().reshape(rows, n).contiguous() if needs_t else y2.new_empty((rows, 0))
+    gx = torch.empty_like(y2)
+    gk, gt = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
+    code = mod.CODES[_family_key(family)]
+    mod.backward(code, y2.numpy(), g2.numpy(), rt.reshape(rows).numpy(), x2.numpy(), tau.reshape(rows).numpy(),
+                 gx.numpy(), gk.numpy(), gt.numpy(), mod.lanes(rows))  # fmt: skip
+    shape = y.shape[:-1] + (1,)
+    gk_out = gk.to(y.dtype).reshape(shape) if needs_k else None
+    return gx.reshape(y.shape), gk_out, gt.to(y.dtype).reshape(shape) if needs_t else None
+
+
+def _family_key(family: type[Family]) -> str:
+    return next(name for name, fam in FAMILIES.items() if fam is family)
+
+
 def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
     class ThresholdMask(torch.autograd.Function):
         generate_vmap_rule = True
 
         @staticmethod
         def forward(x, k, t, tol, max_iter):
+            if threshold_backend(x) == "numba" and can_read_data(k) and can_read_data(t):
+                out = _kernel_solve(family, x, k, t, tol, max_iter)
+                if out is not None:
+                    return out  # τ and its 4th output (1/t) in float64: the mark of the kernel's solution
             return threshold_mask_solve(family, x, k, t, tol, max_iter)
 
         @staticmethod
@@ -516,6 +601,7 @@ def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
             x, k, t, _, _ = inputs
             y, dsum, tau, centre = output
             ctx.mark_non_differentiable(dsum, tau, centre)
+            ctx.kernel = tau.dtype != y.dtype
             ctx.save_for_backward(y, dsum, x if ctx.needs_input_grad[2] else None, t, tau, centre)
 
         @staticmethod
@@ -523,7 +609,10 @@ def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
         def backward(ctx, gy, _gdsum, _gtau, _gcentre):
             y, dsum, x, t, tau, centre = ctx.saved_tensors
             needs_k, needs_t = ctx.needs_input_grad[1:3]
-            gx, gk, gt = _row_blocks(_implicit_backward, family, y, dsum, x, t, tau, centre, gy, needs_k, needs_t)
+            if ctx.kernel:  # centre holds 1/t (float64)
+                gx, gk, gt = _kernel_backward(family, y, x, centre, tau, gy, needs_k, needs_t)
+            else:
+                gx, gk, gt = _row_blocks(_implicit_backward, family, y, dsum, x, t, tau, centre, gy, needs_k, needs_t)
             return gx, gk, gt, None, None
 
     ThresholdMask.__name__ = ThresholdMask.__qualname__ = f"ThresholdMask_{family.__name__}"
