@@ -642,3 +642,20 @@ def test_kernel_hands_rows_with_infinities_to_reference(variant):
     x[1, 0] = math.inf
     numba_out, torch_out = _both_backends(lambda: run(x, 3, variant, temperature=0.5))
     assert torch.equal(numba_out, torch_out)
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_keep_torchs_thread_count(threads):
+    # numba's OpenMP layer sets OpenMP's thread count at every launch, and torch reads its own from OpenMP: the
+    # kernels must run on torch's count and leave it as it was (a user's torch.set_num_threads(1) survives them)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        x = torch.randn(512, 100, requires_grad=True)
+        softtopk.topk_mask(x, 5, method="sigmoid").sum().backward()
+        assert torch.get_num_threads() == threads
+        softtopk.soft_rank(torch.randn(64, 100, requires_grad=True)).sum().backward()
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

@@ -26,6 +26,9 @@ import math
 import numba
 import numpy as np
 
+from ._numba_threads import lanes as lanes  # re-exported: the callers split rows with it
+from ._numba_threads import torch_threads as torch_threads
+
 Q2, Q4, KL = 0, 1, 2
 
 
@@ -119,24 +122,19 @@ def _pav_row(y, a, b, c, mode, v, start, first, stats):
             start[i] = lo
 
 
-def lanes(rows: int) -> int:
-    """Parallel tasks for ``rows`` rows: a few per thread (for balance), each with its own scratch space."""
-    return max(1, min(rows, 4 * numba.get_num_threads()))
-
-
 @numba.njit(cache=True)
 def _scratch(n):
     return np.empty(n, np.int64), np.empty((7, n))
 
 
 @numba.njit(parallel=True, cache=True)
-def pav(y, a, b, c, mode, v, start, lanes):
+def pav(y, a, b, c, mode, v, start, n_lanes):
     """Rows of ``y`` (R, n); ``a``, ``b``, ``c`` of shape (1, n) or (R, n) (broadcast over rows). Writes ``v``
-    (R, n) and ``start`` (R, n). The rows are shared among ``lanes`` parallel tasks (see :func:`lanes`)."""
+    (R, n) and ``start`` (R, n). The rows are shared among ``n_lanes`` parallel tasks (see :func:`lanes`)."""
     rows, n = y.shape
-    for lane in numba.prange(lanes):  # scratch space once per lane, not once per row
+    for lane in numba.prange(n_lanes):  # scratch space once per lane, not once per row
         first, stats = _scratch(n)
-        for r in range(lane, rows, lanes):
+        for r in range(lane, rows, n_lanes):
             _pav_row(y[r], a[r % a.shape[0]], b[r % b.shape[0]], c[r % c.shape[0]], mode, v[r], start[r], first, stats)
 
 
@@ -289,7 +287,7 @@ def _project_scratch(n, perm_dtype):
 
 
 @numba.njit(parallel=True, cache=True)
-def project(y, y_scale, b, b_sign, sort_y, mode, out, perm, start, u_out, lanes):
+def project(y, y_scale, b, b_sign, sort_y, mode, out, perm, start, u_out, n_lanes):
     """Projection onto the permutahedron, row by row, with the sort fused in.
 
     With y' = y_scale · y (one scale per row) and b' = b_sign · b, the rows of y' (``sort_y``) or of b' (not
@@ -302,9 +300,9 @@ def project(y, y_scale, b, b_sign, sort_y, mode, out, perm, start, u_out, lanes)
     """
     rows, n = out.shape
     bad = 0
-    for lane in numba.prange(lanes):
+    for lane in numba.prange(n_lanes):
         scratch = _project_scratch(n, perm.dtype)
-        for r in range(lane, rows, lanes):
+        for r in range(lane, rows, n_lanes):
             bad += _project_row(
                 y[r % y.shape[0]],
                 y_scale[r % y_scale.shape[0]],
@@ -394,7 +392,7 @@ def _project_backward_row(g, y, y_scale, b, b_sign, u, perm, start, sort_y, mode
 
 
 @numba.njit(parallel=True, cache=True)
-def project_backward(g, y, y_scale, b, b_sign, u, perm, start, sort_y, mode, gy, gscale, gb, lanes):
+def project_backward(g, y, y_scale, b, b_sign, u, perm, start, sort_y, mode, gy, gscale, gb, n_lanes):
     """Gradients of :func:`project` with respect to y, y_scale (one per row, into ``gscale`` (R,)) and b, from
     the block structure. With G_B the sum of the incoming gradient over a block B (sorted order), Q2:
     ∂y' = g − G_B/|B|, ∂b' = G_B/|B|; Q4 (h = 3u²): ∂y' = h (g − Σ_B h g / Σ_B h), ∂b' = Σ_B h g / Σ_B h; KL:
@@ -403,9 +401,9 @@ def project_backward(g, y, y_scale, b, b_sign, u, perm, start, sort_y, mode, gy,
     length 0 along its last axis, and is then not computed."""
     rows, n = g.shape
     need_scale = gscale.shape[0] > 0
-    for lane in numba.prange(lanes):
+    for lane in numba.prange(n_lanes):
         scratch = np.empty((3, n))
-        for r in range(lane, rows, lanes):
+        for r in range(lane, rows, n_lanes):
             gs = _project_backward_row(
                 g[r],
                 y[r % y.shape[0]],

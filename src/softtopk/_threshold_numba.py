@@ -26,6 +26,9 @@ import math
 import numba
 import numpy as np
 
+from ._numba_threads import lanes as lanes  # re-exported: the callers split rows with it
+from ._numba_threads import torch_threads as torch_threads
+
 SIGMOID, LAPLACE, EUCLIDEAN, CUBIC = 0, 1, 2, 3
 #: the family names of :data:`softtopk.threshold.FAMILIES`, by kernel code
 CODES = {"sigmoid": SIGMOID, "lapsum": LAPLACE, "sparse2": EUCLIDEAN, "sparse4/3": CUBIC}
@@ -232,20 +235,15 @@ def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample):
     return tau, d, 0 if ok else 1
 
 
-def lanes(rows: int) -> int:
-    """Parallel tasks for ``rows`` rows: a few per thread (for balance), each with its own scratch space."""
-    return max(1, min(rows, 4 * numba.get_num_threads()))
-
-
 @numba.njit(parallel=True, cache=True)
-def forward(fam, x, k, rt, tol, max_iter, y, tau, dsum, status, lanes):
+def forward(fam, x, k, rt, tol, max_iter, y, tau, dsum, status, n_lanes):
     """Rows of x (R, n) float32: the mask into y (R, n), τ (in units of t), Σφ' and the status of each row
     (0 done, 1 for the reference) into tau, dsum, status (R,). k and rt (R,) float64."""
     rows = x.shape[0]
-    for lane in numba.prange(lanes):
+    for lane in numba.prange(n_lanes):
         buf = np.empty(_SCAN_K + 1)
         sample = np.empty(2 * _SAMPLE + 2, dtype=x.dtype)
-        for r in range(lane, rows, lanes):
+        for r in range(lane, rows, n_lanes):
             tau[r], dsum[r], status[r] = _solve_row(fam, x[r], k[r], rt[r], tol, max_iter, y[r], buf, sample)
 
 
@@ -282,11 +280,11 @@ def _backward_row(fam, y, g, rt, x, tau, gx):
 
 
 @numba.njit(parallel=True, cache=True)
-def backward(fam, y, g, rt, x, tau, gx, gk, gt, lanes):
+def backward(fam, y, g, rt, x, tau, gx, gk, gt, n_lanes):
     """The implicit backward of :func:`forward`, row by row: with d = φ'(z) rt on 0 < y < 1,
     gx = d (g − ḡ), ḡ = Σ g d / Σ d (= gk), and gt = −Σ z gx when x (R, n) is given (shape (R, 0) otherwise)."""
     rows = y.shape[0]
-    for lane in numba.prange(lanes):
-        for r in range(lane, rows, lanes):
+    for lane in numba.prange(n_lanes):
+        for r in range(lane, rows, n_lanes):
             gk[r], zg = _backward_row(fam, y[r], g[r], rt[r], x[r], tau[r], gx[r])
             gt[r] = -zg

@@ -189,10 +189,11 @@ def _pav_numba_call(y, a, b, c, mode):
     v = torch.empty((rows, n), dtype=torch.float64)
     start = torch.empty((rows, n), dtype=torch.int64)
     if rows and n:
-        kernel.pav(
-            y64.numpy(), _np_rows(a, 1.0, n), _np_rows(b, 0.0, n), _np_rows(c, 0.0, n), mode, v.numpy(), start.numpy(),
-            kernel.lanes(rows),
-        )  # fmt: skip
+        with kernel.torch_threads() as threads:
+            kernel.pav(
+                y64.numpy(), _np_rows(a, 1.0, n), _np_rows(b, 0.0, n), _np_rows(c, 0.0, n), mode, v.numpy(),
+                start.numpy(), kernel.lanes(rows, threads),
+            )  # fmt: skip
     return v.to(device=y.device, dtype=y.dtype), start.to(y.device)
 
 
@@ -694,10 +695,11 @@ class _SortProject(torch.autograd.Function):
         blocks = np.empty((2, rows, n), np.int32)  # perm, start
         u = np.empty((rows, n) if mode == Q4 else (rows, 0))
         if rows and n:
-            bad = kernel.project(
-                yc.numpy(), scale, bc.numpy(), float(b_sign), sort_y, mode, out.numpy(), blocks[0], blocks[1], u,
-                kernel.lanes(rows),
-            )  # fmt: skip
+            with kernel.torch_threads() as threads:
+                bad = kernel.project(
+                    yc.numpy(), scale, bc.numpy(), float(b_sign), sort_y, mode, out.numpy(), blocks[0], blocks[1], u,
+                    kernel.lanes(rows, threads),
+                )  # fmt: skip
             if bad:
                 raise ValueError(f"{fn}: `x` must be finite (it contains NaN or ±inf)")
         # the kernel's own arrays stay numpy (no conversions in the backward); the inputs go through autograd's
@@ -719,10 +721,11 @@ class _SortProject(torch.autograd.Function):
         gscale = torch.zeros(rows if need_scale else 0, dtype=torch.float64).numpy()
         if g.numel():
             kernel = _numba()
-            kernel.project_backward(
-                g.numpy(), y.numpy(), scale, b.numpy(), b_sign, u, blocks[0], blocks[1], sort_y, mode, gy.numpy(),
-                gscale, gb.numpy(), kernel.lanes(rows),
-            )  # fmt: skip
+            with kernel.torch_threads() as threads:
+                kernel.project_backward(
+                    g.numpy(), y.numpy(), scale, b.numpy(), b_sign, u, blocks[0], blocks[1], sort_y, mode, gy.numpy(),
+                    gscale, gb.numpy(), kernel.lanes(rows, threads),
+                )  # fmt: skip
         gy = (gy.sum(0, keepdim=True) if y.shape[0] != rows else gy) if need_y else None
         gb = (gb.sum(0, keepdim=True) if b.shape[0] != rows else gb) if need_b else None
         gs = None

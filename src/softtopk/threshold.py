@@ -556,8 +556,9 @@ def _kernel_solve(family, x, k, t, tol, max_iter):
     tau, dsum = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
     status = torch.empty(rows, dtype=torch.int8)
     code = mod.CODES[_family_key(family)]
-    mod.forward(code, x2.numpy(), kk.numpy(), rt.numpy(), tol, max_iter, y.numpy(), tau.numpy(), dsum.numpy(),
-                status.numpy(), mod.lanes(rows))  # fmt: skip
+    with mod.torch_threads() as threads:
+        mod.forward(code, x2.numpy(), kk.numpy(), rt.numpy(), tol, max_iter, y.numpy(), tau.numpy(), dsum.numpy(),
+                    status.numpy(), mod.lanes(rows, threads))  # fmt: skip
     if bool(status.any()):
         return None
     return y.reshape(x.shape), dsum.to(x.dtype).reshape(shape), tau.reshape(shape), rt.reshape(shape)
@@ -573,8 +574,9 @@ def _kernel_backward(family, y, x, rt, tau, gy, needs_k, needs_t):
     gx = torch.empty_like(y2)
     gk, gt = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
     code = mod.CODES[_family_key(family)]
-    mod.backward(code, y2.numpy(), g2.numpy(), rt.reshape(rows).numpy(), x2.numpy(), tau.reshape(rows).numpy(),
-                 gx.numpy(), gk.numpy(), gt.numpy(), mod.lanes(rows))  # fmt: skip
+    with mod.torch_threads() as threads:
+        mod.backward(code, y2.numpy(), g2.numpy(), rt.reshape(rows).numpy(), x2.numpy(), tau.reshape(rows).numpy(),
+                     gx.numpy(), gk.numpy(), gt.numpy(), mod.lanes(rows, threads))  # fmt: skip
     shape = y.shape[:-1] + (1,)
     gk_out = gk.to(y.dtype).reshape(shape) if needs_k else None
     return gx.reshape(y.shape), gk_out, gt.to(y.dtype).reshape(shape) if needs_t else None
