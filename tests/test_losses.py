@@ -1044,3 +1044,25 @@ def test_joint_compiles_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(lambda a, b: loss_fn([a, b], rel), backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(*xs), loss_fn(xs, rel))
+
+
+@pytest.mark.parametrize("method", ["odd_even", "bitonic", "sinkhorn"])
+def test_topk_cross_entropy_candidates_in_score_order(method):
+    # the pre-selected candidates reach the network in decreasing order of score, the target among them at its
+    # rank (after the candidates it ties with), not at a fixed column: a sorting network is not exactly
+    # permutation-equivariant, and a fixed column would favour the target whatever its score
+    from softtopk.losses import topk_cross_entropy
+
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.tensor([5, 17, 33])
+    got = topk_cross_entropy(x, t, 5, candidates=16, method=method, reduction="none")
+    others = x.scatter(1, t[:, None], -math.inf).topk(15, dim=1).indices
+    cand = torch.cat([others, t[:, None]], dim=1)
+    sub, order = x.gather(1, cand).sort(dim=1, descending=True)
+    want = topk_cross_entropy(sub, (order == 15).long().argmax(1), 5, method=method, reduction="none")
+    assert torch.allclose(got, want)
+    # equal logits: the target goes after its ties, the last of the 16 columns
+    zeros = torch.zeros(2, 40, dtype=torch.float64)
+    got = topk_cross_entropy(zeros, torch.tensor([0, 39]), 5, candidates=16, method=method, reduction="none")
+    want = topk_cross_entropy(torch.zeros(1, 16, dtype=torch.float64), torch.tensor([15]), 5, method=method)
+    assert torch.allclose(got, want.expand(2))

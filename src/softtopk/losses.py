@@ -271,10 +271,13 @@ def _check_permutation_method(method: object, options: dict, temperature: object
 
 
 def _preselect(x: Tensor, target: Tensor, m: int) -> tuple[Tensor, Tensor]:
-    """The target's score and the m − 1 largest other scores, (batch, m), with the target moved to column 0."""
+    """The target's score and the m − 1 largest other scores, (batch, m), in decreasing order of score (the target
+    after the others it ties with), and the target's column. Not the target at a fixed column: a sorting network is
+    not exactly permutation-equivariant, and a fixed column would bias the target's probability whatever its score."""
     others = x.detach().scatter(1, target.unsqueeze(1), -math.inf)
-    idx = torch.cat([target.unsqueeze(1), others.topk(m - 1, dim=1).indices], dim=1)
-    return x.gather(1, idx), torch.zeros_like(target)
+    idx = torch.cat([others.topk(m - 1, dim=1).indices, target.unsqueeze(1)], dim=1)
+    order = x.detach().gather(1, idx).argsort(dim=1, descending=True, stable=True)
+    return x.gather(1, idx.gather(1, order)), (order == m - 1).to(torch.int64).argmax(dim=1)
 
 
 def topk_cross_entropy(
