@@ -659,3 +659,40 @@ def test_kernels_keep_torchs_thread_count(threads):
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "shape, k", [((64, 8), 2), ((16, 200), 20), ((4, 1000), 5), ((3, 5000), 700), ((2, 40000), 4), ((2, 40000), 300)]
+)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_dftopk_kernel_matches_reference(shape, k, per_row):
+    """DFTopK's kernel (selection in numba, the sigmoid in torch, the backward in numba) against the torch path:
+    values and gradients (x and a per-row temperature), int k and per-row k, largest=False."""
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(shape, generator=g)
+    gy = torch.randn(shape, generator=g)
+    kk = torch.randint(1, min(k + 10, shape[-1]), shape[:-1] + (1,), generator=g) if per_row else k
+    t0 = torch.linspace(0.1, 2.0, shape[0]).unsqueeze(-1)
+    for largest in (True, False):
+
+        def fn(largest=largest):
+            x, t = x0.clone().requires_grad_(), t0.clone().requires_grad_()
+            y = softtopk.topk_mask(x, kk, method="dftopk", temperature=t, largest=largest)
+            y.backward(gy)
+            return y.detach(), x.grad, t.grad
+
+        for a, b, what in zip(*_both_backends(fn), ("y", "grad x", "grad t")):
+            # float32 sums over a row (the reference) against float64 ones (the kernel): 1e-4 of the largest entry
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * max(float(b.abs().max()), 1.0), msg=what)
+
+
+@needs_numba
+def test_dftopk_kernel_hands_ties_and_infinities_to_reference():
+    x = torch.randn(4, 12)
+    x[0, :3] = -math.inf  # padding
+    x[1, 5] = math.inf
+    x[2, :] = torch.tensor([3.0, 2.0, 2.0, 1.0] * 3)  # ties at the k-th value
+    for k in (2, 5):
+        numba_out, torch_out = _both_backends(lambda k=k: softtopk.topk_mask(x, k, method="dftopk", temperature=0.5))
+        assert torch.equal(numba_out, torch_out)

@@ -40,6 +40,8 @@ _LN2 = 0.6931471805599453
 _SCAN_K = 32  # rows with k < this get their start from an exact top-(k+1) scan
 _SAMPLE = 256  # otherwise from a strided subsample of about this many entries (rows longer than 2x this)
 _BIG = 1e12  # |x|/t beyond this: the reference, which re-centres
+SCAN_K = _SCAN_K
+SELECT_MAX_N = 1 << 15  # DFTopK: rows up to this long select by quickselect when k >= SCAN_K
 
 
 @numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
@@ -288,3 +290,114 @@ def backward(fam, y, g, rt, x, tau, gx, gk, gt, n_lanes):
         for r in range(lane, rows, n_lanes):
             gk[r], zg = _backward_row(fam, y[r], g[r], rt[r], x[r], tau[r], gx[r])
             gt[r] = -zg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DFTopK: y = σ((x − τ)/t), τ the midpoint of the k-th and (k+1)-th largest entries of the row.
+# ----------------------------------------------------------------------------------------------------------------
+@numba.njit(cache=True)
+def _scan_pair(x, k, vals, idx):
+    """Indices of the k-th and (k+1)-th largest of x (1 <= k < n) by one scan keeping the k + 1 largest (values and
+    indices in ``vals``, ``idx``, decreasing); and whether the row is finite."""
+    m = k + 1
+    for j in range(m):
+        vals[j] = -np.inf
+        idx[j] = -1
+    bad = 0.0
+    for i in range(x.shape[0]):
+        v = x[i]
+        bad += v - v  # NaN for ±inf and NaN
+        if v > vals[m - 1]:
+            j = m - 1
+            while j > 0 and vals[j - 1] < v:
+                vals[j] = vals[j - 1]
+                idx[j] = idx[j - 1]
+                j -= 1
+            vals[j] = v
+            idx[j] = i
+    return idx[k - 1], idx[k], bad == 0.0
+
+
+@numba.njit(cache=True)
+def _select_indices(x, k, scratch):
+    """Indices of the k-th and (k+1)-th largest of x (1 <= k < n) by quickselect on a copy; and finiteness."""
+    n = x.shape[0]
+    bad = 0.0
+    for i in range(n):
+        scratch[i] = x[i]
+        bad += x[i] - x[i]
+    if bad != 0.0:
+        return -1, -1, False
+    va, vb = _select_pair(scratch[:n], k)
+    a = -1
+    b = -1
+    for i in range(n):
+        if x[i] == va and a < 0:
+            a = i
+        elif x[i] == vb and b < 0:
+            b = i
+    return a, b, a >= 0 and b >= 0
+
+
+@numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _ties(x, va, vb):
+    """How many entries equal x_(k) or x_(k+1): 2 when there is no tie."""
+    ties = 0
+    for i in range(x.shape[0]):
+        ties += (x[i] == va) + (x[i] == vb)
+    return ties
+
+
+@numba.njit(parallel=True, cache=True)
+def dftopk_forward(x, k, tau, ia, ib, status, n_lanes):
+    """Rows of x (R, n) float32, k (R,) int64 in [1, n): τ and the indices of the k-th and (k+1)-th largest
+    into tau, ia, ib (the mask σ((x − τ)/t) is one vectorised torch pass after); status 1 for a row the reference
+    must do (a non-finite entry, or a tie at the k-th or (k+1)-th value, where the choice of index is torch's)."""
+    rows, n = x.shape
+    for lane in numba.prange(n_lanes):
+        vals = np.empty(_SCAN_K + 1, dtype=x.dtype)
+        idx = np.empty(_SCAN_K + 1, dtype=np.int64)
+        scratch = np.empty(n, dtype=x.dtype)
+        for r in range(lane, rows, n_lanes):
+            kk = k[r]
+            if kk < _SCAN_K:
+                a, b, ok = _scan_pair(x[r], kk, vals, idx)
+            else:
+                a, b, ok = _select_indices(x[r], kk, scratch)
+            status[r] = 0 if ok else 1
+            if ok:
+                va, vb = x[r, a], x[r, b]
+                tau[r] = 0.5 * (np.float64(va) + np.float64(vb))
+                ia[r], ib[r] = a, b
+                if _ties(x[r], va, vb) != 2:
+                    status[r] = 1
+
+
+@numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _dftopk_backward_row(y, g, rt, x, tau, gx):
+    """gx = s with s = g y (1 − y) rt; returns (Σ s, Σ s z) with z = (x − τ) rt (0 when x is empty)."""
+    n = y.shape[0]
+    total = 0.0
+    for i in range(n):
+        v = np.float64(y[i])
+        s = g[i] * v * (1.0 - v) * rt
+        gx[i] = s
+        total += s
+    sz = 0.0
+    if x.shape[0] == n:
+        for i in range(n):
+            sz += gx[i] * ((x[i] - tau) * rt)
+    return total, sz
+
+
+@numba.njit(parallel=True, cache=True)
+def dftopk_backward(y, g, rt, x, tau, ia, ib, gx, gt, n_lanes):
+    """The backward of :func:`dftopk_forward`: gx = s − (Σ s)(e_a + e_b)/2, s = g σ'(z) rt; gt = −Σ s z when x
+    (R, n) is given (shape (R, 0) otherwise)."""
+    rows = y.shape[0]
+    for lane in numba.prange(n_lanes):
+        for r in range(lane, rows, n_lanes):
+            total, sz = _dftopk_backward_row(y[r], g[r], rt[r], x[r], tau[r], gx[r])
+            gx[r, ia[r]] -= 0.5 * total
+            gx[r, ib[r]] -= 0.5 * total
+            gt[r] = -sz

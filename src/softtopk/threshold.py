@@ -823,8 +823,66 @@ class _DFTopK(torch.autograd.Function):
         return gx, gt, None, None
 
 
+def _kernel_dftopk(x: Tensor, k: int | Tensor, t: Tensor):
+    """DFTopK's (mask, τ, indices of the k-th and (k+1)-th largest, 1/t) by the numba kernel, rows flattened;
+    None when a row needs the reference (k outside [1, n), a non-finite entry, a tie at those two values)."""
+    mod, n = _kernel(), x.shape[-1]
+    x2 = x.detach().reshape(-1, n).contiguous()
+    rows, shape = x2.shape[0], x.shape[:-1] + (1,)
+    if isinstance(k, int):
+        if not 0 < k < n or (k >= mod.SCAN_K and n > mod.SELECT_MAX_N):
+            return None  # long rows with a large k: the reference's sampled window selects faster
+        kk = torch.full((rows,), k, dtype=torch.int64)
+    else:
+        kk = k.detach().to(torch.int64).expand(shape).reshape(rows).contiguous()
+        if not bool(((kk > 0) & (kk < n)).all()) or (n > mod.SELECT_MAX_N and int(kk.max()) >= mod.SCAN_K):
+            return None
+    tau, status = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.int8)
+    ia, ib = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.int64)
+    with mod.torch_threads() as threads:
+        mod.dftopk_forward(x2.numpy(), kk.numpy(), tau.numpy(), ia.numpy(), ib.numpy(), status.numpy(),
+                           mod.lanes(rows, threads))  # fmt: skip
+    if bool(status.any()):
+        return None
+    rt = _rows_f64(t, shape, rows).reciprocal_()
+    rt32 = rt.to(x2.dtype).unsqueeze(-1)
+    y = torch.addcmul((-tau * rt).to(x2.dtype).unsqueeze(-1), x2, rt32).sigmoid_()  # σ((x − τ)/t), two passes
+    return y.reshape(x.shape), tau, ia, ib, rt
+
+
+class _DFTopKKernel(torch.autograd.Function):
+    """DFTopK with the forward computed by :func:`_kernel_dftopk` and the backward by the kernel (eager only: the
+    old-style ``forward(ctx, ...)`` spares ``apply`` its signature binding)."""
+
+    @staticmethod
+    def forward(ctx, x, t, y, tau, ia, ib, rt):
+        out = y.view_as(y)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, out, tau, ia, ib, rt)
+        ctx.t_shape = t.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, y, tau, ia, ib, rt = ctx.saved_tensors
+        mod, n = _kernel(), y.shape[-1]
+        rows = y.numel() // n
+        g2 = gy.to(y.dtype).reshape(rows, n).contiguous()
+        x2 = x.detach().reshape(rows, n).contiguous() if x is not None else y.new_empty((rows, 0))
+        gx, gt = torch.empty((rows, n), dtype=y.dtype), torch.empty(rows, dtype=torch.float64)
+        with mod.torch_threads() as threads:
+            mod.dftopk_backward(y.reshape(rows, n).numpy(), g2.numpy(), rt.numpy(), x2.numpy(), tau.numpy(),
+                                ia.numpy(), ib.numpy(), gx.numpy(), gt.numpy(), mod.lanes(rows, threads))  # fmt: skip
+        gt_out = None if x is None else gt.to(y.dtype).reshape(y.shape[:-1] + (1,)).sum_to_size(ctx.t_shape)
+        return gx.reshape(y.shape), gt_out, None, None, None, None, None
+
+
 def dftopk(x: Tensor, k: int | Tensor, t: Tensor) -> Tensor:
     """DFTopK along the last dim of ``x``; ``k`` an int or a (..., 1) integer-valued tensor."""
+    if threshold_backend(x) == "numba" and can_read_data(t) and (isinstance(k, int) or can_read_data(k)):
+        out = _kernel_dftopk(x, k, t)
+        if out is not None:
+            return _DFTopKKernel.apply(x, t, *out)
     vals, idx = _kth_pair(x.detach(), k)
     y, _ = _DFTopK.apply(x, t, vals, idx)
     return y
