@@ -150,7 +150,8 @@ MASK_METHODS: dict[str, Method] = _table(
     Method(
         "dftopk", _dftopk, factor=lambda: _SIGMOID, sums_to_k=False, paper="DFTopK, Zhu et al. 2025",
         summary="σ((x − τ)/t), τ the midpoint of the k-th and (k+1)-th largest: one O(n) selection, no root "
-        "finding; **not normalised** (Σy ≠ k): not for weights that must sum to k, such as kNN votes",
+        "finding; **not normalised** (Σy ≠ k): not for weights that must sum to k unless divided by Σy, as "
+        "`nn.soft_knn` does",
     ),
     Method(
         "sigmoid", _normalised("sigmoid"), _SOLVER, _solver, lambda **o: _SIGMOID, float_k=True,
