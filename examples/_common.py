@@ -61,15 +61,8 @@ def parse_args(
 
 
 def set_threads(n: int) -> None:
-    """torch's and numba's thread counts. numba's too: softtopk's numba threshold kernels (sigmoid, lapsum masks on
-    many rows) run in numba's OpenMP layer, whose thread count then becomes torch's as well (measured: after
-    ``torch.set_num_threads(1)``, one sigmoid mask on 512 rows leaves ``torch.get_num_threads() == 2``)."""
+    """torch's thread count (softtopk's numba kernels run on the same count)."""
     torch.set_num_threads(n)
-    try:
-        import numba
-    except ImportError:  # numba is optional (the ``fast`` extra)
-        return
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def progress(total: int, desc: str, unit: str = "epoch") -> tqdm:
