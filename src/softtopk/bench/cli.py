@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if not args.from_json:
             (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
-        written = write_plots(doc, out)
-        print(f"\n# wrote {out / 'results.json'}, " + ", ".join(p.name for p in written))
+        written = ([out / "results.json"] if not args.from_json else []) + write_plots(doc, out)
+        print(f"\n# wrote in {out}: " + ", ".join(p.name for p in written))
     for path in args.write:
         for notice in write_sections(path, doc, out or default_out()):
             print(f"# {notice}")

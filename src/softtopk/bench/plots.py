@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .cases import APP_SHAPES, BASELINE, CORE_METHODS, SOFTMAX, fmt_n
+from .cases import APP_SHAPES, BASELINE, CORE_METHODS, SOFTMAX
 
 __all__ = ["write_plots"]
 
@@ -24,10 +24,17 @@ def _pyplot() -> Any:
 
 
 def _style(doc: Doc, name: str) -> dict[str, Any]:
+    """One look per case, the same in every plot: softtopk solid with dots, peers dashed with crosses, each its own
+    colour of tab20 (the default cycle of ten repeats within the legend)."""
+    import matplotlib
+
+    names = [c["name"] for c in doc["cases"] if c["kind"] != "baseline"]
     kind = next((c["kind"] for c in doc["cases"] if c["name"] == name), "peer")
     if kind == "baseline":
         return {"color": "black", "linestyle": "--" if name == BASELINE else ":", "linewidth": 1.2}
-    return {"marker": "o", "markersize": 3.5} if kind == "softtopk" else {"marker": "x", "linestyle": "--"}
+    color = matplotlib.colormaps["tab20"](names.index(name) % 20 if name in names else 0)
+    look = {"marker": "o", "markersize": 3.5} if kind == "softtopk" else {"marker": "x", "linestyle": "--"}
+    return {"color": color, **look}
 
 
 def _speed(doc: Doc, plt: Any, title: str) -> Any:
@@ -52,10 +59,11 @@ def _apps(doc: Doc, plt: Any, title: str) -> Any:
     for j, name in enumerate(cols):
         at = {r["use"]: r["ratio"] for r in doc["speed"] if r["case"] == name and r["use"] and r["skipped"] is None}
         xs = [i + (j - len(cols) / 2) * 0.08 for i, s in enumerate(shapes) if s.use in at]
-        ax.scatter(xs, [at[s.use] for s in shapes if s.use in at], label=name, s=18,
-                   marker="s" if name == SOFTMAX else "o", color="black" if name == SOFTMAX else None)  # fmt: skip
+        look = {"color": "black", "marker": "s"} if name == SOFTMAX else {"color": _style(doc, name)["color"]}
+        ax.scatter(xs, [at[s.use] for s in shapes if s.use in at], label=name, s=18, **look)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="torch.topk")
-    ax.set_xticks(range(len(shapes)), [f"{s.rows}×{fmt_n(s.n)}\n{s.use.split(',')[0]}" for s in shapes], fontsize=7)
+    ax.set_xticks(range(len(shapes)), [f"{s.label}\n{s.use.split(',')[0]}" for s in shapes], fontsize=7,
+                  rotation=20, ha="right")  # fmt: skip
     ax.set(yscale="log", ylabel="forward+backward time / torch.topk", title=title)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -74,7 +82,8 @@ def _quality(doc: Doc, plt: Any, title: str) -> Any:
     axes[1].set(xscale="log", xlabel="temperature", ylabel="gradient cosine with the perturbed optimizer")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[1].legend(handles, labels, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(title, fontsize=9)
     return fig
 

@@ -116,12 +116,12 @@ def _notes(doc: Doc, tag: str) -> list[str]:
     return lines
 
 
-def _legend(doc: Doc, what: str) -> str:
+def _legend(doc: Doc, what: str, memory: bool = True) -> str:
+    mem = "; bytes/elem: peak extra memory of one call per element of x" if memory else ""
     return (f"{what[0].upper() + what[1:]}: forward+backward time as a ratio to `torch.topk(x, k).values` "
             "forward+backward on the same input (median of interleaved rounds after a warm-up call; a fixed random "
-            "upstream gradient), float32, "
-            f"softtopk's masks at temperature {doc['config']['speed_temperature']}; bytes/elem: peak extra memory "
-            f"of one call per element of x. {provenance(doc)}")  # fmt: skip
+            f"upstream gradient), float32, softtopk's masks at temperature {doc['config']['speed_temperature']}"
+            f"{mem}. {provenance(doc)}")  # fmt: skip
 
 
 def _first_calls(doc: Doc) -> str:
@@ -130,21 +130,23 @@ def _first_calls(doc: Doc) -> str:
     if not firsts:
         return ""
     worst = max(firsts, key=lambda f: f[0] - f[1])
-    return (f"First calls (not timed): the slowest softtopk first call took {worst[0]:.0f} ms ({worst[2]}), "
-            "the one-time cost of compiling its kernels; later calls take the times above.")
+    return (f"First calls (not timed): the slowest softtopk first call of this run took {worst[0]:.0f} ms "
+            f"({worst[2]}); a fresh install compiles its numba kernels on its first call (seconds, once: numba "
+            "caches them on disk).")
 
 
 def section_summary(doc: Doc) -> list[str] | None:
     if not any(r["use"] for r in doc["speed"]):
         return None
-    return [_legend(doc, "each method at the shapes applications use"), "", *apps_table(doc), "", _first_calls(doc),
+    return [_legend(doc, "each method at the shapes applications use", False), "", *apps_table(doc), "",
+            _first_calls(doc),
             "", "![forward+backward time relative to torch.topk against n](docs/benchmarks/speed.png)"]  # fmt: skip
 
 
 def section_apps(doc: Doc) -> list[str] | None:
     if not any(r["use"] for r in doc["speed"]):
         return None
-    return [_legend(doc, "each method at the shapes applications use"), "", *apps_table(doc), "",
+    return [_legend(doc, "each method at the shapes applications use", False), "", *apps_table(doc), "",
             _first_calls(doc), "", "![app shapes](benchmarks/apps.png)"]  # fmt: skip
 
 

@@ -234,7 +234,7 @@ def run(cfg: Config, log: Callable[[str], None] = print, step: Callable[[str], N
            "cases": [_case_info(c) for c in cases], "speed": [], "quality": None}  # fmt: skip
     m, v = doc["machine"], doc["versions"]
     log(f"# softtopk-bench: softtopk {v['softtopk']}, torch {v['torch']}, {m['cpu']} ({m['cores']} cores, "
-        f"{m['threads']} threads), {m['device']}; 1-min load {m['load_1min']}")  # fmt: skip
+        f"{m['threads']} threads), {m['device']}; 1-min load {m['load_1min'] or 0:.2f}")  # fmt: skip
     for line in notices:
         log(f"# {line}")
     shapes = plan(cfg, cases)
