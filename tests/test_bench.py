@@ -182,3 +182,21 @@ def test_inhouse_peers_match_softtopk():
     y = sigmoid_bisect_mask(x, 7, 0.3)
     assert torch.allclose(y, softtopk.topk_mask(x, 7, method="sigmoid", temperature=4 * 0.3), atol=1e-8)
     assert math.isclose(float(y.sum(-1)[0]), 7.0, abs_tol=1e-8)
+
+
+def test_a_slow_first_call_is_not_taken_for_the_speed():
+    # a case whose first call compiles for longer than the cap runs normally: the cap judges its second call
+    calls = []
+
+    def compiles_first(x, k):
+        if not calls:
+            time.sleep(0.4)
+        calls.append(1)
+        return x * 2
+
+    cfg = Config(budget_s=0.0, min_rounds=2, max_rounds=2, slow_s=0.1, max_call_s=0.3)
+    base = next(c for c in softtopk_cases() if c.name == BASELINE)
+    case = Case("jit", "in-house", _tags("core"), call=compiles_first)
+    hist = _History()
+    rec = run_shape(Shape(2, 16, 2), [base, case], cfg, hist)[-1]
+    assert rec["note"] == "" and rec["rounds"] == 2 and rec["first_call_ms"] >= 400 and "jit" not in hist.stopped
