@@ -261,34 +261,44 @@ def _dphi(fam, v):
     return 3.0 * v ** (2.0 / 3.0) if v < 1.0 else 0.0
 
 
+@numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
+def _dphi_z(fam, y, u, tau):
+    """φ' at z = u − τ: from the mask value y (see :func:`_dphi`), except for p = 4/3, whose φ' = 3 clip(z, 0, 1)²
+    is cheaper from z than from y (y^(2/3) is a scalar pow)."""
+    if fam == CUBIC:  # 0 where the mask is 0 or 1 (also in the rows with k = 0 or n, whose τ is not solved)
+        c = min(max(u - tau, 0.0), 1.0)
+        return 3.0 * c * c if (y > 0.0 and y < 1.0) else 0.0
+    return _dphi(fam, y)
+
+
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
-def _backward_row(fam, y, g, rt, x, tau, gx):
-    """One row of :func:`backward`; returns (ḡ, Σ z gx)."""
+def _backward_row(fam, y, g, rt, x, tau, gx, need_t):
+    """One row of :func:`backward`; returns (ḡ, Σ z gx) (the latter 0 unless ``need_t``)."""
     n = y.shape[0]
     num = 0.0
     den = 0.0
     for i in range(n):
-        p = _dphi(fam, np.float64(y[i]))
+        p = _dphi_z(fam, np.float64(y[i]), x[i] * rt, tau)
         num += g[i] * p
         den += p
     gbar = num / den if den > 0.0 else 0.0
     for i in range(n):
-        gx[i] = _dphi(fam, np.float64(y[i])) * (g[i] - gbar) * rt
+        gx[i] = _dphi_z(fam, np.float64(y[i]), x[i] * rt, tau) * (g[i] - gbar) * rt
     zg = 0.0
-    if x.shape[0] == n:
+    if need_t:
         for i in range(n):
             zg += (x[i] * rt - tau) * gx[i]
     return gbar, zg
 
 
 @numba.njit(parallel=True, cache=True)
-def backward(fam, y, g, rt, x, tau, gx, gk, gt, n_lanes):
+def backward(fam, y, g, rt, x, tau, gx, gk, gt, need_t, n_lanes):
     """The implicit backward of :func:`forward`, row by row: with d = φ'(z) rt on 0 < y < 1,
-    gx = d (g − ḡ), ḡ = Σ g d / Σ d (= gk), and gt = −Σ z gx when x (R, n) is given (shape (R, 0) otherwise)."""
+    gx = d (g − ḡ), ḡ = Σ g d / Σ d (= gk), and gt = −Σ z gx when ``need_t``. x (R, n) the scores."""
     rows = y.shape[0]
     for lane in numba.prange(n_lanes):
         for r in range(lane, rows, n_lanes):
-            gk[r], zg = _backward_row(fam, y[r], g[r], rt[r], x[r], tau[r], gx[r])
+            gk[r], zg = _backward_row(fam, y[r], g[r], rt[r], x[r], tau[r], gx[r], need_t)
             gt[r] = -zg
 
 

@@ -570,13 +570,13 @@ def _kernel_backward(family, y, x, rt, tau, gy, needs_k, needs_t):
     n = y.shape[-1]
     rows = y.numel() // n
     y2, g2 = y.reshape(rows, n), gy.to(y.dtype).reshape(rows, n).contiguous()
-    x2 = x.detach().reshape(rows, n).contiguous() if needs_t else y2.new_empty((rows, 0))
+    x2 = x.detach().reshape(rows, n).contiguous()
     gx = torch.empty_like(y2)
     gk, gt = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
     code = mod.CODES[_family_key(family)]
     with mod.torch_threads() as threads:
         mod.backward(code, y2.numpy(), g2.numpy(), rt.reshape(rows).numpy(), x2.numpy(), tau.reshape(rows).numpy(),
-                     gx.numpy(), gk.numpy(), gt.numpy(), mod.lanes(rows, threads))  # fmt: skip
+                     gx.numpy(), gk.numpy(), gt.numpy(), bool(needs_t), mod.lanes(rows, threads))  # fmt: skip
     shape = y.shape[:-1] + (1,)
     gk_out = gk.to(y.dtype).reshape(shape) if needs_k else None
     return gx.reshape(y.shape), gk_out, gt.to(y.dtype).reshape(shape) if needs_t else None
@@ -603,8 +603,8 @@ def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
             x, k, t, _, _ = inputs
             y, dsum, tau, centre = output
             ctx.mark_non_differentiable(dsum, tau, centre)
-            ctx.kernel = tau.dtype != y.dtype
-            ctx.save_for_backward(y, dsum, x if ctx.needs_input_grad[2] else None, t, tau, centre)
+            ctx.kernel = tau.dtype != y.dtype  # the kernel's backward reads x (a reference, not a copy)
+            ctx.save_for_backward(y, dsum, x if ctx.needs_input_grad[2] or ctx.kernel else None, t, tau, centre)
 
         @staticmethod
         @once_differentiable
