@@ -264,6 +264,11 @@ def _operator_cases() -> list[Case]:
         Case("smooth_topk_hinge_loss (k=5)", "softtopk", op, fixed_k=5,
              call=lambda x, k: L.smooth_topk_hinge_loss(x, _labels(x), k)),
         Case("cascade_topk_loss", "softtopk", op, call=lambda x, k: L.cascade_topk_loss(x, _relevant(x, k))),
+        Case("joint_cascade_loss (2 stages)", "softtopk", op,
+             call=lambda x, k: L.joint_cascade_loss([x, 0.5 * x], _relevant(x, k))),
+        Case("nn.soft_knn (k=5, rows as embeddings)", "softtopk", op, fixed_k=5, order=1.0,
+             call=lambda x, k: softtopk.nn.soft_knn(x, x, _labels(x) % 4, min(k, x.shape[0] - 2), num_classes=4,
+                                                    exclude_self=True)),
     ]  # fmt: skip
 
 
