@@ -12,7 +12,7 @@ import torch
 
 import softtopk
 from softtopk.bench import main
-from softtopk.bench.cases import APP_SHAPES, BASELINE, TAGS, Case, Shape, _tags, softtopk_cases
+from softtopk.bench.cases import APP_SHAPES, BASELINE, TAGS, Case, Shape, softtopk_cases, tags
 from softtopk.bench.peers import sigmoid_bisect_mask, unrolled_sinkhorn
 from softtopk.bench.run import SCHEMA, Config, _History, fit_exponent, plan, run_shape, select_cases
 
@@ -142,14 +142,14 @@ def test_first_call_is_a_warm_up_not_timed():
 
     cfg = Config(budget_s=0.0, min_rounds=3, max_rounds=3)
     base = next(c for c in softtopk_cases() if c.name == BASELINE)
-    case = Case("jit", "in-house", _tags("core"), call=slow_first)
+    case = Case("jit", "in-house", tags("core"), call=slow_first)
     rec = run_shape(Shape(2, 16, 2), [base, case], cfg, _History())[-1]
     assert rec["first_call_ms"] >= 300 and rec["median_ms"] < 100 and rec["rounds"] == 3
 
 
 def test_caps_stop_a_case_before_it_runs():
     hist, cfg = _History(), Config(max_call_s=1.0, max_mem_gb=1.0)
-    case = Case("quadratic", "in-house", _tags("core"), call=lambda x, k: x, order=2.0)
+    case = Case("quadratic", "in-house", tags("core"), call=lambda x, k: x, order=2.0)
     hist.last["quadratic"] = (32 * 1000, 0.05, 1000)
     assert hist.refuse(case, Shape(32, 1000, 10), cfg) is None
     assert "s cap" in hist.refuse(case, Shape(32, 10_000, 100), cfg)
@@ -196,7 +196,7 @@ def test_a_slow_first_call_is_not_taken_for_the_speed():
 
     cfg = Config(budget_s=0.0, min_rounds=2, max_rounds=2, slow_s=0.1, max_call_s=0.3)
     base = next(c for c in softtopk_cases() if c.name == BASELINE)
-    case = Case("jit", "in-house", _tags("core"), call=compiles_first)
+    case = Case("jit", "in-house", tags("core"), call=compiles_first)
     hist = _History()
     rec = run_shape(Shape(2, 16, 2), [base, case], cfg, hist)[-1]
     assert rec["note"] == "" and rec["rounds"] == 2 and rec["first_call_ms"] >= 400 and "jit" not in hist.stopped

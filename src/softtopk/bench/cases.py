@@ -30,6 +30,7 @@ __all__ = [
     "fmt_n",
     "grid",
     "softtopk_cases",
+    "tags",
 ]
 
 TAGS = ("core", "apps", "peers", "operators", "permutahedron", "quality")
@@ -145,7 +146,8 @@ class Case:
         return y.detach(), (torch.zeros_like(xr) if grad is None else grad)
 
 
-def _tags(*names: str) -> frozenset[str]:
+def tags(*names: str) -> frozenset[str]:
+    """The tag set of a case."""
     return frozenset(names)
 
 
@@ -154,16 +156,16 @@ def _tags(*names: str) -> frozenset[str]:
 # ----------------------------------------------------------------------------------------------------------------
 BASELINE = "torch.topk"
 SOFTMAX = "softmax"
-ALL = _tags("core", "apps", "peers", "operators", "permutahedron")
+ALL = tags("core", "apps", "peers", "operators", "permutahedron")
 
 
 def baseline_cases() -> list[Case]:
     return [
         Case(BASELINE, "torch", ALL, call=lambda x, k: torch.topk(x, k).values, kind="baseline",
              note="torch.topk(x, k).values forward+backward: the reference of every ratio"),
-        Case(SOFTMAX, "torch", _tags("core", "apps"), call=lambda x, k: torch.softmax(x, -1), kind="baseline",
+        Case(SOFTMAX, "torch", tags("core", "apps"), call=lambda x, k: torch.softmax(x, -1), kind="baseline",
              note="torch.softmax(x, -1) forward+backward: the floor of any smooth normalised weighting"),
-        Case("torch.sort", "torch", _tags("peers"), call=lambda x, k: torch.sort(x, -1).values, kind="baseline",
+        Case("torch.sort", "torch", tags("peers"), call=lambda x, k: torch.sort(x, -1).values, kind="baseline",
              order=1.1, note="torch.sort(x).values forward+backward: the floor of every sorting-based method"),
     ]  # fmt: skip
 
@@ -202,7 +204,7 @@ def _core_cases() -> list[Case]:
         "mask's gradient backward",
     }
     return [
-        Case(name, "softtopk", _tags("core", "apps", "peers", "quality"), mask=_topk_mask(m, **kw),
+        Case(name, "softtopk", tags("core", "apps", "peers", "quality"), mask=_topk_mask(m, **kw),
              note=notes.get(name, ""))
         for name, (m, kw) in CORE_METHODS.items()
     ]  # fmt: skip
@@ -210,7 +212,7 @@ def _core_cases() -> list[Case]:
 
 def _family_cases() -> list[Case]:
     """The other softtopk masks compared with the peers (and in the quality table)."""
-    pq = _tags("peers", "quality")
+    pq = tags("peers", "quality")
     return [
         Case("perturbed(S=10)", "softtopk", pq | {"operators"}, mask=_topk_mask("perturbed", n_samples=10),
              note="10 noise samples: its cost grows linearly with n_samples"),
@@ -238,7 +240,7 @@ def _relevant(x: Tensor, k: int) -> Tensor:
 
 def _operator_cases() -> list[Case]:
     """Stochastic operators, threshold routing, the soft permutations, ``topk``'s weights and the losses."""
-    op, L = _tags("operators"), softtopk.losses
+    op, L = tags("operators"), softtopk.losses
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     perm = _permutation_mask
     return [
@@ -273,7 +275,7 @@ def _operator_cases() -> list[Case]:
 
 
 def _permutahedron_cases() -> list[Case]:
-    pt = _tags("permutahedron")
+    pt = tags("permutahedron")
     return [
         Case("soft_rank", "softtopk", pt, order=1.1, call=lambda x, k: softtopk.soft_rank(x, temperature=1.0),
              note="soft_rank(x, temperature=1): ascending ranks, as torchsort's"),

@@ -12,7 +12,7 @@ import torch
 
 from .cases import TAGS
 from .plots import write_plots
-from .report import SECTIONS, render, write_sections
+from .report import render, write_sections
 from .run import Config, run
 
 __all__ = ["main"]
@@ -138,5 +138,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# total {doc['total_s']:.1f} s")
     return 0
 
-
-__all__ += ["SECTIONS"]

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .cases import Case, Fn, _tags
+from .cases import Case, Fn, tags
 
 __all__ = ["PEER_PACKAGES", "first_line", "peer_cases", "sigmoid_bisect_mask", "unrolled_sinkhorn"]
 
@@ -36,7 +36,7 @@ PEER_PACKAGES = {
 }
 SINKHORN_ITERS = 200  # the SOFT code's default max_iter
 BISECT_ITERS = 50  # float32 resolution of tau from a bracket of width ~ 10
-PEERS = _tags("peers", "quality")
+PEERS = tags("peers", "quality")
 
 
 def first_line(e: BaseException) -> str:
@@ -102,7 +102,7 @@ def _inhouse_cases() -> list[Case]:
         Case("sinkhorn-unrolled", "in-house", PEERS, mask=_unrolled_mask, temperature=0.1, kind="peer",
              note=f"SOFT top-k as in the paper's code: {SINKHORN_ITERS} log-domain Sinkhorn iterations, autograd "
              "through all of them; epsilon 0.1 (SOFT's default); denormals flushed to zero"),
-        Case("sinkhorn-unrolled (sorted, k=10)", "in-house", _tags("permutahedron"), fixed_k=10, kind="peer",
+        Case("sinkhorn-unrolled (sorted, k=10)", "in-house", tags("permutahedron"), fixed_k=10, kind="peer",
              call=lambda x, k: unrolled_sinkhorn(x, k, 0.1, sorted_=True),
              note=f"SOFT sorted top-k (k + 1 anchors), {SINKHORN_ITERS} iterations unrolled by autograd: what "
              "topk_permutation(method='sinkhorn') replaces with an implicit backward"),
@@ -126,7 +126,7 @@ def _torchsort_cases(ts: Any) -> list[Case]:
     def mask(x: Tensor, k: int, t: float) -> Tensor:
         return (ts.soft_rank(x, regularization_strength=t) - (x.shape[-1] - k)).clamp(0.0, 1.0)
 
-    pt = _tags("permutahedron")
+    pt = tags("permutahedron")
     return [
         Case("torchsort", "torchsort", PEERS, mask=mask, temperature=1.0, order=1.1, kind="peer",
              note="clamp(soft_rank(x) - (n - k), 0, 1), regularization_strength = t (its default 1)"),

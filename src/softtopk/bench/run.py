@@ -17,12 +17,12 @@ from torch import Tensor
 
 import softtopk
 
-from .cases import BASELINE, SHAPES, SPEED_T, TAGS, Case, Fn, Shape, fmt_n, softtopk_cases
+from .cases import BASELINE, SHAPES, SPEED_T, TAGS, Case, Fn, Shape, softtopk_cases
 from .measure import check_peak_extra_bytes, interleaved, median, peak_extra_bytes
 from .peers import first_line, peer_cases
 from .quality import quality
 
-__all__ = ["SCHEMA", "Config", "machine", "plan", "run", "select_cases"]
+__all__ = ["SCHEMA", "Config", "fit_exponent", "machine", "plan", "run", "select_cases"]
 
 SCHEMA = "softtopk-bench/1"
 QUICK_MAX_N = 1000  # --quick: the grid's sizes up to this (the app shapes all run)
@@ -281,5 +281,3 @@ def fit_exponent(points: list[tuple[int, float]], last: int = 3, min_ms: float =
     slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
     return slope, pts[0][0], pts[-1][0]
 
-
-__all__ += ["fit_exponent", "fmt_n"]
