@@ -16,7 +16,17 @@ import torch
 import softtopk
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "softtopk"
-MODULES = {p.stem: p for p in sorted(SRC.glob("*.py"))}  # "__init__" included
+
+
+def _module_name(path):
+    """``masks.py`` -> "masks", ``nn/knn.py`` -> "nn.knn", ``nn/__init__.py`` -> "nn", ``__init__.py`` -> "__init__"."""
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}  # "__init__" included, subpackages too
 PRIVATE_OK = ("_prepare", "_registry")  # the modules whose private names other modules may import
 MAX_PUBLIC_BODY = 40
 
@@ -84,12 +94,22 @@ def _type_checking_nodes(tree):
     return skip
 
 
-def _intra_imports(tree):
-    """(target module, imported name or None, lineno, local alias) of every intra-package import, at any depth.
+def _package(mod):
+    """The package a module's relative imports start from, as a list of parts ([] for softtopk itself)."""
+    if mod == "__init__":
+        return []
+    parts = mod.split(".")
+    return parts if MODULES.get(mod, Path()).name == "__init__.py" else parts[:-1]
 
-    ``from . import m`` with ``m`` a module of the package targets ``m`` (name None); ``from . import f`` with
-    ``f`` not a module targets ``__init__``; ``from .m import f`` / ``from softtopk.m import f`` target ``m``;
-    ``import softtopk.m`` targets ``m``; ``import softtopk`` targets ``__init__``.
+
+def _intra_imports(tree, mod):
+    """(target module, imported name or None, lineno, local alias) of every intra-package import in module ``mod``,
+    at any depth.
+
+    ``from . import m`` with ``m`` a module targets ``m`` (name None); ``from . import f`` with ``f`` not a module
+    targets the package (``__init__`` for softtopk itself); ``from .m import f`` / ``from ..m import f`` /
+    ``from softtopk.m import f`` target ``m``; ``import softtopk.m`` targets ``m``; ``import softtopk`` targets
+    ``__init__``. Subpackage modules are dotted: ``nn.knn``.
     """
     skip = _type_checking_nodes(tree)
     for node in ast.walk(tree):
@@ -97,25 +117,24 @@ def _intra_imports(tree):
             continue
         if isinstance(node, ast.ImportFrom):
             if node.level == 0 and node.module and node.module.split(".")[0] == "softtopk":
-                parts = node.module.split(".")[1:]
-            elif node.level == 1:
-                parts = node.module.split(".") if node.module else []
+                base = node.module.split(".")[1:]
+            elif node.level >= 1:
+                package = _package(mod)
+                base = package[: len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
             else:
                 continue
             for alias in node.names:
                 local = alias.asname or alias.name
-                if not parts and alias.name in MODULES:
-                    yield alias.name, None, node.lineno, local
-                elif not parts:
-                    yield "__init__", alias.name, node.lineno, local
+                submodule = ".".join(base + [alias.name])
+                if submodule in MODULES:
+                    yield submodule, None, node.lineno, local
                 else:
-                    yield parts[0], alias.name, node.lineno, local
+                    yield ".".join(base) or "__init__", alias.name, node.lineno, local
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
                 if parts[0] == "softtopk":
-                    target = parts[1] if len(parts) > 1 else "__init__"
-                    yield target, None, node.lineno, alias.asname
+                    yield ".".join(parts[1:]) or "__init__", None, node.lineno, alias.asname
     return
 
 
@@ -129,7 +148,7 @@ TREES = {name: _parse(path) for name, path in MODULES.items()}
 def _graph():
     graph = {name: set() for name in MODULES}
     for name, tree in TREES.items():
-        for target, _, _, _ in _intra_imports(tree):
+        for target, _, _, _ in _intra_imports(tree, name):
             if target != name:
                 graph[name].add(target)
     return graph
@@ -162,7 +181,9 @@ def _find_cycle(graph):
 
 
 def test_module_files_found():
-    assert {"__init__", "_prepare", "_registry", "masks", "nn", "permutations", "hard"} <= set(MODULES)
+    assert {"__init__", "_prepare", "_registry", "masks", "nn", "nn.knn", "permutations", "hard", "bench.run"} <= set(
+        MODULES
+    )
 
 
 def test_import_targets_exist():
@@ -170,7 +191,7 @@ def test_import_targets_exist():
         {
             f"{name}:{line} -> {target}"
             for name, tree in TREES.items()
-            for target, _, line, _ in _intra_imports(tree)
+            for target, _, line, _ in _intra_imports(tree, name)
             if target not in MODULES
         }
     )
@@ -187,7 +208,20 @@ def test_cycle_finder_finds_cycles():  # the checker itself
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     tree = ast.parse("from . import threshold\ndef f():\n    from .masks import topk_mask\nimport softtopk.nn as n")
-    assert sorted(t[:2] for t in _intra_imports(tree)) == [("masks", "topk_mask"), ("nn", None), ("threshold", None)]
+    assert sorted(t[:2] for t in _intra_imports(tree, "losses")) == [
+        ("masks", "topk_mask"),
+        ("nn", None),
+        ("threshold", None),
+    ]
+    tree = ast.parse(
+        "from .._prepare import check_k\nfrom ._checks import check_real\nfrom . import knn\nfrom .. import hard"
+    )
+    assert sorted(t[:2] for t in _intra_imports(tree, "nn.routing")) == [
+        ("_prepare", "check_k"),
+        ("hard", None),
+        ("nn._checks", "check_real"),
+        ("nn.knn", None),
+    ]
 
 
 def _is_private(name):
@@ -198,7 +232,7 @@ def test_no_private_names_imported_across_modules():
     offending = sorted(
         f"{name}:{line} imports {target}.{imported}"
         for name, tree in TREES.items()
-        for target, imported, line, _ in _intra_imports(tree)
+        for target, imported, line, _ in _intra_imports(tree, name)
         if imported is not None and _is_private(imported) and target != name and target not in PRIVATE_OK
     )
     assert not offending, f"private names imported from other softtopk modules: {offending}"
@@ -210,7 +244,7 @@ def test_no_private_attributes_of_other_modules():
     for name, tree in TREES.items():
         aliases = {
             local: target
-            for target, imported, _, local in _intra_imports(tree)
+            for target, imported, _, local in _intra_imports(tree, name)
             if imported is None and local and target != name and target not in PRIVATE_OK
         }
         for node in ast.walk(tree):
@@ -265,7 +299,7 @@ def test_public_functions_are_short():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in public:
                 lengths.append((_body_length(node, code), f"{mod}.{node.name} (line {node.lineno})"))
     functions = {n for m, n in _all_names() if inspect.isfunction(getattr(PUBLIC[m], n, None))}
-    unseen = functions - {w.split(".")[1].split(" ")[0] for _, w in lengths}
+    unseen = functions - {w.split(" ")[0].rsplit(".", 1)[1] for _, w in lengths}
     assert not unseen, f"public functions whose definition was not found in src/softtopk: {sorted(unseen)}"
     lengths.sort(reverse=True)
     longest, where = lengths[0]
