@@ -9,6 +9,7 @@ the literal DFTopK formula through a full sort, ``torch.topk`` for the hard mask
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,3 +263,29 @@ def spaced(n, *, gap=0.37, dtype=torch.float64, generator=None, batch=()):
     x = perm.to(dtype) * gap + 0.05 * gap * torch.rand(perm.shape, generator=g, dtype=dtype)
     x = x - x.mean(-1, keepdim=True)
     return x.reshape(*batch, n) if batch else x[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The examples' tests: `examples` importable, torch's and numba's thread counts restored.
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def example_env(monkeypatch):
+    """``examples`` importable from the repository root whatever the working directory; the examples set torch's
+    (and numba's) thread count to 1: restore it for the rest of the suite. Example tests use it with
+    ``pytestmark = pytest.mark.usefixtures("example_env")``."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    before = torch.get_num_threads()
+    numba = _numba()
+    numba_before = numba.get_num_threads() if numba else None
+    yield
+    torch.set_num_threads(before)
+    if numba:
+        numba.set_num_threads(numba_before)
+
+
+def _numba():
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba

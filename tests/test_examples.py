@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("example_env")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,30 +22,6 @@ def test_demo_runs(capsys):
 
 def _mean(values):
     return sum(values) / len(values)
-
-
-@pytest.fixture(autouse=True)
-def _examples_importable_and_threads_restored(monkeypatch):
-    """``examples`` importable from the repository root whatever the working directory; the examples set torch's
-    (and numba's) thread count to 1: restore it for the rest of the suite."""
-    import torch
-
-    monkeypatch.syspath_prepend(str(ROOT))
-    before = torch.get_num_threads()
-    numba = _numba()
-    numba_before = numba.get_num_threads() if numba else None
-    yield
-    torch.set_num_threads(before)
-    if numba:
-        numba.set_num_threads(numba_before)
-
-
-def _numba():
-    try:
-        import numba
-    except ImportError:
-        return None
-    return numba
 
 
 def test_topk_classification_learns(tmp_path, capsys):
