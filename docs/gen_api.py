@@ -11,7 +11,7 @@ import re
 import sys
 
 import softtopk
-from softtopk import losses, nn
+from softtopk import distributed, losses, nn
 from softtopk._registry import MASK_METHODS, PERMUTATION_METHODS_TABLE
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -32,7 +32,8 @@ def _signature(obj) -> str:
 
 def functions_table() -> str:
     rows = ["| name | arguments | what it does |", "|---|---|---|"]
-    for prefix, module in (("softtopk.", softtopk), ("softtopk.nn.", nn), ("softtopk.losses.", losses)):
+    modules = (("softtopk.", softtopk), ("softtopk.nn.", nn), ("softtopk.losses.", losses))
+    for prefix, module in modules + (("softtopk.distributed.", distributed),):
         for name in module.__all__:
             obj = getattr(module, name)
             if not callable(obj) or name.startswith("_") or inspect.ismodule(obj):
@@ -81,7 +82,8 @@ def api_overview() -> str:
     """The README's map of the public surface: one row per module that defines public names (grouped by where they
     are defined, shown under the path users import them from), with the first sentence of that module's docstring."""
     rows = ["| import from | names | what they are |", "|---|---|---|"]
-    for public, module in (("softtopk", softtopk), ("softtopk.losses", losses), ("softtopk.nn", nn)):
+    modules = (("softtopk", softtopk), ("softtopk.losses", losses), ("softtopk.nn", nn))
+    for public, module in modules + (("softtopk.distributed", distributed),):
         groups: dict[str, list[str]] = {}
         for name in module.__all__:
             obj = getattr(module, name)

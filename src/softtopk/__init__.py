@@ -6,7 +6,7 @@
 (torch.Size([8, 100]), True)
 """
 
-from . import losses, nn
+from . import distributed, losses, nn
 from ._registry import PERMUTATION_METHODS
 from .masks import METHODS, TopK, gumbel_topk, threshold_mask, topk, topk_mask
 from .permutahedron import (
@@ -26,6 +26,7 @@ __all__ = [
     "PERMUTATION_METHODS",
     "TopK",
     "__version__",
+    "distributed",
     "gumbel_topk",
     "isotonic",
     "losses",

@@ -271,6 +271,7 @@ def prepare(
     scale: Any = None,
     finite: bool = False,
     method: str | None = None,
+    length: int | None = None,
 ) -> Rows:
     """Validate a call and move it to the last dim: the one preparation step of the public operators.
 
@@ -278,7 +279,9 @@ def prepare(
     per-row tensors), ``"python_int"`` (a Python int: a shape) or None (no k). ``temperature`` None is
     :data:`DEFAULT_TEMPERATURE`; with ``uses_temperature=False`` it must stay None. ``scale="std"`` multiplies the
     temperature by each row's standard deviation (:func:`row_std`). ``finite`` rejects ±inf scores. ``method``
-    names the method in the error for an unused temperature.
+    names the method in the error for an unused temperature. ``length`` replaces ``x.shape[dim]`` as the n that k
+    is checked against (the global length of a dimension sharded across ranks); the per-row ±inf counts are then
+    the caller's to check.
     """
     if finite:
         check_finite(x, fn=fn)
@@ -289,7 +292,7 @@ def prepare(
         raise ValueError(f"{fn}: `scale` must be None or 'std', got {scale!r}")
     if not uses_temperature:
         reject_unused(fn, f"method={method!r}" if method else "this call", temperature=temperature, scale=scale)
-    n = x.shape[d]
+    n = x.shape[d] if length is None else length
     if k_kind == "python_int" and (isinstance(k, bool) or not isinstance(k, numbers.Integral)):
         raise TypeError(f"{fn}: `k` must be an int, got {type(k).__name__}")
     if k_kind is not None:
@@ -307,7 +310,7 @@ def prepare(
     else:
         kt = row_param(k, x, d, name="k", fn=fn, dtype=cdtype) if k_kind == "float" else int(k)
     signed = xl if largest else -xl
-    if kt is not None and not is_finite and not finite and x.numel():
+    if kt is not None and not is_finite and not finite and x.numel() and length is None:
         check_infinities(signed, kt, fn=fn)
     t = None
     if uses_temperature:

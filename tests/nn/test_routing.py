@@ -288,3 +288,151 @@ def test_router_extra_repr_and_module():
 def test_router_bad_arguments_name_them(args, kwargs, exc, name):
     with pytest.raises(exc, match=f"TopKRouter: .*`{name}`"):
         TopKRouter(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The router's contract, for every method of softtopk.METHODS and straight-through.
+# ----------------------------------------------------------------------------------------------------------
+CONTRACT_VARIANTS = [*softtopk.METHODS, "straight_through"]
+SOFT_CONTRACT_VARIANTS = [v for v in CONTRACT_VARIANTS if v != "hard"]
+SUM_K = ("hard", "straight_through", "sigmoid", "soft", "sparse", "lapsum", "perturbed")  # Σ mask = k over all E
+
+
+def contract_router(variant, seed=0, dtype=torch.float64, **kw):
+    return make_router(d=6, e=8, k=2, seed=seed, dtype=dtype, **variant_kwargs(variant, temperature=1.0), **kw)
+
+
+@pytest.mark.parametrize("variant", CONTRACT_VARIANTS)
+def test_contract_weights_sum(variant):
+    tokens = tokens_of(15, 6)
+    r = contract_router(variant)(tokens)
+    torch.testing.assert_close(r.weights.sum(-1), torch.ones(15, dtype=torch.float64))
+    torch.testing.assert_close(r.dense.sum(-1), torch.ones(15, dtype=torch.float64))
+    raw = contract_router(variant, score=None, normalize=False)
+    torch.manual_seed(4)  # the perturbed method draws its noise: the same draw in both calls
+    r = raw(tokens)
+    logits = gate_logits(raw, tokens)
+    if variant in SUM_K:  # the mask at the k experts: k minus the mass outside them
+        torch.testing.assert_close(r.weights.sum(-1) + r.outside, torch.full((15,), 2.0, dtype=torch.float64))
+    opts = {"max_support": 3} if variant == "sparse" else {}
+    torch.manual_seed(4)
+    ref = softtopk.topk(logits, 2, **variant_kwargs(variant, temperature=1.0), **opts)
+    torch.testing.assert_close(r.weights, ref.weights)  # normalize=False, score=None: topk's weights (dftopk too)
+
+
+@pytest.mark.parametrize("variant", CONTRACT_VARIANTS)
+def test_contract_support_bound(variant):
+    router = contract_router(variant, score=None, normalize=False)
+    tokens = tokens_of(25, 6)
+    r = router(tokens)
+    assert r.indices.shape == (25, 2) and (r.routing_map.sum(-1) == 2).all() and ((r.dense != 0).sum(-1) <= 2).all()
+    g = torch.randn(25, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (grad,) = torch.autograd.grad((r.surrogate * g).sum(), r.logits, allow_unused=True)  # the mask's Jacobian
+    reached = (torch.zeros_like(g) if grad is None else grad != 0).sum(-1)  # the experts the mask's gradient reaches
+    if variant == "hard":
+        assert (reached == 0).all()
+    elif variant == "sparse":  # bounded: the mask reaches at most max_support = k + 1 experts
+        assert (reached <= 3).all() and (reached == 3).any()
+        wide = contract_router(variant, score=None, normalize=False, max_support=5)(tokens)
+        (grad5,) = torch.autograd.grad((wide.surrogate * g).sum(), wide.logits)
+        assert ((grad5 != 0).sum(-1) <= 5).all() and ((grad5 != 0).sum(-1) > 3).any()
+    elif variant != "perturbed":
+        assert (reached == 8).any()  # a dense soft mask reaches every expert
+
+
+@pytest.mark.parametrize("variant", CONTRACT_VARIANTS)
+@pytest.mark.parametrize("capacity_factor", [0.5])
+def test_contract_capacity(variant, capacity_factor):
+    tokens = tokens_of(24, 6) + torch.tensor([1.5, -1.0, 0, 0, 0, 0], dtype=torch.float64)  # skewed
+    torch.manual_seed(4)
+    r = contract_router(variant, capacity_factor=capacity_factor)(tokens)
+    torch.manual_seed(4)
+    free = contract_router(variant)(tokens)
+    c = math.ceil(capacity_factor * 24 * 2 / 8)
+    per_expert = r.routing_map.sum(0)
+    assert (per_expert <= c).all() and r.dropped > 0
+    assert r.dropped.item() == pytest.approx(1 - r.routing_map.sum().item() / 48)
+    assert torch.equal(per_expert, free.routing_map.sum(0).clamp_max(c))  # an expert keeps min(C, its slots)
+    for e in range(8):  # the C largest weights, ties by token order (a stable sort)
+        cand = free.routing_map[:, e].nonzero().squeeze(1)
+        order = torch.sort(free.dense[cand, e], descending=True, stable=True).indices
+        kept = torch.zeros(24, dtype=torch.bool)
+        kept[cand[order[:c]]] = True
+        assert torch.equal(r.routing_map[:, e], kept)
+    assert torch.equal(r.weights, torch.where(r.routing_map.gather(-1, r.indices), free.weights, 0.0))
+    torch.testing.assert_close(r.load, free.load)  # load: the selection before the drop
+
+
+@pytest.mark.parametrize("variant", CONTRACT_VARIANTS)
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((7, 6), torch.float32), ((1, 6), torch.float64), ((2, 3, 6), torch.bfloat16), ((0, 6), torch.float32)],
+)
+def test_contract_shapes_and_dtypes(variant, shape, dtype):
+    router = contract_router(variant, dtype=torch.float32, capacity_factor=1.0)
+    r = router(tokens_of(*shape, dtype=dtype) * 0.3)
+    t = math.prod(shape[:-1])
+    for name, size, dt in [
+        ("indices", (t, 2), torch.long), ("weights", (t, 2), dtype), ("dense", (t, 8), dtype),
+        ("routing_map", (t, 8), torch.bool), ("load", (8,), dtype), ("aux_loss", (), dtype), ("dropped", (), dtype),
+        ("outside", (t,), dtype), ("surrogate", (t, 8), dtype), ("logits", (t, 8), dtype),
+    ]:  # fmt: skip
+        value = getattr(r, name)
+        assert value.shape == size and value.dtype == dt, (name, value.shape, value.dtype)
+        assert not value.is_floating_point() or torch.isfinite(value).all(), name
+    if t:
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        kept = r.routing_map.sum(-1) == 2  # the tokens that lost no slot to the capacity
+        assert ((r.weights.float().sum(-1) - 1).abs() <= tol)[kept].all()
+        torch.testing.assert_close(r.surrogate, r.dense, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", SOFT_CONTRACT_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_contract_gradient_reaches_the_gate(variant, dtype):
+    router = contract_router(variant, dtype=dtype, load_balance=None)
+    tokens = tokens_of(12, 6, dtype=dtype)
+    r = router(tokens)
+    target = torch.randn(r.weights.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    (r.weights * target).sum().backward()
+    grad = router.gate.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    router.gate.weight.grad = None
+    (router(tokens).surrogate * torch.randn(12, 8, dtype=dtype)).sum().backward()
+    assert torch.isfinite(router.gate.weight.grad).all() and router.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", CONTRACT_VARIANTS)
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_contract_eval_is_torch_topk_gate(variant, score):
+    router = contract_router(variant, score=score, jitter=0.2, capacity_factor=None).eval()
+    tokens = tokens_of(3, 5, 6)
+    r = router(tokens)
+    logits = gate_logits(router, tokens)
+    top = torch.topk(logits, 2)
+    s = torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)
+    gate = s.gather(-1, top.indices)
+    assert torch.equal(r.indices, top.indices)
+    torch.testing.assert_close(r.weights, gate / gate.sum(-1, keepdim=True), rtol=1e-15, atol=1e-15)
+    if score == "softmax":  # the softmax gate: softmax over the top-k logits (Mixtral)
+        torch.testing.assert_close(r.weights, torch.softmax(top.values, -1), rtol=1e-15, atol=1e-15)
+    assert torch.equal(r.outside, torch.zeros(15, dtype=torch.float64))
+    assert torch.equal(router(tokens).weights, r.weights)  # deterministic (no jitter, no noise)
+
+
+@pytest.mark.parametrize("method", ["sigmoid"])  # "hard": test_router_bias_balancing_pushes_overloaded_experts_down
+def test_contract_bias_balancing_moves_load_to_uniform(method):
+    kw = {} if method == "hard" else {"temperature": 1.0}
+    torch.manual_seed(0)
+    router = TopKRouter(6, 8, 2, method=method, score="sigmoid", load_balance="bias", bias_update_rate=0.05, **kw)
+    with torch.no_grad():
+        router.gate.weight.mul_(0.3)
+        router.gate.weight[0] += 1.0  # expert 0 favoured by every token of positive mean ...
+        router.gate.weight[1] += 0.8
+    tokens = tokens_of(100, 6, dtype=torch.float32).abs()  # ... and these are positive
+    imbalance = [router(tokens).load.max().item() * 8]  # max / mean
+    for _ in range(80):
+        imbalance.append(router(tokens).load.max().item() * 8)
+    late = sum(imbalance[-20:]) / 20  # the sign updates oscillate around balance
+    assert imbalance[0] > 3.0 and late < 2.0 and late < imbalance[0] / 2
+    assert router.expert_bias[0] < 0 and router.expert_bias[1] < 0

@@ -22,6 +22,7 @@ import softtopk
 __all__ = [
     "APP_SHAPES",
     "CORE_METHODS",
+    "EXTRA_TAGS",
     "GRID_SIZES",
     "SHAPES",
     "TAGS",
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 TAGS = ("core", "apps", "peers", "operators", "permutahedron", "quality")
+#: tags that run only when named (``--tag distributed``: spawns gloo processes; see :mod:`.distributed`)
+EXTRA_TAGS = ("distributed",)
 #: the temperature of every timed softtopk mask (width convention; scores are randn, so about a third of their std)
 SPEED_T = 0.3
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .cases import TAGS
+from .cases import EXTRA_TAGS, TAGS
 from .plots import write_plots
 from .report import render, write_sections
 from .run import Config, run
@@ -19,10 +19,12 @@ __all__ = ["main"]
 
 EPILOG = """tags: core (the threshold family, batch 32 × n = 1e2..1e6), apps (the shapes applications use), peers
 (other libraries and naive implementations), operators (stochastic, permutations, losses), permutahedron (soft
-sort/rank), quality (distance to the hard top-k, gradient agreement). Examples:
+sort/rank), quality (distance to the hard top-k, gradient agreement); distributed (not in the default: the sharded
+top-k mask against all-gather-then-mask on 4 gloo processes, n = 1e6 and 1e7; --quick: 2 processes, n = 1e4). Examples:
 
   softtopk-bench --quick                        # seconds: small sizes, nothing written
   softtopk-bench --tag apps core                # two tables; JSON and plots in docs/benchmarks/
+  softtopk-bench --tag distributed --no-files   # the sharded top-k on 4 processes (minutes)
   softtopk-bench --write README.md docs/benchmarks.md       # everything, and every marked section
   softtopk-bench --from-json docs/benchmarks/results.json --write README.md   # the tables again, no measuring
 """
@@ -39,7 +41,8 @@ def default_out() -> Path:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="softtopk-bench", epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter,
                                 description="Speed, memory and quality of softtopk's operators.")  # fmt: skip
-    p.add_argument("--tag", nargs="+", choices=TAGS, default=list(TAGS), help="what to measure (default: all)")
+    p.add_argument("--tag", nargs="+", choices=TAGS + EXTRA_TAGS, default=list(TAGS),
+                   help="what to measure (default: all but distributed)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="grid sizes up to 1e3, short budgets, a small quality run")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     p.add_argument("--only", nargs="+", metavar="NAME", help="case names or sources (torch.topk always runs)")
@@ -103,10 +106,17 @@ def measure(cfg: Config, progress: bool | None) -> dict[str, Any]:
     total = len(plan(cfg, select_cases(cfg, []))) + ("quality" in cfg.tags)
     bar = _Progress(total, sys.stderr.isatty() and not cfg.quick if progress is None else progress)
     try:
-        return run(cfg, bar.log, bar.step)
+        doc = run(cfg, bar.log, bar.step)
     finally:
         if bar.bar is not None:
             bar.bar.close()
+    if "distributed" in cfg.tags:  # its own processes, after the rest (see softtopk.bench.distributed)
+        from .distributed import DistConfig
+        from .distributed import measure as measure_distributed
+
+        doc["distributed"] = measure_distributed(DistConfig.quick() if cfg.quick else DistConfig(), bar.log)
+        doc["total_s"] += doc["distributed"]["setup"]["wall_s"]
+    return doc
 
 
 def main(argv: list[str] | None = None) -> int:

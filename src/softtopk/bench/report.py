@@ -189,6 +189,21 @@ def section_quality(doc: Doc) -> list[str] | None:
             "![quality](benchmarks/quality.png)"]  # fmt: skip
 
 
+def section_distributed(doc: Doc) -> list[str] | None:
+    part = doc.get("distributed")
+    if not part:
+        return None
+    from .distributed import table
+
+    s = part["setup"]
+    return [f"Forward+backward time per call and bytes each rank sent: `softtopk.distributed.topk_mask` on each "
+            f"rank's shard against all-gather-then-`softtopk.topk_mask` (every rank computes the full mask), "
+            f"{s['world']} gloo processes of {s['threads_per_process']} torch thread, rows = {s['rows']}, "
+            f"k = {s['k']}, temperature {s['temperature']:g}, float32 (median of {s['rounds']} interleaved rounds "
+            "after a warm-up call, barrier to barrier; bytes: the payloads this rank contributed to collectives). "
+            f"{provenance(doc)}", "", *table(part)]  # fmt: skip
+
+
 SECTIONS: dict[str, Callable[[Doc], list[str] | None]] = {
     "summary": section_summary,
     "apps": section_apps,
@@ -197,6 +212,7 @@ SECTIONS: dict[str, Callable[[Doc], list[str] | None]] = {
     "quality": section_quality,
     "operators": _grid_section("operators", "the other operators and the losses, batch 32, k = n/100"),
     "permutahedron": _grid_section("permutahedron", "the permutahedron operators and their peers, batch 32"),
+    "distributed": section_distributed,
 }
 
 

@@ -13,14 +13,14 @@ from .._prepare import (
     check_finite,
 )
 from .._registry import lookup
-from ..masks import topk
+from ..masks import topk_mask
 from ._checks import check_mask_args, check_positive_int, check_real
 
 __all__ = ["Routing", "TopKRouter"]
 
 
 class Routing(NamedTuple):
-    """The result of :class:`TopKRouter`, for T tokens (the leading dims of the input flattened) and E experts.
+    r"""The result of :class:`TopKRouter`, for T tokens (the leading dims of the input flattened) and E experts.
 
     - ``indices`` (T, k) long: the k experts of each token, ``torch.topk`` of the selection logits;
     - ``weights`` (T, k): the combine weights at those experts (0 for a slot dropped by the capacity);
@@ -30,7 +30,15 @@ class Routing(NamedTuple):
       drop; it sums to 1);
     - ``aux_loss``: the load-balancing loss E · Σ_e f_e P_e (a scalar; 0 unless ``load_balance="aux"``);
     - ``dropped``: the fraction of the T·k slots dropped by the capacity (a scalar, 0 without capacity);
-    - ``outside`` (T,): the soft mask's mass outside the k selected experts (dropped from the weights; detached).
+    - ``outside`` (T,): the soft mask's mass outside the k selected experts (dropped from the weights; detached);
+    - ``surrogate`` (T, E): the values of ``dense`` (exactly) with the gradient of the dense surrogate weights
+      :math:`\tilde w = m \odot s / \sum_{e=1}^{E} m_e s_e` over **all** E experts (m the full soft mask, s the
+      scores; without the division when ``normalize=False``): for ``straight_through=True`` the forward is the hard
+      selection and the gradient is the sigmoid surrogate's also at the experts not selected (and at slots dropped by
+      the capacity). ``dense`` carries a gradient only at the selected experts. Combining **every** expert's output
+      with ``surrogate`` gives the full straight-through gradient (:class:`MixtureOfExperts` with
+      ``dense_backward=True``);
+    - ``logits`` (T, E): the gate logits :math:`x W^\top` (without ``expert_bias``), e.g. for a router z-loss.
     """
 
     indices: Tensor
@@ -41,6 +49,8 @@ class Routing(NamedTuple):
     aux_loss: Tensor
     dropped: Tensor
     outside: Tensor
+    surrogate: Tensor
+    logits: Tensor
 
 
 _SCORES = ("softmax", "sigmoid", None)
@@ -118,6 +128,11 @@ class TopKRouter(nn.Module):
       its mask is nonzero on at most k + 1 experts; ``max_support = k`` would give the hard mask and no gradient.
       The mask's mass outside the k selected experts is dropped from the weights and reported per token as
       ``outside`` (as :func:`softtopk.topk`'s ``.outside``).
+    - ``straight_through=True`` (with a soft ``method``): the weights are the hard gate's, the gradient the soft
+      mask's. ``dense`` and ``weights`` then carry a gradient only at the selected experts, through their scores and
+      masks; the gradient at the other experts needs their outputs, which a layer running only the selected experts
+      does not have. ``surrogate`` is the dense (T, E) weight tensor whose values are ``dense``'s and whose gradient
+      is the soft mask's at every expert: see :class:`MixtureOfExperts` (``dense_backward``).
 
     Args:
         d_model: the token size, a positive int.
@@ -208,27 +223,35 @@ class TopKRouter(nn.Module):
         return nn.functional.linear(x, self.gate.weight.to(x.dtype))
 
     def _select(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(indices, mask at the indices, outside) of the selection logits."""
+        """(indices, the full (T, E) mask, outside) of the selection logits; the mask is computed once (a stochastic
+        method draws once) and gathered at ``torch.topk``'s indices, as :func:`softtopk.topk` does."""
         sel = logits if self.expert_bias is None else logits + self.expert_bias.to(logits.dtype)
         if self.hard_in_eval and not self.training:
-            r = topk(sel, self.k, method="hard")
+            full = topk_mask(sel, self.k, method="hard")
         else:
-            r = topk(sel, self.k, method=self.method, temperature=self.temperature, **self._topk_options)
-        return r.indices, r.weights, getattr(r, "outside")  # noqa: B009 (TopK's extra attribute)
+            full = topk_mask(sel, self.k, method=self.method, temperature=self.temperature, **self._topk_options)
+        indices = torch.topk(sel, self.k, dim=-1).indices
+        outside = full.detach().scatter(-1, indices, 0.0).sum(-1)
+        return indices, full, outside
 
-    def _weights(self, logits: Tensor, indices: Tensor, mask: Tensor) -> Tensor:
-        if self.score == "softmax":
-            mask = mask * torch.softmax(logits, dim=-1).gather(-1, indices)
-        elif self.score == "sigmoid":
-            mask = mask * torch.sigmoid(logits).gather(-1, indices)
+    def _scores(self, logits: Tensor) -> Union[Tensor, None]:
+        if self.score is None:
+            return None
+        return torch.softmax(logits, dim=-1) if self.score == "softmax" else torch.sigmoid(logits)
+
+    def _scored(self, mask: Tensor, scores: Union[Tensor, None]) -> Tensor:
+        """The mask times the scores (of the same shape), normalised over the last dim."""
+        if scores is not None:
+            mask = mask * scores
         if self.normalize:
             mask = mask / mask.sum(-1, keepdim=True).clamp_min(torch.finfo(mask.dtype).tiny)
         return mask
 
     def forward(self, tokens: Tensor) -> Routing:
         logits = self._logits(tokens)
-        indices, mask, outside = self._select(logits)
-        weights = self._weights(logits, indices, mask)
+        indices, full, outside = self._select(logits)
+        scores = self._scores(logits)
+        weights = self._scored(full.gather(-1, indices), None if scores is None else scores.gather(-1, indices))
         n_tokens, n_slots = logits.shape[0], indices.numel()
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, indices, True)
         load = routing_map.sum(0).to(logits.dtype) / max(n_slots, 1)
@@ -240,11 +263,14 @@ class TopKRouter(nn.Module):
             weights = weights * routing_map.gather(-1, indices)
             dropped = (n_slots - routing_map.sum()).to(logits.dtype) / max(n_slots, 1)
         dense = torch.zeros_like(logits).scatter(-1, indices, weights)
+        smooth = self._scored(full, scores)  # the dense surrogate weights
+        surrogate = dense.detach() + (smooth - smooth.detach())  # the values of dense, the gradient of smooth
         aux = _aux_loss(logits, load) if self.load_balance == "aux" and n_tokens else logits.new_zeros(())
         if self.expert_bias is not None and self.training:
             with torch.no_grad():
                 self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load).to(self.expert_bias.dtype)
-        return Routing(indices, weights, dense, routing_map, load, aux, dropped, outside.to(logits.dtype))
+        outside = outside.to(logits.dtype)
+        return Routing(indices, weights, dense, routing_map, load, aux, dropped, outside, surrogate, logits)
 
     def extra_repr(self) -> str:
         parts = [f"d_model={self.d_model}", f"n_experts={self.n_experts}", f"k={self.k}", f"method={self.method!r}"]
