@@ -45,7 +45,7 @@ def test_quick_run_writes_json_and_table(tmp_path, capsys):
         assert r["ratio"] == pytest.approx(r["sharded_ms"] / r["allgather_ms"])
         assert r["allgather_bytes"] == 4 * m * 4  # this rank's (rows, n / world) float32 shard
         assert 0 < r["sharded_bytes"] < r["allgather_bytes"]
-        assert r["max_abs_diff_mask"] < 1e-5 and r["max_abs_diff_grad"] < 1e-3  # float32, gradients up to ~1/t
+        assert r["max_abs_diff_mask"] < 1e-5 and r["max_abs_diff_grad"] < 1e-5 * max(1.0, r["max_abs_grad"])
     # dftopk: the shard description (12 int64), the local top k + 1 values (float32) and indices (int64) of the 4
     # rows, then one float32 sum per row in the backward: 4 collectives
     dftopk = part["rows"][1]

@@ -1,7 +1,7 @@
 """softtopk on ``torch.distributed``, for what outgrows one device.
 
 - Top-k over a dimension sharded across ranks (:func:`topk_mask`, :func:`topk`), for candidate sets that do not fit
-  one device: the threshold masks exchange O(rows) scalars per solver step, never the scores; :func:`traffic`
+  one device: the threshold masks exchange O(rows) scalars per solver step, never the shards; :func:`traffic`
   counts what they exchange.
 - Top-k gradient compression for ``DistributedDataParallel`` (:func:`topk_compression_hook` with
   :class:`TopKCompressionState`): each rank sends the largest entries of each gradient bucket, the rest kept as a

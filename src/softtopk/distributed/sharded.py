@@ -1,10 +1,13 @@
 r"""Top-k over a dimension sharded across the ranks of a ``torch.distributed`` process group.
 
 Each rank holds a slice of the selection dimension (slices may differ in length; their concatenation in rank order
-is the full dimension). The threshold masks make this cheap: only the threshold τ is global, so the root-finder
-all-reduces two scalars per row per step (:math:`\sum_i y_i` and :math:`\sum_i \varphi'`), never the scores, and
-the implicit backward all-reduces two more (four with a temperature gradient). DFTopK and the hard top-k exchange
-each rank's local top candidates (O(k · world) values per row).
+is the full dimension). The threshold masks make this cheap: only the threshold τ is global. The root-finder starts
+from the threshold of a strided sample of about 2048 scores per row (gathered once), then Newton runs on the
+entries near that start (a band: the others contribute below e^-40 each) and exchanges two scalars per row per step
+(:math:`\sum_i y_i` and :math:`\sum_i \varphi'`); the implicit backward exchanges two more (four with a
+temperature gradient). The shards themselves never travel. DFTopK and the hard top-k exchange each rank's local top
+candidates (O(k · world) values per row). Sums are all-gathered and added in rank order, so that every rank takes
+the same solver branches and gets bit-identical gradients for the replicated arguments.
 
 Semantics of the gradient: the global loss is the **sum of the ranks' losses**, each of them a function of its own
 shard of the result (for :func:`topk_mask`) or of the replicated result (for :func:`topk`, where every rank holds
@@ -48,6 +51,7 @@ class Shards(NamedTuple):
     world: int
     offset: int  # this rank's first global index
     length: int  # the global length n
+    lengths: tuple  # every rank's shard length, in rank order
 
 
 def _group(group: object, fn: str) -> tuple[int, int]:
@@ -78,7 +82,7 @@ def _shards(x: Tensor, d: int, group: object, fn: str) -> Shards:
             f"{tuple(x.shape)} along dim={d} and dtype {x.dtype}"
         )
     lengths = table[:, 2].tolist()
-    return Shards(group, rank, world, int(sum(lengths[:rank])), int(sum(lengths)))
+    return Shards(group, rank, world, int(sum(lengths[:rank])), int(sum(lengths)), tuple(int(n) for n in lengths))
 
 
 @dataclass
@@ -149,46 +153,42 @@ def _all_gather_cat(t: Tensor, shards: Shards) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 def _global_stats(x: Tensor, shards: Shards):
     """(min, max) over the finite entries of each row, counts of entries > −inf and of +inf: all global, (R, 1)."""
-    finite = torch.isfinite(x)
-    if x.shape[-1]:
-        big = torch.where(finite, x, -math.inf).amax(-1, keepdim=True)
-        small = torch.where(finite, x, math.inf).amin(-1, keepdim=True)
-    else:  # an empty shard
+    if x.shape[-1] == 0:  # an empty shard
         big, small = x.new_full((x.shape[0], 1), -math.inf), x.new_full((x.shape[0], 1), math.inf)
+        counts = x.new_zeros((x.shape[0], 2))
+    else:
+        big, small = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
+        if bool(torch.isfinite(big).all() & torch.isfinite(small).all()):  # the common case: two passes
+            counts = x.new_tensor([float(x.shape[-1]), 0.0]).expand(x.shape[0], 2)
+        else:
+            finite = torch.isfinite(x)
+            big = torch.where(finite, x, -math.inf).amax(-1, keepdim=True)
+            small = torch.where(finite, x, math.inf).amin(-1, keepdim=True)
+            counts = torch.stack([(x > -math.inf).sum(-1), (x == math.inf).sum(-1)], -1).to(x.dtype)
     ext = _all_max(torch.cat([big, -small], -1), shards)
-    counts = torch.stack([(x > -math.inf).sum(-1), (x == math.inf).sum(-1)], -1).to(x.dtype)
     counts = _all_sum(counts, shards)
     return -ext[:, 1:], ext[:, :1], counts[:, :1], counts[:, 1:]
 
 
-def _solve(family, x, k, t, shards: Shards, tol: float, max_iter: int):
-    """(y, τ, c, Σφ') of the sharded mask: y = clip(φ((x − c)/t − τ), 0, 1), every quantity but y global."""
-    xmin, xmax, n_live, n_pinf = _global_stats(x, shards)
-    if bool((n_live < k).any()) or bool((n_pinf > k).any()):
-        raise ValueError(
-            "softtopk.distributed.topk_mask: a row has fewer than k entries above -inf (padding) or more than k "
-            "equal to +inf, over all the shards"
-        )
-    k_fin = k - n_pinf
-    none, full = k_fin <= 0, k >= n_live
-    degenerate = none | full
-    c = torch.where(torch.isfinite(xmax), xmax, 0.0)  # the frame: x − c is exact near the top (Sterbenz)
-    rt = t.reciprocal()
-    zp = family.phi_inv((k_fin / (n_live - n_pinf)).clamp(1e-30, 1.0 - 1e-16))
-    big = torch.finfo(x.dtype).max
-    lo = torch.where(degenerate, 0.0, ((xmin - c) * rt - zp).clamp(min=-big))
-    hi = torch.where(degenerate, 0.0, (-zp).clamp(max=big))
-    z = (x - c) * rt
-    tau = 0.5 * lo + 0.5 * hi
+_SAMPLE = 2048  # entries per row of the warm start's strided sample (over all the shards)
+#: After the warm start, Newton runs on the entries within _BAND units of t below the start (the others contribute
+#: at most e^-(_BAND - _MARGIN) each while τ stays _MARGIN above the cut; a row whose τ does not is solved again
+#: on all its entries).
+_BAND, _MARGIN = 60.0, 20.0
+
+
+def _newton(family, evaluate, k, n_live, tau, lo, hi, done, tol_k, max_iter, same):
+    """Safeguarded Newton on S(τ) = k for the threshold in units of t, as the single-process solver: a bracket
+    [lo, hi] with S(lo) ≥ k ≥ S(hi), bisection when a step leaves it. ``evaluate(τ)`` returns the (R, 1) float64
+    sums (S, Σφ'); every branch is taken on them, so ranks that see the same sums take the same steps. A row stops
+    within tolerance, or when ``same(τ, new)`` says the step no longer moves the threshold the data sees (its
+    compute dtype's resolution). Returns (τ, S, Σφ', ok)."""
     logit_k = torch.log(k / (n_live - k)) if family.log_newton else None
-    tol_k = tol * k.clamp(min=1.0)
-    done = degenerate.clone()
+    exact = done  # rows solved in advance (degenerate)
     for it in range(max_iter + 1):
-        y, dsum = family.phi(z - tau)
-        sums = _all_sum(torch.cat([y.sum(-1, keepdim=True), dsum], -1), shards)  # the one exchange of a step
-        s, dsum = sums[:, :1], sums[:, 1:]
+        s, dsum = evaluate(tau)
         resid = s - k
-        ok = degenerate | (resid.abs() <= tol_k)
+        ok = exact | (resid.abs() <= tol_k)
         done = done | ok
         if it == max_iter or bool(done.all()):
             break
@@ -200,45 +200,149 @@ def _solve(family, x, k, t, shards: Shards, tol: float, max_iter: int):
             step = resid / dsum
         new = tau + step
         new = torch.where((new > lo) & (new < hi), new, 0.5 * lo + 0.5 * hi)
-        done = done | (new == tau)  # stalled at machine precision
+        done = done | same(tau, new)  # stalled at the data's precision (ok says whether within tol)
         tau = torch.where(done, tau, new)
+    return tau, s, dsum, ok
+
+
+class _Evaluator:
+    """S(τ) and Σφ' of this rank's rows at a threshold, y = clip(φ((x − c)/t − τ), 0, 1) left in ``buf``: in the
+    compute dtype, in place on two buffers (no allocation per step), the sums accumulated in float64."""
+
+    def __init__(self, family, x, c, t):
+        self.family, self.x, self.c, self.t = family, x, c, t
+        self.rt = t.reciprocal().to(x.dtype)
+        self.buf, self.scratch = torch.empty_like(x), torch.empty_like(x)
+
+    def same(self, tau: Tensor, new: Tensor) -> Tensor:
+        """Whether two thresholds (units of t) are the same threshold in the data's dtype."""
+        return (self.c + tau * self.t).to(self.x.dtype) == (self.c + new * self.t).to(self.x.dtype)
+
+    def local(self, tau: Tensor) -> tuple[Tensor, Tensor]:
+        threshold = (self.c + tau * self.t).to(self.x.dtype)  # x − threshold: exact near it (Sterbenz)
+        torch.sub(self.x, threshold, out=self.buf).mul_(self.rt)
+        dsum = self.family.phi_(self.buf, self.scratch).double()
+        return self.buf.sum(-1, keepdim=True).double(), dsum  # torch's cascade sum: float64 casts would copy
+
+
+def _warm_start(family, x, c, t, k, n_live, lo, hi, tau, done, shards: Shards):
+    """τ of the same problem on a strided sample of about ``_SAMPLE`` entries per row over all the shards (one
+    all-gather of O(rows · _SAMPLE) scores), k scaled, solved loosely and locally: the global Newton then starts
+    within a few percent of the solution and takes a few exchanges instead of tens."""
+    stride = max(1, shards.length // _SAMPLE)
+    m = max(-(-n // stride) for n in shards.lengths)
+    local = x[:, ::stride]
+    pad = x.new_full((x.shape[0], m - local.shape[-1]), -math.inf)
+    sample = _all_gather_cat(torch.cat([local, pad], -1), shards)
+    live = (sample > -math.inf).sum(-1, keepdim=True).double()
+    k_s = (k * live / n_live).clamp(1e-3, None).minimum(live - 1e-3)
+    sample_eval = _Evaluator(family, sample, c, t)
+    tau_s = _newton(family, sample_eval.local, k_s, live, tau, lo, hi, done | (live < 2), 1e-3 * k_s.clamp(min=1.0),
+                    30, sample_eval.same)[0]  # fmt: skip
+    return torch.where(torch.isfinite(tau_s), tau_s.clamp(lo, hi), tau)
+
+
+def _band(x: Tensor, floor: Tensor) -> Tensor:
+    """The entries of each row above ``floor`` (R, 1), packed to the left, the rows padded with −inf."""
+    keep = x > floor.to(x.dtype)
+    values = x[keep]  # row-major: row by row
+    counts = keep.sum(-1)
+    width = int(counts.max()) if counts.numel() else 0
+    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    out = x.new_full((x.shape[0], width), -math.inf)
+    out[rows, torch.arange(values.numel(), device=x.device) - starts[rows]] = values
+    return out
+
+
+def _solve(family, x, k, t, shards: Shards, tol: float, max_iter: int):
+    """(y, threshold, Σφ') of the sharded mask y = clip(φ((x − threshold)/t), 0, 1), the threshold and Σφ' global
+    (R, 1) float64; x (R, n_r) in the compute dtype, k and t (R, 1) float64."""
+    xmin, xmax, n_live, n_pinf = _global_stats(x, shards)
+    if bool((n_live < k).any()) or bool((n_pinf > k).any()):
+        raise ValueError(
+            "softtopk.distributed.topk_mask: a row has fewer than k entries above -inf (padding) or more than k "
+            "equal to +inf, over all the shards"
+        )
+    xmin, xmax, n_live, n_pinf = (a.double() for a in (xmin, xmax, n_live, n_pinf))
+    k_fin = k - n_pinf
+    none, full = k_fin <= 0, k >= n_live
+    degenerate = none | full
+    c = torch.where(torch.isfinite(xmax), xmax, 0.0)  # the frame: thresholds as c + τ t, τ of moderate size
+    zp = family.phi_inv((k_fin / (n_live - n_pinf)).clamp(1e-30, 1.0 - 1e-16))
+    big = torch.finfo(torch.float64).max
+    lo = torch.where(degenerate, 0.0, ((xmin - c) / t - zp).clamp(min=-big))
+    hi = torch.where(degenerate, 0.0, (-zp).clamp(max=big))
+    tau = 0.5 * lo + 0.5 * hi
+    ev = _Evaluator(family, x, c, t)
+    tol_k = tol * k.clamp(min=1.0)
+
+    def exchanged(evaluator):
+        def evaluate(tau):
+            s, dsum = evaluator.local(tau)
+            sums = _all_sum(torch.cat([s, dsum], -1), shards)  # the one exchange of a step
+            return sums[:, :1], sums[:, 1:]
+
+        return evaluate
+
+    redo = ~degenerate
+    if shards.length > 8 * _SAMPLE:
+        tau = _warm_start(family, x, c, t, k, n_live, lo, hi, tau, degenerate, shards)
+        cut = torch.where(degenerate, -math.inf, tau - _BAND)  # the band: entries with (x − c)/t > cut
+        band = _Evaluator(family, _band(x, c + cut * t), c, t)  # this rank's choice; the exchanges are the same
+        tau, s, dsum, ok = _newton(family, exchanged(band), k, n_live, tau, lo, hi, degenerate, tol_k, max_iter,
+                                   ev.same)  # fmt: skip
+        redo = ~ok | (tau < cut + _MARGIN)  # rows the band may not hold: solved again on all the entries
+    if bool(redo.any()):
+        tau, s, dsum, ok = _newton(family, exchanged(ev), k, n_live, tau, lo, hi, ~redo, tol_k, max_iter, ev.same)
+    else:
+        ev.local(tau)  # y at τ, over all the entries
     if not bool(ok.all()):
         warnings.warn(
-            f"softtopk.distributed.topk_mask({family.name}): the threshold search stopped after max_iter={max_iter} "
-            f"iterations with |sum(y) - k| = {float((s - k).abs().max()):.3g}; raise max_iter or tol",
+            f"softtopk.distributed.topk_mask({family.name}): the threshold search stopped (max_iter={max_iter}, or "
+            f"the resolution of the scores' dtype) with |sum(y) - k| = {float((s - k).abs().max()):.3g}; raise "
+            "max_iter or tol, or pass float64 scores",
             RuntimeWarning,
             stacklevel=5,
         )
-    exact = torch.where(none, (x == math.inf).to(x.dtype), (x > -math.inf).to(x.dtype))
-    return torch.where(degenerate, exact, y), tau, c, torch.where(degenerate, 0.0, dsum)
+    y = ev.buf  # y at the last τ evaluated, which is the τ returned
+    if bool(degenerate.any()):
+        exact = torch.where(none, (x == math.inf).to(x.dtype), (x > -math.inf).to(x.dtype))
+        y = torch.where(degenerate, exact, y)
+    return y, c + tau * t, torch.where(degenerate, 0.0, dsum)
 
 
 class _ShardedThreshold(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, k, t, family, shards, tol, max_iter):
-        # The solve runs in float64 whatever the compute dtype: its cost is the exchanges, not the arithmetic.
-        y, tau, c, dsum = _solve(family, x.double(), k.double(), t.double(), shards, tol, max_iter)
+        # elementwise work in the compute dtype, in place; per-row quantities and every sum in float64
+        y, threshold, _ = _solve(family, x, k.double(), t.double(), shards, tol, max_iter)
         ctx.family, ctx.shards = family, shards
-        ctx.save_for_backward(y, x, t, tau, c)
-        return y.to(x.dtype)
+        ctx.save_for_backward(y, x, t, threshold)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
         # ∂y/∂x = diag(d) − d dᵀ/Σd,  ∂y/∂k = d/Σd,  ∂y/∂t = −diag(d) (z − Σdz/Σd),  d = φ'(z)/t, z = (x − τ)/t,
-        # every Σ over all the shards: one all-reduce of (Σ d·g, Σ d[, Σ d·z·g, Σ d·z]).
-        y, x, t, tau, c = ctx.saved_tensors
+        # every Σ over all the shards: one exchange of (Σ d·g, Σ d[, Σ d·z·g, Σ d·z]) per row.
+        y, x, t, threshold = ctx.saved_tensors
         needs_k, needs_t = ctx.needs_input_grad[1:3]
-        g = gy.double()
-        d = ctx.family.dphi(y) / t.double()
-        parts = [(d * g).sum(-1, keepdim=True), d.sum(-1, keepdim=True)]
+        rt = t.reciprocal().to(x.dtype)
+        d = ctx.family.dphi(y).mul_(rt)
+        dg = d * gy
+
+        def rowsum(v):
+            return v.sum(-1, keepdim=True).double()
+
+        parts = [rowsum(dg), rowsum(d)]
         if needs_t:
-            z = torch.where(d != 0, (x.double() - c) / t.double() - tau, 0.0)
-            parts += [(d * z * g).sum(-1, keepdim=True), (d * z).sum(-1, keepdim=True)]
+            z = torch.where(d != 0, (x - threshold.to(x.dtype)) * rt, 0.0)
+            parts += [rowsum(dg * z), rowsum(d * z)]
         sums = _all_sum(torch.cat(parts, -1), ctx.shards)
         den = sums[:, 1:2]
         mean = torch.where(den > 0, sums[:, :1] / den.clamp(min=1e-300), 0.0)
-        gx = (d * (g - mean)).to(x.dtype)
+        gx = dg.sub_(d * mean.to(x.dtype))
         gk = mean.to(x.dtype) if needs_k else None
         gt = None
         if needs_t:
@@ -286,7 +390,7 @@ class _ShardedDFTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, kth_values, kth_idx, shards):
         tau = kth_values.mean(-1, keepdim=True)
-        y = torch.sigmoid((x - tau) / t)
+        y = torch.sub(x, tau).div_(t).sigmoid_()  # in place: one temporary
         y = torch.where(y.isnan(), (tau > 0).to(y.dtype), y)  # x = τ = ±inf: selected iff +inf
         ctx.shards = shards
         ctx.save_for_backward(x, t, y, tau, kth_idx)
@@ -299,7 +403,7 @@ class _ShardedDFTopK(torch.autograd.Function):
         #   ∂L/∂x = s − (Σ s)(e_a + e_b)/2,  s = g σ'(z)/t;   ∂L/∂t = −Σ s z   (Σ over all the shards).
         x, t, y, tau, idx = ctx.saved_tensors
         shards = ctx.shards
-        s = gy * y * (1.0 - y) / t
+        s = torch.addcmul(y, y, y, value=-1.0).mul_(gy).div_(t)  # g σ'(z)/t, in place
         parts = [s.sum(-1, keepdim=True)]
         if ctx.needs_input_grad[1]:
             parts.append(torch.where(s != 0, s * (x - tau) / t, 0.0).sum(-1, keepdim=True))
@@ -399,13 +503,14 @@ def topk_mask(
 
     Every rank of the process group calls it with its own slice ``x`` of the full tensor (the slices concatenated
     in rank order along ``dim``; lengths may differ, even be 0) and gets its slice of exactly the mask that
-    :func:`softtopk.topk_mask` gives on the concatenated tensor, to the solver's tolerance. The scores never leave
-    their rank:
+    :func:`softtopk.topk_mask` gives on the concatenated tensor, to the solver's tolerance. The shards never
+    travel:
 
     - ``"sigmoid"``, ``"soft"`` (with ``temperature``), ``"sparse"`` (p = 2, 4/3), ``"lapsum"``: only the threshold
-      is global. Each Newton step all-reduces two scalars per row (Σy and Σφ'), the backward two (four when
-      ``temperature`` needs a gradient): O(rows) communication per step, never the scores. The solve runs in
-      float64.
+      is global. A strided sample of about 2048 scores per row (all ranks together) gives the start; then each
+      Newton step exchanges two scalars per row (Σy and Σφ'), the backward two (four when ``temperature`` needs a
+      gradient): O(rows) communication per step. Per-row quantities and sums are float64, the elementwise work in
+      the compute dtype.
     - ``"dftopk"`` and ``"hard"`` (and ``straight_through``'s forward): each rank sends its local top k + 1 (k)
       values and indices; O(k · world) per row.
 
@@ -441,7 +546,7 @@ def topk_mask(
         dist.init_process_group("gloo")
         scores = torch.randn(4, 500_000)                 # this rank's half of a (4, 1e6) score matrix
         y = sd.topk_mask(scores, 1000, method="sigmoid", temperature=0.1)   # its half of the mask
-        # y.sum() over all ranks is 4 × 1000; the scores never left their rank
+        # y.sum() over all ranks is 4 × 1000; the shards never left their rank
     """
     fn = "topk_mask"
     spec, rows, shards = _prepare_sharded(fn, x, k, dim, method, temperature, largest, straight_through, options,
