@@ -115,6 +115,7 @@ def _measure_one(rank: int, cfg: DistConfig, n: int, method: str) -> dict[str, A
         with sd.traffic() as sent:
             y = sd.topk_mask(x, k, method=method, temperature=t)
             y.backward(g_own)
+        assert x.grad is not None
         return y.detach(), x.grad, sent.bytes, sent.calls
 
     def gathered() -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -124,6 +125,7 @@ def _measure_one(rank: int, cfg: DistConfig, n: int, method: str) -> dict[str, A
         y = softtopk.topk_mask(full, k, method=method, temperature=t)
         y.backward(g_full)  # the replicated loss <g, y>: the gradient of this shard is local
         own = slice(rank * m, (rank + 1) * m)
+        assert full.grad is not None
         return y.detach()[:, own], full.grad[:, own], x.numel() * x.element_size(), 1
 
     fns = {"sharded": sharded, "allgather": gathered}

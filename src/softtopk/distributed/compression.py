@@ -59,6 +59,16 @@ class TopKCompressionState:
         torch.save({"model": model.state_dict(), "compression": state.state_dict()}, path)
     """
 
+    ratio: float
+    error_feedback: bool
+    warmup_steps: int
+    process_group: Any
+    model: Union[torch.nn.Module, None]
+    step: int
+    residuals: "dict[Any, Tensor]"
+    sent_bytes: int
+    _bytes: int
+
     def __init__(
         self,
         ratio: float = 0.01,
@@ -82,7 +92,7 @@ class TopKCompressionState:
         self.process_group = process_group
         self.model = model
         self.step = 0  # completed steps (one per backward: counted at the last bucket)
-        self.residuals: dict[Any, Tensor] = {}  # parameter -> float32 residual of its flat gradient
+        self.residuals = {}  # parameter -> float32 residual of its flat gradient
         self.sent_bytes = 0  # bytes this rank contributed to the collectives of the last completed step
         self._bytes = 0
 

@@ -22,7 +22,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Union
+from typing import Any, Iterator, NamedTuple, Union
 
 import torch
 import torch.distributed as dist
@@ -54,7 +54,7 @@ class Shards(NamedTuple):
     lengths: tuple  # every rank's shard length, in rank order
 
 
-def _group(group: object, fn: str) -> tuple[int, int]:
+def _group(group: Any, fn: str) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             f"softtopk.distributed.{fn}: the default process group is not initialised; call "
@@ -470,11 +470,10 @@ def _mask(spec, rows: Rows, options: dict, shards: Shards, straight_through: boo
     r, n = math.prod(rows.x.shape[:-1]), rows.n  # rows may be empty (n = 0): no -1 in the shapes
     x = rows.signed.reshape(r, n)
     t2 = None if t is None else t.reshape(r, 1)
-    hard = None
-    if spec.name == "hard" or straight_through:
-        hard = _hard(x, int(rows.k), shards)
-    if spec.name == "hard":
+    hard = _hard(x, int(rows.k), shards) if spec.name == "hard" or straight_through else None
+    if hard is not None and spec.name == "hard":
         return hard[0], hard
+    assert t2 is not None  # every method but "hard" has a temperature
     if spec.name == "dftopk":
         y = _dftopk(x, int(rows.k), t2, shards)
     else:
@@ -482,7 +481,7 @@ def _mask(spec, rows: Rows, options: dict, shards: Shards, straight_through: boo
         tol, max_iter = solver_options("threshold", x.dtype, parsed["tol"], parsed["max_iter"], fn=fn)
         k = rows.k.reshape(r, 1) if isinstance(rows.k, Tensor) else x.new_full((r, 1), float(rows.k))
         y = _ShardedThreshold.apply(x, k.to(x.dtype), t2, family, shards, tol, max_iter)
-    if straight_through:
+    if hard is not None:  # straight-through
         y = with_soft_gradient(hard[0].detach(), y)
     return y, hard
 

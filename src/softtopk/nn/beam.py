@@ -246,6 +246,7 @@ def _reorder(x: Tensor, sel: _Selection, k: int) -> Tensor:
 def _soft_history(hist: Union[Tensor, None], sel: _Selection, vocab: int, dtype: torch.dtype) -> Tensor:
     """The (B, K, t + 1, V) token distributions of the selected hypotheses."""
     if sel.token_dist is not None:
+        assert sel.mix is not None  # a soft selection has both
         new = sel.token_dist.unsqueeze(2)
         old = None if hist is None else torch.einsum("bji,bitv->bjtv", sel.mix.to(hist.dtype), hist)
     else:
@@ -271,6 +272,7 @@ def _search(step: Step, state: Any, cfg: _Config, training: bool) -> Beams:
         if t == 0:
             scores = log_probs.new_zeros(batch, k)
             finished = torch.zeros(batch, k, dtype=torch.bool, device=log_probs.device)
+        assert scores is not None and finished is not None  # set at the first step
         cand = _candidates(scores, log_probs.view(batch, k, vocab), finished, cfg.eos, t == 0)
         sel = _permutation(cand, vocab, cfg) if soft else _hard(cand, vocab, cfg, training)
         state = _map(new_state, functools.partial(_reorder, sel=sel, k=k))
@@ -287,6 +289,7 @@ def _search(step: Step, state: Any, cfg: _Config, training: bool) -> Beams:
         if cfg.eos is not None and bool(finished.all()):
             break
     sequences = torch.stack(seqs, dim=-1)
+    assert scores is not None and finished is not None  # max_len >= 1
     return Beams(sequences, scores, torch.softmax(scores, dim=-1), finished, hist, state)
 
 

@@ -78,7 +78,8 @@ def _padded_selection(selected: Tensor, priority: Tensor) -> tuple[Tensor, Tenso
     by_priority = torch.sort(priority.detach(), dim=-1, descending=True, stable=True).indices
     first = torch.sort(selected.gather(-1, by_priority).to(torch.uint8), dim=-1, descending=True, stable=True)
     indices = by_priority.gather(-1, first.indices[..., :width])  # the selected ones first, then by priority
-    return _sequence_order(indices, selected.gather(-1, indices))
+    ordered, valid = _sequence_order(indices, selected.gather(-1, indices))
+    return ordered, valid  # (two of the tuple)
 
 
 class DepthRouter(nn.Module):
@@ -239,7 +240,7 @@ class DepthRouter(nn.Module):
         """The causal stand-in's logits (B, S): r itself, or the predictor on the detached tokens."""
         if self.predictor is None:
             return r
-        dtype = self.predictor[0].weight.dtype
+        dtype = next(self.predictor.parameters()).dtype
         return self.predictor(tokens.detach().to(dtype)).squeeze(-1).to(r.dtype)
 
     def _aux_loss(self, tokens: Tensor, r: Tensor, target: Tensor) -> Tensor:
@@ -299,6 +300,6 @@ def _fraction(mask: Tensor, dtype: torch.dtype) -> Tensor:
 def _check_capacity(capacity: Any, fn: str) -> float:
     if isinstance(capacity, bool) or not isinstance(capacity, numbers.Real):
         raise TypeError(f"{fn}: `capacity` must be a number, got {type(capacity).__name__}")
-    if not 0 < capacity <= 1:
+    if not 0 < float(capacity) <= 1:
         raise ValueError(f"{fn}: `capacity` must lie in (0, 1], got {capacity}")
     return float(capacity)

@@ -151,10 +151,11 @@ class MixtureOfExperts(nn.Module):
     def _dense(self, flat: Tensor, weights: Tensor) -> Tensor:
         """Every expert on every token, combined with the (T, E) ``weights``, added in expert order (so that the
         values equal the dispatch's exactly: the terms off the selection are zeros)."""
-        out = None
+        out: Union[Tensor, None] = None
         for e, expert in enumerate(self.experts):
             y = expert(flat) * weights[:, e : e + 1]
             out = y if out is None else out + y
+        assert out is not None  # a router has at least one expert
         return out
 
     def extra_repr(self) -> str:

@@ -399,10 +399,11 @@ def topkast_regularizer(model: nn.Module) -> Tensor:
     for module in model.modules():
         if not parametrize.is_parametrized(module):
             continue
-        for name, plist in module.parametrizations.items():  # type: ignore[union-attr]
+        for name, plist in module.parametrizations.items():  # type: ignore[union-attr, operator]
             for param in plist:
                 if isinstance(param, TopKAST):
-                    term = param.regularizer(getattr(module.parametrizations, name).original)
+                    original = getattr(module.parametrizations, name).original
+                    term = param.regularizer(original)
                     total = term if total is None else total + term
     if total is None:
         return torch.zeros(())
