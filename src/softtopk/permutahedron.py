@@ -107,7 +107,7 @@ def _eager(fn):
     """The public operators of this module run eagerly: their PAV kernels read the data. Under ``torch.compile``
     a call is a graph break (the operator runs as in eager mode, autograd included); under a ``torch.func``
     transform (vmap, grad) it raises a clear error instead of failing inside the kernel."""
-    inner = torch.compiler.disable(fn)
+    inner: list = []  # torch.compiler.disable(fn), made at the first call: it imports torch._dynamo (~1.5 s)
 
     @functools.wraps(fn)
     def public(*args, **kwargs):
@@ -116,7 +116,9 @@ def _eager(fn):
                 f"{fn.__name__}: torch.func transforms (vmap, grad, ...) are not supported: the PAV kernel reads the "
                 "data. Every operator here takes any batch shape: pass the vmapped dimension as a batch dimension"
             )
-        return inner(*args, **kwargs)
+        if not inner:
+            inner.append(torch.compiler.disable(fn))
+        return inner[0](*args, **kwargs)
 
     return public
 
