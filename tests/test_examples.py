@@ -3,6 +3,7 @@ in test_bench.py). The examples are run in-process through their ``main(argv)``;
 
 import runpy
 from pathlib import Path
+from statistics import fmean as _mean
 
 import pytest
 
@@ -18,10 +19,6 @@ def test_demo_runs(capsys):
     shown += ("straight_through", "sinkhorn", "weights / k", "outside", "same temperature 0.5")
     for method in shown:
         assert method in out
-
-
-def _mean(values):
-    return sum(values) / len(values)
 
 
 def test_topk_classification_learns(tmp_path, capsys):

@@ -5,6 +5,7 @@ out."""
 
 import math
 from pathlib import Path
+from statistics import fmean as _mean
 
 import pytest
 import torch.distributed as dist
@@ -13,10 +14,6 @@ pytestmark = [
     pytest.mark.usefixtures("example_env"),
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
 ]
-
-
-def _mean(values):
-    return sum(values) / len(values)
 
 
 def test_ddp_topk_compression_learns_and_sends_2r(tmp_path: Path, capsys):

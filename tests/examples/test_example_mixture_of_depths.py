@@ -2,13 +2,11 @@
 threshold-p) predicts the copied tokens well below the unigram loss, the routed blocks process about the capacity,
 and the table has its columns."""
 
+from statistics import fmean as _mean
+
 import pytest
 
 pytestmark = pytest.mark.usefixtures("example_env")
-
-
-def _mean(values):
-    return sum(values) / len(values)
 
 
 def test_mixture_of_depths_learns(tmp_path, capsys):

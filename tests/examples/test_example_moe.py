@@ -1,13 +1,11 @@
 """examples/moe.py: every router gate learns both tasks in the ``--tiny`` run, the printed tables have their columns,
 and the straight-through measurement tells the selected-experts gradient from the dense_backward one."""
 
+from statistics import fmean as _mean
+
 import pytest
 
 pytestmark = pytest.mark.usefixtures("example_env")
-
-
-def _mean(values):
-    return sum(values) / len(values)
 
 
 def test_moe_learns(tmp_path, capsys):

@@ -2,14 +2,11 @@
 the fraction of zero weights at test time is the target, up to the rounding of k per layer."""
 
 from pathlib import Path
+from statistics import fmean as _mean
 
 import pytest
 
 pytestmark = pytest.mark.usefixtures("example_env")
-
-
-def _mean(values):
-    return sum(values) / len(values)
 
 
 def test_pruning_learns_at_exact_sparsity(tmp_path: Path, capsys):
