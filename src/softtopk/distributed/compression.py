@@ -182,14 +182,14 @@ def _compressed(
         raise ValueError("topk_compression_hook: the bucket's parameters do not cover its buffer (a sparse or "
                          "unsupported DistributedDataParallel configuration)")  # fmt: skip
     g = buffer.to(torch.float32, copy=True)  # a copy: g becomes the residual, and the buffer the result
-    for p, part in zip(params, g.split(sizes)):  # the bucket's flat layout follows its parameters' order
+    # the bucket's flat layout follows its parameters' order. The top-k is of each parameter, not of the bucket:
+    # the selection then does not depend on how DDP buckets the parameters, which changes after a model's first
+    # step (and so between a run and its resumption)
+    picks, start = [], 0
+    for p, part in zip(params, g.split(sizes)):
         residual = state.residuals.get(p)
         if residual is not None:
             part += residual.to(part.device).reshape(-1)
-    # the top-k of each parameter (not of the bucket): the selection does not depend on how DDP buckets the
-    # parameters, which changes after a model's first step (and so between a run and its resumption)
-    picks, start = [], 0
-    for part in g.split(sizes):
         k = max(1, math.ceil(state.ratio * part.numel()))
         picks.append(torch.topk(part.abs(), k, sorted=False).indices + start)
         start += part.numel()

@@ -70,10 +70,7 @@ def _shards(x: Tensor, d: int, group: object, fn: str) -> Shards:
     head = [x.dim(), _DTYPES.index(x.dtype), x.shape[d]]
     shape = list(batch[: _META - 4]) + [-1] * max(0, _META - 4 - len(batch))
     meta = torch.tensor(head + shape + [hash(tuple(batch)) % (1 << 61)], dtype=torch.long, device=x.device)
-    _count(meta)
-    metas = [torch.empty_like(meta) for _ in range(world)]
-    dist.all_gather(metas, meta, group=group)
-    table = torch.stack(metas).cpu()
+    table = torch.stack(_gather(meta, group, world)).cpu()
     ours = torch.cat([table[:, :2], table[:, 3:]], 1)  # all but the shard length must agree
     if not bool((ours == ours[rank]).all()):
         raise ValueError(
@@ -128,24 +125,25 @@ def _all_max(t: Tensor, shards: Shards) -> Tensor:
     return t
 
 
+def _gather(t: Tensor, group: Any, world: int) -> list[Tensor]:
+    """Every rank's ``t``, in rank order (counted by :func:`traffic`)."""
+    t = t.contiguous()
+    _count(t)
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t, group=group)
+    return parts
+
+
 def _all_sum(t: Tensor, shards: Shards) -> Tensor:
     """The sum over ranks, bit-identical on every rank: gathered, then added in rank order. (An all-reduce may add
     in a different order on each rank; the solver's branches, taken on these sums, must agree across ranks, and
     the gradients of replicated arguments must be equal.)"""
-    t = t.contiguous()
-    _count(t)
-    parts = [torch.empty_like(t) for _ in range(shards.world)]
-    dist.all_gather(parts, t, group=shards.group)
-    return torch.stack(parts).sum(0)
+    return torch.stack(_gather(t, shards.group, shards.world)).sum(0)
 
 
 def _all_gather_cat(t: Tensor, shards: Shards) -> Tensor:
     """The ranks' (R, m) tensors side by side: (R, world · m)."""
-    t = t.contiguous()
-    _count(t)
-    parts = [torch.empty_like(t) for _ in range(shards.world)]
-    dist.all_gather(parts, t, group=shards.group)
-    return torch.cat(parts, -1)
+    return torch.cat(_gather(t, shards.group, shards.world), -1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -391,7 +389,8 @@ class _ShardedDFTopK(torch.autograd.Function):
     def forward(ctx, x, t, kth_values, kth_idx, shards):
         tau = kth_values.mean(-1, keepdim=True)
         y = torch.sub(x, tau).div_(t).sigmoid_()  # in place: one temporary
-        y = torch.where(y.isnan(), (tau > 0).to(y.dtype), y)  # x = τ = ±inf: selected iff +inf
+        if not bool(torch.isfinite(tau).all()):  # x = τ = ±inf gives NaN: selected iff +inf
+            y = torch.where(y.isnan(), (tau > 0).to(y.dtype), y)
         ctx.shards = shards
         ctx.save_for_backward(x, t, y, tau, kth_idx)
         return y

@@ -79,7 +79,7 @@ def _padded_selection(selected: Tensor, priority: Tensor) -> tuple[Tensor, Tenso
     first = torch.sort(selected.gather(-1, by_priority).to(torch.uint8), dim=-1, descending=True, stable=True)
     indices = by_priority.gather(-1, first.indices[..., :width])  # the selected ones first, then by priority
     ordered, valid = _sequence_order(indices, selected.gather(-1, indices))
-    return ordered, valid  # (two of the tuple)
+    return ordered, valid
 
 
 class DepthRouter(nn.Module):
@@ -252,7 +252,7 @@ class DepthRouter(nn.Module):
         method = "hard" if hard else self.method
         kw = {} if method == "hard" else {"temperature": self.temperature, **self.options}
         soft = threshold_mask(r, self.threshold, normalize="sigmoid", method=method, **kw)
-        selected = threshold_mask(r, self.threshold, normalize="sigmoid", method="hard") > 0.5  # σ(r_i) > p
+        selected = torch.sigmoid(r.detach()) > self.threshold  # threshold_mask's hard selection, σ(r_i) > p
         indices, valid = _padded_selection(selected, r)
         weights = (soft.gather(-1, indices) * self._score(r.gather(-1, indices))) * valid.to(r.dtype)
         budget = (soft.mean() - self.capacity) ** 2 if r.numel() else r.new_zeros(())
