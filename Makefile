@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,bench,docs]'
+	$(PY) -m pip install --quiet -e '.[dev,bench,docs,gpu]'
 	touch $(STAMP)
 
 test: $(STAMP)

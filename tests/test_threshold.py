@@ -696,3 +696,42 @@ def test_dftopk_kernel_hands_ties_and_infinities_to_reference():
     for k in (2, 5):
         numba_out, torch_out = _both_backends(lambda k=k: softtopk.topk_mask(x, k, method="dftopk", temperature=0.5))
         assert torch.equal(numba_out, torch_out)
+
+
+@needs_numba
+@pytest.mark.parametrize("variant", ["sigmoid", "lapsum"])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3, 1e5])
+@pytest.mark.parametrize("temperature", [1e-3, 1.0, 100.0])
+def test_kernel_exponentials_at_extreme_scales(variant, scale, temperature):
+    """The kernel's exponential families solve on stored exponentials e^(u − c), clipped to e^±86 and recomputed
+    when τ moves 40 away from c: at spreads |x|/t from 1e-6 to 1e8 and real k near 0 and n, Σy = k to the
+    tolerance and y equals the float64 reference's to that tolerance (tight, so that float32 rounding shows)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 300, generator=g) * scale
+    x[3] = x[3].sort().values  # a sorted row, a row with a far outlier, one with a cluster of equal scores
+    x[4, 0] = 40 * scale
+    x[5, 100:200] = x[5, 100]
+    k = torch.tensor([1.0, 0.5, 150.0, 299.5, 7.0, 120.0])
+    y = run(x, k, variant, temperature=temperature, tol=1e-7)
+    y64 = run(x.double(), k.double(), variant, temperature=temperature)
+    torch.testing.assert_close(y.double().sum(-1), k.double(), rtol=0, atol=1e-7 * 300)
+    torch.testing.assert_close(y.double(), y64, rtol=0, atol=5e-5)
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "shape, k", [((64, 8), 2), ((16, 200), 40), ((4, 1000), 5), ((3, 5000), 700), ((2, 40000), 4), ((2, 40000), 3000)]
+)
+def test_hard_kernel_matches_torch_topk(shape, k):
+    """The hard mask's kernel (a scan for small k, quickselect, or a sampled window in long rows) selects exactly
+    torch.topk's entries; per-row k; a tie at the k-th value and k = 0 or n are left to torch."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(shape, generator=g)
+    per_row = torch.randint(0, shape[-1] + 1, shape[:-1] + (1,), generator=g)
+    for kk in (k, per_row, 0, shape[-1]):
+        numba_out, torch_out = _both_backends(lambda kk=kk: softtopk.topk_mask(x, kk, method="hard"))
+        assert torch.equal(numba_out, torch_out)
+    tied = torch.tensor([[3.0, 2.0, 2.0, 1.0, -math.inf, math.inf]])
+    for kk in (1, 2, 3, 4):
+        numba_out, torch_out = _both_backends(lambda kk=kk: softtopk.topk_mask(tied, kk, method="hard"))
+        assert torch.equal(numba_out, torch_out)

@@ -282,7 +282,10 @@ def internal_temperature(spec: Method, rows: Rows, parsed: dict) -> Tensor | Non
     """The family's own temperature t = T · factor (None when the call uses no temperature)."""
     if rows.t is None or spec.factor is None:
         return None
-    return rows.t * spec.factor(**parsed)
+    t, factor = rows.t, spec.factor(**parsed)
+    if t.dim() > 1 and not any(t.stride()) and not t.requires_grad:  # one number for every row: stays one
+        return (t.as_strided((1,), (1,)) * factor).expand(t.shape)
+    return t * factor
 
 
 def run_mask(spec: Method, rows: Rows, options: Mapping[str, object], *, straight_through: bool, fn: str) -> Tensor:
@@ -293,7 +296,8 @@ def run_mask(spec: Method, rows: Rows, options: Mapping[str, object], *, straigh
     hard_k = rows.k
     if spec.float_k and not (isinstance(rows.k, Tensor) and rows.k.dtype.is_floating_point):
         # a whole k (straight-through) for a family that solves for a real one
-        kf = rows.k.to(rows.x.dtype) if isinstance(rows.k, Tensor) else torch.full_like(rows.x[..., :1], rows.k)
+        batch = rows.x.shape[:-1] + (1,)
+        kf = rows.k.to(rows.x.dtype) if isinstance(rows.k, Tensor) else rows.x.new_full((), rows.k).expand(batch)
         rows = replace(rows, k=kf)
     bound = options.get("max_support")
     if bound is not None:

@@ -1,5 +1,6 @@
-"""Numba kernels of the normalised threshold masks (:mod:`softtopk.threshold`): the whole threshold search of a row
-(start, safeguarded Newton, the mask) in one call, and the implicit backward in another, the rows in parallel.
+"""Numba kernels of the threshold family (:mod:`softtopk.threshold`), the rows in parallel: the whole threshold
+search of a normalised mask's row (start, safeguarded Newton, the mask) in one call and its implicit backward in
+another; DFTopK's selection and mask, and its backward; the hard top-k mask.
 
 Imported lazily by :mod:`softtopk.threshold` (``pip install numba``) for float32 CPU tensors in eager mode; the
 pure-torch solver there is the reference (and the path under ``torch.compile``, ``torch.func`` and on CUDA). For
@@ -7,16 +8,23 @@ every row r, with u = x · rt (rt = 1/t) in float64:
 
     y_i = clip(φ(u_i − τ), 0, 1),   Σ_i y_i = k,
 
-found by the same safeguarded Newton iteration as the reference (on logit(S/n) for the exponential families, on
-S otherwise), from a start at the order statistics of the row around rank k (small k: the exact k-th and (k+1)-th
-largest by one scan; else the threshold of the same problem on a strided subsample of the row). A row the kernel
-does not handle (a non-finite score, |x|/t beyond 1e12, no convergence within ``max_iter``) is reported by its
-status, and the caller solves the whole call with the reference instead.
+found by the same safeguarded Newton iteration as the reference (on logit(S/n) for the exponential families while
+S is far from k, on S otherwise), from a start at the order statistics of the row around rank k (small k: the exact
+k-th and (k+1)-th largest by one scan; else the threshold of the same problem on a strided subsample of the row).
+A row the kernel does not handle (a non-finite score, |x|/t beyond 1e12, no convergence within ``max_iter``) is
+counted, and the caller solves the whole call with the reference instead.
 
-The exponential is a vectorisable one (Cody–Waite reduction, a degree-8 polynomial and a table of powers of two,
-relative error below 1e-9 on |z| ≤ 100), so that LLVM vectorises every pass over a row: numba's ``math.exp`` is a
-scalar libm call, 4–5x slower. The passes use the float flags ``reassoc, contract, arcp, nsz`` only (reductions
-vectorise; no finite-math assumption) and ``error_model="numpy"`` (no zero-division branch in the loop).
+The exponential families need one exponential per entry, not one per entry and step: one pass stores
+v_i = e^(u_i − c) (float32, clipped to e^±86) around the start c, and every Newton step then evaluates the mask at τ
+from q_i = v_i e^(c − τ) = e^(z_i) with one division per entry (the sigmoid q/(1 + q), the Laplace CDF q/2 or
+1 − 1/(2q)), recomputing the v_i only if τ moves 40 from c (where the clipping could start to matter: the entries it
+touches then contribute below e^-46). The step expected to land within the tolerance writes the mask over the v_i.
+
+The exponential itself is a vectorisable one (2^m from its bit pattern, a Taylor polynomial of e^f on
+[-ln2/2, ln2/2]; relative error 6e-8), so that LLVM vectorises every pass over a row: numba's ``math.exp`` is a
+scalar libm call, 4–5x slower. Minimum and maximum are taken over integer keys of the float bit patterns, which
+vectorise too. The passes use the float flags ``reassoc, contract, arcp, nsz`` only (reductions vectorise; no
+finite-math assumption) and ``error_model="numpy"`` (no zero-division branch in the loop).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from __future__ import annotations
 import math
 
 import numba
-import numpy as np
+import numpy as np  # the callers allocate the kernels' arrays with it (mod.np): numpy is there whenever numba is
 
 from ._numba_threads import lanes as lanes  # re-exported: the callers split rows with it
 from ._numba_threads import torch_threads as torch_threads
@@ -37,11 +45,15 @@ _FAST = {"reassoc", "contract", "arcp", "nsz"}
 _POW2 = 2.0 ** np.arange(-160, 161).astype(np.float64)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-_SCAN_K = 32  # rows with k < this get their start from an exact top-(k+1) scan
+_SCAN_K = 32  # rows with k < this get their start from an exact top-(k+1) scan (unless _MAX_START_K <= k)
+_MAX_START_K = 8  # ... exponential families with k from this up, in rows up to 64 k long, start at the maximum
 _SAMPLE = 256  # otherwise from a strided subsample of about this many entries (rows longer than 2x this)
 _BIG = 1e12  # |x|/t beyond this: the reference, which re-centres
+_CLIP = 86.0  # the stored exponentials e^(u − c) are clipped to e^±86: normal float32 numbers
+_RECENTRE = 40.0  # ... and recomputed around τ once τ is further than this from their centre c
 SCAN_K = _SCAN_K
-SELECT_MAX_N = 1 << 15  # DFTopK: rows up to this long select by quickselect when k >= SCAN_K
+_WINDOW_MIN_N = 4096  # selections with k >= _SCAN_K in longer rows go through a sampled window
+_WINDOW_SAMPLE = 1024
 
 
 @numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
@@ -70,6 +82,125 @@ def _phi(fam, z):
     return c * c * c, (3.0 * c * c if z < 1.0 else 0.0)
 
 
+@numba.njit(inline="always")
+def _phi_inv_half(fam):
+    """φ⁻¹(1/2) without a logarithm: 0 for the exponential families, 1/2 for p = 2, 2^(-1/3) for p = 4/3."""
+    if fam == SIGMOID or fam == LAPLACE:
+        return 0.0
+    return 0.5 if fam == EUCLIDEAN else 0.7937005259840998
+
+
+@numba.njit(inline="always")
+def _phi_inv(fam, p):
+    if fam == SIGMOID:
+        return math.log(p / (1.0 - p))
+    if fam == LAPLACE:
+        return math.log(2.0 * p) if p < 0.5 else -math.log(2.0 - 2.0 * p)
+    if fam == EUCLIDEAN:
+        return p
+    return p ** (1.0 / 3.0)
+
+
+@numba.njit(inline="always")
+def _key(b):
+    """An integer key of a float32's bit pattern b (int32) in the float order (and back: the map is an involution)."""
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+@numba.njit(inline="always")
+def _unkey(lo, hi, bits):
+    """The floats of the keys lo and hi, through the int32 scratch ``bits`` (2,)."""
+    bits[0] = _key(lo)
+    bits[1] = _key(hi)
+    f = bits.view(np.float32)
+    return np.float64(f[0]), np.float64(f[1])
+
+
+@numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _stats(x, bits):
+    """(min, max, all finite) of a float32 row. Compared as integer keys of the bit patterns, which vectorises
+    (a float min/max reduction does not without a no-NaN assumption); finite means no exponent of all ones."""
+    xi = x.view(np.int32)
+    lo = np.int32(0x7FFFFFFF)
+    hi = np.int32(-0x7FFFFFFF)
+    top = np.int32(0)
+    for i in range(x.shape[0]):
+        b = xi[i]
+        key = _key(b)
+        lo = min(lo, key)
+        hi = max(hi, key)
+        top = max(top, b & 0x7F800000)
+    xmin, xmax = _unkey(lo, hi, bits)
+    return xmin, xmax, top != 0x7F800000
+
+
+@numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _exp_pass(fam, x, rt, c, v, bits):
+    """v_i = e^(u_i − c) for u = x rt, clipped to e^±86, as float32 into v; on the way :func:`_stats` of x and
+    (S, Σφ') at τ = c (what the first :func:`_sweep_exp` would give). Returns (min, max, finite, S, Σφ').
+
+    The exponential: 2^m from its bit pattern (written through an int32 view of v), times a degree-8 Taylor
+    polynomial of e^f, f in [-ln2/2, ln2/2], in float64 (relative error 6e-8, the float32 rounding)."""
+    xi = x.view(np.int32)
+    vi = v.view(np.int32)
+    lo = np.int32(0x7FFFFFFF)
+    hi = np.int32(-0x7FFFFFFF)
+    top = np.int32(0)
+    s = 0.0
+    d = 0.0
+    for i in range(x.shape[0]):
+        b = xi[i]
+        key = _key(b)
+        lo = min(lo, key)
+        hi = max(hi, key)
+        top = max(top, b & 0x7F800000)
+        w = min(max(x[i] * rt - c, -_CLIP), _CLIP) * _LOG2E
+        m = np.int32(w + 127.5) - np.int32(127)  # round(w): the sum is positive
+        f = (w - m) * _LN2
+        q = 1 / 120 + f * (1 / 720 + f * (1 / 5040 + f / 40320))
+        p = 1.0 + f * (1.0 + f * (0.5 + f * (1 / 6 + f * (1 / 24 + f * q))))
+        vi[i] = (m + 127) << 23  # 2^m
+        e = np.float32(p) * v[i]
+        v[i] = e
+        yi, di = _phi_exp(fam, np.float64(e))
+        s += yi
+        d += di
+    xmin, xmax = _unkey(lo, hi, bits)
+    return xmin, xmax, top != 0x7F800000, s, d
+
+
+@numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
+def _phi_exp(fam, q):
+    """(φ(z), φ'(z)) of the exponential families from q = e^z: the sigmoid q/(1 + q), the Laplace CDF q/2 (q < 1)
+    or 1 − 1/(2q)."""
+    if fam == SIGMOID:
+        r = 1.0 / (1.0 + q)
+        return q * r, q * r * r  # σ' = σ (1 − σ)
+    half = 0.5 / q
+    return (0.5 * q, 0.5 * q) if q < 1.0 else (1.0 - half, half)  # φ' = ½ e^(−|z|)
+
+
+@numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _sweep_exp(fam, v, scale, y, write):
+    """(S, Σφ') at τ from v_i = e^(u_i − c) and scale = e^(c − τ), q = v scale = e^z (see :func:`_phi_exp`); the
+    mask is written into y when ``write`` (y may be v itself: each entry is read before it is written). One
+    division per entry and no exponential."""
+    s = 0.0
+    d = 0.0
+    if write:
+        for i in range(v.shape[0]):
+            yi, di = _phi_exp(fam, np.float64(v[i]) * scale)
+            y[i] = yi
+            s += yi
+            d += di
+    else:
+        for i in range(v.shape[0]):
+            yi, di = _phi_exp(fam, np.float64(v[i]) * scale)
+            s += yi
+            d += di
+    return s, d
+
+
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _sweep(fam, x, rt, tau, y, write):
     """(S, Σφ') at τ over the row x (u = x rt), with the mask written into y when ``write``."""
@@ -89,32 +220,7 @@ def _sweep(fam, x, rt, tau, y, write):
     return s, d
 
 
-@numba.njit(cache=True)
-def _phi_inv(fam, p):
-    if fam == SIGMOID:
-        return math.log(p / (1.0 - p))
-    if fam == LAPLACE:
-        return math.log(2.0 * p) if p < 0.5 else -math.log(2.0 - 2.0 * p)
-    if fam == EUCLIDEAN:
-        return p
-    return p ** (1.0 / 3.0)
-
-
-@numba.njit(cache=True)
-def _stats(x):
-    """(min, max, all finite) of a row (no fast-math: the finiteness test must see inf and NaN)."""
-    lo = np.inf
-    hi = -np.inf
-    bad = 0.0
-    for i in range(x.shape[0]):
-        v = x[i]
-        lo = min(lo, v)
-        hi = max(hi, v)
-        bad += v - v  # NaN for ±inf and NaN, 0 otherwise
-    return lo, hi, bad == 0.0 and math.isfinite(lo) and math.isfinite(hi)
-
-
-@numba.njit(cache=True)
+@numba.njit(inline="always")
 def _top_pair(x, k, buf):
     """The k-th and (k+1)-th largest of x (1 <= k < n), by one scan keeping the k + 1 largest in ``buf``,
     in decreasing order."""
@@ -158,11 +264,38 @@ def _select_pair(a, r):
     return a[:r].min(), a[r]
 
 
+@numba.njit(inline="always")
+def _step(fam, s, d, k, n, logit_k):
+    """The Newton step in τ from S and Σφ' (= −dS/dτ): on logit(S/n) for the exponential families while S is far
+    from k (linear in τ in both tails), on S near it (where the two agree, without the logarithm); NaN when S or
+    Σφ' leaves no step (the caller bisects)."""
+    resid = s - k
+    rest = n - s
+    if (fam == SIGMOID or fam == LAPLACE) and abs(resid) > 0.1 * min(k, n - k):
+        if s > 0 and rest > 0 and d > 0:
+            return (math.log(s / rest) - logit_k) * (s * rest) / (d * n)
+        return np.nan
+    return resid / d if d > 0 else np.nan
+
+
+@numba.njit(inline="always")
+def _next(fam, s, d, k, n, logit_k, tau, lo, hi):
+    """One safeguarded step from τ with S(τ) = s: the bracket [lo, hi] shrunk to τ on the residual's side, and the
+    Newton step of :func:`_step`, or bisection where it leaves the bracket. Returns (τ', lo, hi)."""
+    if s - k > 0:
+        lo = tau
+    else:
+        hi = tau
+    new = tau + _step(fam, s, d, k, n, logit_k)
+    if not (new > lo and new < hi):
+        new = 0.5 * lo + 0.5 * hi
+    return new, lo, hi
+
+
 @numba.njit(cache=True)
 def _newton(fam, x, k, rt, tau, lo, hi, tol, max_iter, y, write):
-    """Safeguarded Newton on S(τ) = k from τ in the bracket [lo, hi] (S(lo) >= k >= S(hi)), as the reference.
-
-    Returns (τ, Σφ', ok); y holds the mask at τ when ``write``."""
+    """Safeguarded Newton on S(τ) = k from τ in the bracket [lo, hi] (S(lo) >= k >= S(hi)), as the reference,
+    one :func:`_sweep` per step. Returns (τ, Σφ', ok); y holds the mask at τ when ``write``."""
     n = x.shape[0]
     logit_k = math.log(k / (n - k))
     for it in range(max_iter + 1):
@@ -172,81 +305,160 @@ def _newton(fam, x, k, rt, tau, lo, hi, tol, max_iter, y, write):
             return tau, d, True
         if it == max_iter:
             break
-        if resid > 0:
-            lo = tau
-        else:
-            hi = tau
-        if fam == SIGMOID or fam == LAPLACE:
-            rest = n - s
-            step = (math.log(s / rest) - logit_k) * (s * rest) / (d * n) if s > 0 and rest > 0 and d > 0 else np.nan
-        else:
-            step = resid / d if d > 0 else np.nan
-        new = tau + step
-        if not (new > lo and new < hi):
-            new = 0.5 * lo + 0.5 * hi
+        new, lo, hi = _next(fam, s, d, k, n, logit_k, tau, lo, hi)
         if new == tau:
             break
         tau = new
     return tau, d, False
 
 
+@numba.njit(inline="always")
+def _newton_exp(fam, x, k, rt, tau, c, lo, hi, tol, max_iter, y, bits, logit_k, s, d):
+    """:func:`_newton` for the exponential families on the exponentials y = e^(u − c) of :func:`_exp_pass`: each
+    step is a :func:`_sweep_exp` (one division per entry), the first one done by the exponential pass itself when τ
+    starts at c (its S and Σφ' given). The mask is written at one Newton step past the first τ within tol, or by the
+    sweep of a step expected to land far inside it (the exponentials are recomputed should it miss), so that Σy is
+    about tol²/Σφ' from k rather than tol. Returns (τ, Σφ', ok, c), c the centre of the exponentials last used."""
+    n = x.shape[0]
+    write = False
+    fresh = True  # y holds the exponentials (not a mask written by a sweep that missed)
+    have = tau == c  # s and d are those at τ
+    for it in range(max_iter + 1):
+        if not fresh or abs(tau - c) > _RECENTRE:
+            s, d = _exp_pass(fam, x, rt, tau, y, bits)[3:]
+            c = tau
+            fresh = have = True
+            write = False  # this step's S comes from the exponential pass, which writes no mask
+        scale = 1.0 if tau == c else math.exp(c - tau)
+        if not have:
+            s, d = _sweep_exp(fam, y, scale, y, write)
+        have = False
+        resid = s - k
+        if abs(resid) <= tol:
+            if not write:  # the mask one Newton step further (free: a pass writes it anyway), far inside tol
+                step = resid / d if d > 0 else 0.0
+                tau = tau + step if lo < tau + step < hi else tau
+                _sweep_exp(fam, y, math.exp(c - tau), y, True)
+            return tau, d, True, c
+        fresh = not write
+        if it == max_iter:
+            break
+        new, lo, hi = _next(fam, s, d, k, n, logit_k, tau, lo, hi)
+        if new == tau:
+            break
+        # Newton's next residual is about resid² / Σφ': when that is far inside tol, the next sweep writes the mask
+        write = resid * resid <= 0.01 * tol * d
+        tau = new
+    return tau, d, False, c
+
+
 @numba.njit(cache=True)
-def _start(fam, x, k, rt, lo, hi, buf, sample):
+def _fix_clipped(fam, x, rt, tau, c, y):
+    """The mask at the entries whose exponential was clipped at e^-86 around c, exactly: below e^-46 (τ is within
+    40 of c), tiny but representable in float32 (or 0 where it underflows), not the clipped value's."""
+    for i in range(x.shape[0]):
+        u = x[i] * rt
+        if u - c < -_CLIP:
+            e = math.exp(max(u - tau, -800.0))  # φ(z) = e^z / (1 + e^z) or e^z / 2, z < -46
+            y[i] = e / (1.0 + e) if fam == SIGMOID else 0.5 * e
+
+
+@numba.njit(inline="always")
+def _start(fam, x, k, rt, buf, sample):
     """A first τ: the midpoint of the order statistics around rank k (exact for small k, else those of a
-    strided subsample, whose own threshold is then solved loosely)."""
+    strided subsample, whose own threshold is then solved loosely). NaN or ±inf only for a non-finite row."""
     n = x.shape[0]
     kk = int(k)
-    half = _phi_inv(fam, 0.5)
-    if n < 2:
-        tau = 0.5 * lo + 0.5 * hi
-    elif kk == k and 1 <= kk < _SCAN_K:
+    half = _phi_inv_half(fam)
+    if kk == k and 1 <= kk < _SCAN_K:
         a, b = _top_pair(x, kk, buf)
-        tau = 0.5 * (a + b) * rt - half
-    else:
-        stride = max(1, n // _SAMPLE)
-        m = (n + stride - 1) // stride
-        sub = sample[:m]
-        for j in range(m):
-            sub[j] = x[j * stride]
-        ks = min(max(k * m / n, 1e-3), m - 1e-3)
-        rank = min(max(int(ks), 1), m - 1)
-        a, b = _select_pair(sub[:m].copy(), rank)
-        tau = 0.5 * (a + b) * rt - half
-        if stride > 1 and lo < tau < hi:
-            tau = _newton(fam, sub, ks, rt, tau, lo, hi, 1e-3 * max(ks, 1.0), 30, sub, False)[0]
-    return min(max(tau, lo), hi)
+        return 0.5 * (a + b) * rt - half
+    stride = max(1, n // _SAMPLE)
+    m = (n + stride - 1) // stride
+    sub = sample[:m]
+    slo = np.inf
+    shi = -np.inf
+    for j in range(m):
+        v = x[j * stride]
+        sub[j] = v
+        slo = min(slo, v)
+        shi = max(shi, v)
+    ks = min(max(k * m / n, 1e-3), m - 1e-3)
+    rank = min(max(int(ks), 1), m - 1)
+    a, b = _select_pair(sub[:m].copy(), rank)
+    tau = 0.5 * (a + b) * rt - half
+    if stride > 1 and math.isfinite(tau) and math.isfinite(slo) and math.isfinite(shi):
+        zs = _phi_inv(fam, ks / m)  # the sample's own bracket, as the row's in _solve_row
+        tau = _newton(fam, sub, ks, rt, tau, slo * rt - zs, shi * rt - zs, 1e-3 * max(ks, 1.0), 30, sub, False)[0]
+    return tau
 
 
 @numba.njit(cache=True)
-def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample):
+def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample, bits):
     """(τ, Σφ', status) of one row, its mask in y; status 0 done, 1 for the reference."""
     n = x.shape[0]
-    xmin, xmax, finite = _stats(x)
+    exponential = fam == SIGMOID or fam == LAPLACE
+    inner = 0.0 < k < n
+    s = d = 0.0
+    if exponential and inner and _MAX_START_K <= k < _SCAN_K and n <= 64 * k:
+        # k from 8 to 31 in a short row: the scan for the order statistics inserts often (about k ln(n/k) times,
+        # each shifting k/2 entries) and costs more than the two or three extra Newton steps from a start at the
+        # largest score (the smallest for k > n/2), where Newton on log S is exact in the exponential tail.
+        xmin, xmax, finite = _stats(x, bits)
+        tau = (xmax if 2.0 * k <= n else xmin) * rt
+        centre = tau if math.isfinite(tau) else 0.0
+        if finite:
+            s, d = _exp_pass(fam, x, rt, centre, y, bits)[3:]
+    else:
+        tau = _start(fam, x, k, rt, buf, sample) if inner and n >= 2 else np.nan
+        centre = tau if math.isfinite(tau) else 0.0  # NaN or ±inf: a non-finite row, declined below
+        if exponential and inner:
+            xmin, xmax, finite, s, d = _exp_pass(fam, x, rt, centre, y, bits)
+        else:
+            xmin, xmax, finite = _stats(x, bits)
     if not finite or max(abs(xmin), abs(xmax)) * rt > _BIG:
         return 0.0, 0.0, 1
-    if k <= 0.0 or k >= n:
+    if not inner:  # k = 0 or n: the exact mask
         fill = 0.0 if k <= 0.0 else 1.0
         for i in range(n):
             y[i] = fill
         return 0.0, 0.0, 0
-    zp = _phi_inv(fam, min(max(k / n, 1e-30), 1.0 - 1e-7))
+    logit_k = math.log(k / (n - k))
+    # the bracket: φ⁻¹(k/n) from every score (k/n clipped so that the logarithms stay finite)
+    zp = logit_k if fam == SIGMOID and 1e-30 < k / n < 1.0 - 1e-7 else _phi_inv(fam, min(max(k / n, 1e-30), 1.0 - 1e-7))
     lo = xmin * rt - zp
     hi = xmax * rt - zp
-    tau = _start(fam, x, k, rt, lo, hi, buf, sample)
-    tau, d, ok = _newton(fam, x, k, rt, tau, lo, hi, tol * max(k, 1.0), max_iter, y, True)
+    start = min(max(tau, lo), hi) if math.isfinite(tau) else 0.5 * lo + 0.5 * hi
+    tol = tol * max(k, 1.0)
+    if exponential:
+        tau, d, ok, centre = _newton_exp(fam, x, k, rt, start, centre, lo, hi, tol, max_iter, y, bits, logit_k, s, d)
+        if ok and xmin * rt - centre < -_CLIP:
+            _fix_clipped(fam, x, rt, tau, centre, y)
+    else:
+        tau, d, ok = _newton(fam, x, k, rt, start, lo, hi, tol, max_iter, y, True)
     return tau, d, 0 if ok else 1
 
 
 @numba.njit(parallel=True, cache=True)
-def forward(fam, x, k, rt, tol, max_iter, y, tau, dsum, status, n_lanes):
-    """Rows of x (R, n) float32: the mask into y (R, n), τ (in units of t), Σφ' and the status of each row
-    (0 done, 1 for the reference) into tau, dsum, status (R,). k and rt (R,) float64."""
+def forward(fam, x, k, rt, tol, max_iter, y, tau, dsum, n_lanes):
+    """Rows of x (R, n) float32: the mask into y (R, n), τ (in units of t) and Σφ' into tau, dsum (R,); returns
+    the number of rows left to the reference. k and rt float64, (R,) or (1,) (one value for every row)."""
     rows = x.shape[0]
+    k_step = 1 if k.shape[0] > 1 else 0
+    rt_step = 1 if rt.shape[0] > 1 else 0
+    declined = 0
     for lane in numba.prange(n_lanes):
         buf = np.empty(_SCAN_K + 1)
         sample = np.empty(2 * _SAMPLE + 2, dtype=x.dtype)
+        bits = np.empty(2, dtype=np.int32)
+        mine = 0
         for r in range(lane, rows, n_lanes):
-            tau[r], dsum[r], status[r] = _solve_row(fam, x[r], k[r], rt[r], tol, max_iter, y[r], buf, sample)
+            tau[r], dsum[r], status = _solve_row(
+                fam, x[r], k[r * k_step], rt[r * rt_step], tol, max_iter, y[r], buf, sample, bits
+            )
+            mine += status
+        declined += mine
+    return declined
 
 
 @numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
@@ -294,93 +506,161 @@ def _backward_row(fam, y, g, rt, x, tau, gx, need_t):
 @numba.njit(parallel=True, cache=True)
 def backward(fam, y, g, rt, x, tau, gx, gk, gt, need_t, n_lanes):
     """The implicit backward of :func:`forward`, row by row: with d = φ'(z) rt on 0 < y < 1,
-    gx = d (g − ḡ), ḡ = Σ g d / Σ d (= gk), and gt = −Σ z gx when ``need_t``. x (R, n) the scores."""
+    gx = d (g − ḡ), ḡ = Σ g d / Σ d (= gk), and gt = −Σ z gx when ``need_t``. x (R, n) the scores; rt (R,) or
+    (1,)."""
     rows = y.shape[0]
+    rt_step = 1 if rt.shape[0] > 1 else 0
     for lane in numba.prange(n_lanes):
         for r in range(lane, rows, n_lanes):
-            gk[r], zg = _backward_row(fam, y[r], g[r], rt[r], x[r], tau[r], gx[r], need_t)
+            gk[r], zg = _backward_row(fam, y[r], g[r], rt[r * rt_step], x[r], tau[r], gx[r], need_t)
             gt[r] = -zg
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DFTopK: y = σ((x − τ)/t), τ the midpoint of the k-th and (k+1)-th largest entries of the row.
+# Selection: the hard top-k mask, and DFTopK, y = σ((x − τ)/t) with τ the midpoint of the k-th and (k+1)-th largest.
 # ----------------------------------------------------------------------------------------------------------------
 @numba.njit(cache=True)
-def _scan_pair(x, k, vals, idx):
-    """Indices of the k-th and (k+1)-th largest of x (1 <= k < n) by one scan keeping the k + 1 largest (values and
-    indices in ``vals``, ``idx``, decreasing); and whether the row is finite."""
-    m = k + 1
+def _window_pair(x, k, sample):
+    """The k-th and (k+1)-th largest of a long row x (1 <= k < n): a strided sample of about ``_WINDOW_SAMPLE``
+    entries brackets both in a window [lo, hi] of a few percent of the row; one pass counts the entries above hi and
+    copies those inside into a scratch array; quickselect finishes in the window. The whole row is selected instead
+    when the bracket misses (rare). The scratch array is the row's size (only the window is touched, unless the
+    bracket misses) and lives for this row only, so that a call holds one per thread at most."""
+    n = x.shape[0]
+    scratch = np.empty_like(x)
+    stride = max(1, n // _WINDOW_SAMPLE)
+    m = (n + stride - 1) // stride
     for j in range(m):
-        vals[j] = -np.inf
-        idx[j] = -1
-    bad = 0.0
-    for i in range(x.shape[0]):
+        sample[j] = x[j * stride]
+    ranked = np.sort(sample[:m])[::-1]
+    r = k * m / n  # the expected rank of x_(k) in the sample
+    half = 4.0 * math.sqrt(r + 1.0) + 2.0
+    j_lo = math.ceil(r + half)  # 1-based sample ranks of the window's ends
+    j_hi = math.floor(r - half)
+    lo = ranked[j_lo - 1] if j_lo <= m else -np.inf
+    hi = ranked[j_hi - 1] if j_hi >= 1 else np.inf
+    above = 0
+    w = 0
+    for i in range(n):
         v = x[i]
-        bad += v - v  # NaN for ±inf and NaN
-        if v > vals[m - 1]:
-            j = m - 1
-            while j > 0 and vals[j - 1] < v:
-                vals[j] = vals[j - 1]
-                idx[j] = idx[j - 1]
-                j -= 1
-            vals[j] = v
-            idx[j] = i
-    return idx[k - 1], idx[k], bad == 0.0
+        if v > hi:
+            above += 1
+        elif v >= lo:
+            scratch[w] = v
+            w += 1
+    rank = k - above
+    if 1 <= rank < w:
+        return _select_pair(scratch[:w], rank)
+    for i in range(n):
+        scratch[i] = x[i]
+    return _select_pair(scratch[:n], k)
 
 
 @numba.njit(cache=True)
-def _select_indices(x, k, scratch):
-    """Indices of the k-th and (k+1)-th largest of x (1 <= k < n) by quickselect on a copy; and finiteness."""
+def _pair(x, k, buf, sample):
+    """The k-th and (k+1)-th largest of x (1 <= k < n): by one scan keeping the k + 1 largest (small k), by
+    quickselect on a copy (short rows), or in a sampled window (:func:`_window_pair`)."""
     n = x.shape[0]
-    bad = 0.0
-    for i in range(n):
-        scratch[i] = x[i]
-        bad += x[i] - x[i]
-    if bad != 0.0:
-        return -1, -1, False
-    va, vb = _select_pair(scratch[:n], k)
-    a = -1
-    b = -1
-    for i in range(n):
-        if x[i] == va and a < 0:
-            a = i
-        elif x[i] == vb and b < 0:
-            b = i
-    return a, b, a >= 0 and b >= 0
+    if k < _SCAN_K:
+        return _top_pair(x, k, buf)
+    if n <= _WINDOW_MIN_N:
+        return _select_pair(x.copy(), k)
+    return _window_pair(x, k, sample)
 
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
-def _ties(x, va, vb):
-    """How many entries equal x_(k) or x_(k+1): 2 when there is no tie."""
-    ties = 0
+def _hard_row(x, a, out):
+    """out = 1 where x >= a, else 0; returns how many entries that selects."""
+    count = 0
     for i in range(x.shape[0]):
-        ties += (x[i] == va) + (x[i] == vb)
-    return ties
+        hit = x[i] >= a
+        out[i] = 1.0 if hit else 0.0
+        count += hit
+    return count
 
 
 @numba.njit(parallel=True, cache=True)
-def dftopk_forward(x, k, tau, ia, ib, status, n_lanes):
-    """Rows of x (R, n) float32, k (R,) int64 in [1, n): τ and the indices of the k-th and (k+1)-th largest
-    into tau, ia, ib (the mask σ((x − τ)/t) is one vectorised torch pass after); status 1 for a row the reference
-    must do (a non-finite entry, or a tie at the k-th or (k+1)-th value, where the choice of index is torch's)."""
+def hard_forward(x, k, out, n_lanes):
+    """The exact top-k mask of each row of x (R, n) float32 into out; k int64 (R,) or (1,). Returns the number of
+    rows with a tie at the k-th largest value (x_(k) = x_(k+1)), where the choice of entries is ``torch.topk``'s:
+    the caller then takes torch's mask for the call."""
     rows, n = x.shape
+    k_step = 1 if k.shape[0] > 1 else 0
+    declined = 0
     for lane in numba.prange(n_lanes):
-        vals = np.empty(_SCAN_K + 1, dtype=x.dtype)
-        idx = np.empty(_SCAN_K + 1, dtype=np.int64)
-        scratch = np.empty(n, dtype=x.dtype)
+        buf = np.empty(_SCAN_K + 1, dtype=x.dtype)
+        sample = np.empty(2 * _WINDOW_SAMPLE + 2, dtype=x.dtype)
+        mine = 0
         for r in range(lane, rows, n_lanes):
-            kk = k[r]
-            if kk < _SCAN_K:
-                a, b, ok = _scan_pair(x[r], kk, vals, idx)
-            else:
-                a, b, ok = _select_indices(x[r], kk, scratch)
-            status[r] = 0 if ok else 1
-            if ok:
-                va, vb = x[r, a], x[r, b]
-                tau[r] = 0.5 * (np.float64(va) + np.float64(vb))
-                ia[r], ib[r] = a, b
-                if _ties(x[r], va, vb) != 2:
-                    status[r] = 1
+            kk = k[r * k_step]
+            if kk <= 0 or kk >= n:
+                fill = 0.0 if kk <= 0 else 1.0
+                for i in range(n):
+                    out[r, i] = fill
+                continue
+            a, b = _pair(x[r], kk, buf, sample)
+            if not a > b or _hard_row(x[r], a, out[r]) != kk:
+                mine += 1
+        declined += mine
+    return declined
+
+
+@numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _sigmoid_row(x, tau, rt, y, va, vb):
+    """y = σ((x − τ) rt) in float32 arithmetic, as the torch path computes it (the exponential of −z clipped to ±86
+    as in :func:`_exp_pass`, with a degree-6 polynomial: relative error 2e-7); returns how many entries equal va or
+    vb (2 when neither value is tied) and whether the row is finite."""
+    yi = y.view(np.int32)
+    xi = x.view(np.int32)
+    ties = 0
+    top = np.int32(0)
+    tau32 = np.float32(tau)
+    rt32 = np.float32(rt)
+    for i in range(x.shape[0]):
+        v = x[i]
+        ties += (v == va) + (v == vb)
+        top = max(top, xi[i] & 0x7F800000)
+        w = min(max((tau32 - v) * rt32, np.float32(-_CLIP)), np.float32(_CLIP)) * np.float32(_LOG2E)
+        m = np.int32(w + np.float32(127.5)) - np.int32(127)
+        f = (w - np.float32(m)) * np.float32(_LN2)
+        p = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(0.5) + f * (np.float32(1 / 6) + f * (
+            np.float32(1 / 24) + f * (np.float32(1 / 120) + f * np.float32(1 / 720))))))  # fmt: skip
+        yi[i] = (m + 127) << 23
+        y[i] = np.float32(1.0) / (np.float32(1.0) + y[i] * p)  # 1 / (1 + e^(−z))
+    return ties, top != 0x7F800000
+
+
+@numba.njit(cache=True)
+def _first(x, v):
+    for i in range(x.shape[0]):
+        if x[i] == v:
+            return i
+    return -1
+
+
+@numba.njit(parallel=True, cache=True)
+def dftopk_forward(x, k, rt, y, tau, ia, ib, n_lanes):
+    """Rows of x (R, n) float32, k int64 in [1, n) and rt = 1/t float64, each (R,) or (1,): the mask σ((x − τ) rt)
+    into y, τ and the indices of the k-th and (k+1)-th largest into tau, ia, ib. Returns the number of rows the
+    reference must do (a non-finite entry, or a tie at the k-th or (k+1)-th value, where the choice of index is
+    torch's)."""
+    rows, n = x.shape
+    k_step = 1 if k.shape[0] > 1 else 0
+    rt_step = 1 if rt.shape[0] > 1 else 0
+    declined = 0
+    for lane in numba.prange(n_lanes):
+        buf = np.empty(_SCAN_K + 1, dtype=x.dtype)
+        sample = np.empty(2 * _WINDOW_SAMPLE + 2, dtype=x.dtype)
+        mine = 0
+        for r in range(lane, rows, n_lanes):
+            va, vb = _pair(x[r], k[r * k_step], buf, sample)
+            tau[r] = 0.5 * (np.float64(va) + np.float64(vb))
+            ties, finite = _sigmoid_row(x[r], tau[r], rt[r * rt_step], y[r], va, vb)
+            ia[r] = _first(x[r], va)
+            ib[r] = _first(x[r], vb)
+            mine += 0 if finite and ties == 2 and math.isfinite(tau[r]) else 1
+        declined += mine
+    return declined
 
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
@@ -405,9 +685,10 @@ def dftopk_backward(y, g, rt, x, tau, ia, ib, gx, gt, n_lanes):
     """The backward of :func:`dftopk_forward`: gx = s − (Σ s)(e_a + e_b)/2, s = g σ'(z) rt; gt = −Σ s z when x
     (R, n) is given (shape (R, 0) otherwise)."""
     rows = y.shape[0]
+    rt_step = 1 if rt.shape[0] > 1 else 0
     for lane in numba.prange(n_lanes):
         for r in range(lane, rows, n_lanes):
-            total, sz = _dftopk_backward_row(y[r], g[r], rt[r], x[r], tau[r], gx[r])
+            total, sz = _dftopk_backward_row(y[r], g[r], rt[r * rt_step], x[r], tau[r], gx[r])
             gx[r, ia[r]] -= 0.5 * total
             gx[r, ib[r]] -= 0.5 * total
             gt[r] = -sz

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ._prepare import can_read_data
+from .threshold import kernel_hard_mask
 
 __all__ = ["hard_mask", "hard_topk_mask", "with_soft_gradient"]
 
@@ -16,6 +17,9 @@ def hard_topk_mask(x: Tensor, k: int | Tensor) -> Tensor:
     ``k`` is an int or an integer-valued tensor of shape (..., 1) (one k per row). No gradient.
     """
     n = x.shape[-1]
+    out = kernel_hard_mask(x, k)  # float32 CPU tensors in eager mode, with numba installed; None otherwise
+    if out is not None:
+        return out
     if isinstance(k, int):
         out = torch.zeros_like(x)
         if k == 0:
@@ -53,6 +57,19 @@ class _HardMask(torch.autograd.Function):
         return torch.zeros_like(g), None  # piecewise constant: the gradient is zero almost everywhere
 
 
+class _HardMaskEager(torch.autograd.Function):
+    """:class:`_HardMask` in eager mode: the old-style ``forward(ctx, ...)`` spares ``apply`` the signature binding
+    of a ``setup_context`` Function (tens of microseconds, more than the mask of a small input)."""
+
+    @staticmethod
+    def forward(ctx, x, k):
+        return hard_topk_mask(x, k)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros_like(g), None
+
+
 class _StraightThrough(torch.autograd.Function):
     """Forward ``hard``; backward the incoming gradient into ``soft``, unchanged. The same as
     ``hard + (soft - soft.detach())`` without its two full-size temporaries and autograd nodes."""
@@ -72,11 +89,23 @@ class _StraightThrough(torch.autograd.Function):
         return None, g
 
 
+class _StraightThroughEager(torch.autograd.Function):
+    """:class:`_StraightThrough` in eager mode (see :class:`_HardMaskEager`)."""
+
+    @staticmethod
+    def forward(ctx, hard, soft):
+        return hard.view_as(hard)
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g
+
+
 def with_soft_gradient(hard: Tensor, soft: Tensor) -> Tensor:
     """The values of ``hard`` with the gradient of ``soft`` (straight-through estimator, Bengio et al. 2013)."""
-    return _StraightThrough.apply(hard, soft)
+    return (_StraightThroughEager if can_read_data(soft) else _StraightThrough).apply(hard, soft)
 
 
 def hard_mask(x: Tensor, k: int | Tensor) -> Tensor:
     """Hard top-k mask that stays in the autograd graph with an exact zero gradient."""
-    return _HardMask.apply(x, k)
+    return (_HardMaskEager if can_read_data(x) else _HardMask).apply(x, k)

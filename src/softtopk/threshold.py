@@ -36,12 +36,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._prepare import SOLVERS, can_read_data
+from . import kernels
+from ._prepare import SOLVERS, can_read_data, is_transformed
 
 __all__ = [
     "FAMILIES",
     "Family",
     "dftopk",
+    "kernel_hard_mask",
     "normalised_mask",
     "soft_temperature",
     "threshold_mask_solve",
@@ -527,6 +529,13 @@ def _kernel():
 BACKEND = {"threshold": "numba"}
 
 
+def _triton(x: Tensor) -> bool:
+    """Whether ``x`` takes the Triton kernels (:mod:`softtopk.kernels`): CUDA tensors when triton imports (see
+    :func:`softtopk.kernels.available`), in eager mode and under ``torch.compile`` (custom ops), not under a
+    ``torch.func`` transform (the ops have no batching rule)."""
+    return kernels.available(x) and not is_transformed(x)
+
+
 def threshold_backend(x: Tensor) -> str:
     """The solver :func:`normalised_mask` uses for ``x`` (compute dtype): ``"numba"`` for float32 CPU tensors in
     eager mode (not under ``torch.compile`` or a ``torch.func`` transform) when numba is installed, else
@@ -538,48 +547,76 @@ def threshold_backend(x: Tensor) -> str:
     return "numba"
 
 
-def _rows_f64(a: Tensor, shape, rows: int) -> Tensor:
-    """A (..., 1) parameter as a contiguous float64 vector of ``rows`` entries."""
-    return a.detach().to(torch.float64).expand(shape).reshape(rows).contiguous()
+def _params(a: Tensor, rows: int):
+    """A (..., 1) parameter as a float64 numpy vector for a kernel: (1,) when it holds one value for every row (a
+    number expanded by ``prepare``: nothing to copy), else (rows,)."""
+    np = _kernel().np
+    if _one_value(a):
+        return np.array([a.as_strided((1,), (1,)).item()])
+    return a.detach().to(torch.float64).expand(a.shape[:-1] + (1,)).reshape(rows).contiguous().numpy()
+
+
+def _one_value(a: Tensor) -> bool:
+    """Whether ``a`` holds one value for all its entries by construction (an expanded number: stride 0 wherever the
+    size exceeds 1)."""
+    return all(st == 0 for st, size in zip(a.stride(), a.shape) if size > 1)
+
+
+def _full_size(a):
+    """An uninitialised float32 array of ``a``'s shape, allocated by torch (so that torch's memory accounting, the
+    profiler's included, sees the kernels' outputs), as a numpy view."""
+    return torch.empty(a.shape, dtype=torch.float32).numpy()
+
+
+def _rows_np(x: Tensor):
+    """``x`` (..., n) as a C-contiguous (rows, n) numpy array (a view when ``x`` is contiguous)."""
+    return x.detach().reshape(-1, x.shape[-1]).contiguous().numpy()
 
 
 def _kernel_solve(family, x, k, t, tol, max_iter):
-    """:func:`threshold_mask_solve` by the numba kernel: (y, Σφ', τ, 1/t) with τ and 1/t float64 (..., 1), or
+    """:func:`threshold_mask_solve` by the numba kernel: (y, (τ, 1/t, x, y) as numpy arrays for the backward), or
     None when a row needs the reference (non-finite scores, extreme |x|/t, no convergence)."""
     mod = _kernel()
-    n = x.shape[-1]
-    x2 = x.detach().reshape(-1, n).contiguous()
+    x2 = _rows_np(x)
     rows = x2.shape[0]
-    shape = x.shape[:-1] + (1,)
-    kk, rt = _rows_f64(k, shape, rows), _rows_f64(t, shape, rows).reciprocal_()
-    y = torch.empty_like(x2)
-    tau, dsum = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
-    status = torch.empty(rows, dtype=torch.int8)
-    code = mod.CODES[_family_key(family)]
+    rt = 1.0 / _params(t, rows)
+    y, tau, dsum = _full_size(x2), mod.np.empty(rows), mod.np.empty(rows)
     with mod.torch_threads() as threads:
-        mod.forward(code, x2.numpy(), kk.numpy(), rt.numpy(), tol, max_iter, y.numpy(), tau.numpy(), dsum.numpy(),
-                    status.numpy(), mod.lanes(rows, threads))  # fmt: skip
-    if bool(status.any()):
-        return None
-    return y.reshape(x.shape), dsum.to(x.dtype).reshape(shape), tau.reshape(shape), rt.reshape(shape)
+        declined = mod.forward(mod.CODES[_family_key(family)], x2, _params(k, rows), rt, tol, max_iter, y, tau, dsum,
+                               mod.lanes(rows, threads))  # fmt: skip
+    return None if declined else (torch.from_numpy(y).view(x.shape), (tau, rt, x2, y))
 
 
-def _kernel_backward(family, y, x, rt, tau, gy, needs_k, needs_t):
-    """The implicit backward (see :func:`_implicit_backward`) by the numba kernel."""
-    mod = _kernel()
-    n = y.shape[-1]
-    rows = y.numel() // n
-    y2, g2 = y.reshape(rows, n), gy.to(y.dtype).reshape(rows, n).contiguous()
-    x2 = x.detach().reshape(rows, n).contiguous()
-    gx = torch.empty_like(y2)
-    gk, gt = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
-    code = mod.CODES[_family_key(family)]
-    with mod.torch_threads() as threads:
-        mod.backward(code, y2.numpy(), g2.numpy(), rt.reshape(rows).numpy(), x2.numpy(), tau.reshape(rows).numpy(),
-                     gx.numpy(), gk.numpy(), gt.numpy(), bool(needs_t), mod.lanes(rows, threads))  # fmt: skip
-    shape = y.shape[:-1] + (1,)
-    gk_out = gk.to(y.dtype).reshape(shape) if needs_k else None
-    return gx.reshape(y.shape), gk_out, gt.to(y.dtype).reshape(shape) if needs_t else None
+class _KernelMask(torch.autograd.Function):
+    """A normalised mask computed by :func:`_kernel_solve`, with the implicit backward (see
+    :func:`_implicit_backward`) by the kernel. Eager only: the old-style ``forward(ctx, ...)`` spares ``apply`` the
+    signature binding of a ``setup_context`` Function, which costs more than the kernel on small inputs. The
+    kernel reads the numpy views of x and y made by the forward; saving the tensors as well keeps autograd's check
+    that neither was modified in place."""
+
+    @staticmethod
+    def forward(ctx, x, k, t, y, arrays, family):
+        out = y.view_as(y)
+        ctx.family, ctx.arrays = family, arrays
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        y = ctx.saved_tensors[1]
+        tau, rt, x2, y2 = ctx.arrays
+        needs_k, needs_t = ctx.needs_input_grad[1:3]
+        mod = _kernel()
+        g2 = _rows_np(gy.to(y.dtype))
+        gx, gk, gt = _full_size(y2), mod.np.empty(len(tau)), mod.np.empty(len(tau))
+        with mod.torch_threads() as threads:
+            mod.backward(mod.CODES[_family_key(ctx.family)], y2, g2, rt, x2, tau, gx, gk, gt, bool(needs_t),
+                         mod.lanes(len(tau), threads))  # fmt: skip
+        shape = y.shape[:-1] + (1,)
+        gk_out = torch.from_numpy(gk).to(y.dtype).view(shape) if needs_k else None
+        gt_out = torch.from_numpy(gt).to(y.dtype).view(shape) if needs_t else None
+        return torch.from_numpy(gx).view(y.shape), gk_out, gt_out, None, None, None
 
 
 def _family_key(family: type[Family]) -> str:
@@ -592,10 +629,6 @@ def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
 
         @staticmethod
         def forward(x, k, t, tol, max_iter):
-            if threshold_backend(x) == "numba" and can_read_data(k) and can_read_data(t):
-                out = _kernel_solve(family, x, k, t, tol, max_iter)
-                if out is not None:
-                    return out  # τ and its 4th output (1/t) in float64: the mark of the kernel's solution
             return threshold_mask_solve(family, x, k, t, tol, max_iter)
 
         @staticmethod
@@ -603,18 +636,14 @@ def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
             x, k, t, _, _ = inputs
             y, dsum, tau, centre = output
             ctx.mark_non_differentiable(dsum, tau, centre)
-            ctx.kernel = tau.dtype != y.dtype  # the kernel's backward reads x (a reference, not a copy)
-            ctx.save_for_backward(y, dsum, x if ctx.needs_input_grad[2] or ctx.kernel else None, t, tau, centre)
+            ctx.save_for_backward(y, dsum, x if ctx.needs_input_grad[2] else None, t, tau, centre)
 
         @staticmethod
         @once_differentiable
         def backward(ctx, gy, _gdsum, _gtau, _gcentre):
             y, dsum, x, t, tau, centre = ctx.saved_tensors
             needs_k, needs_t = ctx.needs_input_grad[1:3]
-            if ctx.kernel:  # centre holds 1/t (float64)
-                gx, gk, gt = _kernel_backward(family, y, x, centre, tau, gy, needs_k, needs_t)
-            else:
-                gx, gk, gt = _row_blocks(_implicit_backward, family, y, dsum, x, t, tau, centre, gy, needs_k, needs_t)
+            gx, gk, gt = _row_blocks(_implicit_backward, family, y, dsum, x, t, tau, centre, gy, needs_k, needs_t)
             return gx, gk, gt, None, None
 
     ThresholdMask.__name__ = ThresholdMask.__qualname__ = f"ThresholdMask_{family.__name__}"
@@ -630,6 +659,12 @@ def normalised_mask(
     """Normalised threshold mask along the last dim of ``x`` (compute dtype); ``k``, ``t`` of shape (..., 1)."""
     if tol is None:
         tol = 1e-9 if x.dtype == torch.float64 else 1e-5
+    if _triton(x):
+        return kernels.threshold_mask(family, x, k, t, tol, max_iter)
+    if threshold_backend(x) == "numba" and can_read_data(k) and can_read_data(t):
+        out = _kernel_solve(FAMILIES[family], x, k, t, tol, max_iter)
+        if out is not None:
+            return _KernelMask.apply(x, k, t, out[0], out[1], FAMILIES[family])
     return _FUNCTIONS[family].apply(x, k, t, tol, max_iter)[0]
 
 
@@ -823,62 +858,88 @@ class _DFTopK(torch.autograd.Function):
         return gx, gt, None, None
 
 
-def _kernel_dftopk(x: Tensor, k: int | Tensor, t: Tensor):
-    """DFTopK's (mask, τ, indices of the k-th and (k+1)-th largest, 1/t) by the numba kernel, rows flattened;
-    None when a row needs the reference (k outside [1, n), a non-finite entry, a tie at those two values)."""
-    mod, n = _kernel(), x.shape[-1]
-    x2 = x.detach().reshape(-1, n).contiguous()
-    rows, shape = x2.shape[0], x.shape[:-1] + (1,)
+def _kernel_k(k: int | Tensor, n: int, rows: int):
+    """A selection's k for a kernel: an int64 numpy vector, (1,) or (rows,), or None when some row's k is outside
+    [1, n)."""
+    np = _kernel().np
     if isinstance(k, int):
-        if not 0 < k < n or (k >= mod.SCAN_K and n > mod.SELECT_MAX_N):
-            return None  # long rows with a large k: the reference's sampled window selects faster
-        kk = torch.full((rows,), k, dtype=torch.int64)
+        return np.array([k]) if 0 < k < n else None
+    if _one_value(k):
+        kk = np.array([int(k.as_strided((1,), (1,)).item())])
     else:
-        kk = k.detach().to(torch.int64).expand(shape).reshape(rows).contiguous()
-        if not bool(((kk > 0) & (kk < n)).all()) or (n > mod.SELECT_MAX_N and int(kk.max()) >= mod.SCAN_K):
-            return None
-    tau, status = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.int8)
-    ia, ib = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.int64)
-    with mod.torch_threads() as threads:
-        mod.dftopk_forward(x2.numpy(), kk.numpy(), tau.numpy(), ia.numpy(), ib.numpy(), status.numpy(),
-                           mod.lanes(rows, threads))  # fmt: skip
-    if bool(status.any()):
+        kk = k.detach().to(torch.int64).reshape(rows).contiguous().numpy()
+    return kk if bool(((kk > 0) & (kk < n)).all()) else None
+
+
+def _kernel_dftopk(x: Tensor, k: int | Tensor, t: Tensor):
+    """DFTopK's mask by the numba kernel, with the numpy arrays its backward reads (τ, the indices of the k-th and
+    (k+1)-th largest, 1/t, x, y); None when a row needs the reference (k outside [1, n), a non-finite entry, a tie at
+    those two values)."""
+    mod, n = _kernel(), x.shape[-1]
+    x2 = _rows_np(x)
+    rows = x2.shape[0]
+    kk = _kernel_k(k, n, rows)
+    if kk is None:
         return None
-    rt = _rows_f64(t, shape, rows).reciprocal_()
-    rt32 = rt.to(x2.dtype).unsqueeze(-1)
-    y = torch.addcmul((-tau * rt).to(x2.dtype).unsqueeze(-1), x2, rt32).sigmoid_()  # σ((x − τ)/t), two passes
-    return y.reshape(x.shape), tau, ia, ib, rt
+    rt = 1.0 / _params(t, rows)
+    y, tau = _full_size(x2), mod.np.empty(rows)
+    ia, ib = mod.np.empty(rows, dtype=mod.np.int64), mod.np.empty(rows, dtype=mod.np.int64)
+    with mod.torch_threads() as threads:
+        declined = mod.dftopk_forward(x2, kk, rt, y, tau, ia, ib, mod.lanes(rows, threads))
+    return None if declined else (torch.from_numpy(y).view(x.shape), (tau, ia, ib, rt, x2, y))
+
+
+def kernel_hard_mask(x: Tensor, k: int | Tensor) -> Tensor | None:
+    """The exact top-k mask of ``x`` (float32, CPU, eager) along the last dim by the numba kernel, or None (no
+    numba, another dtype or device, a k outside (0, n), a tie at the k-th value: the caller takes ``torch.topk``)."""
+    n = x.shape[-1]
+    if threshold_backend(x) != "numba" or not (isinstance(k, int) or can_read_data(k)):
+        return None
+    mod, x2 = _kernel(), _rows_np(x)
+    rows = x2.shape[0]
+    kk = _kernel_k(k, n, rows)
+    if kk is None:
+        return None
+    out = _full_size(x2)
+    with mod.torch_threads() as threads:
+        declined = mod.hard_forward(x2, kk, out, mod.lanes(rows, threads))
+    return None if declined else torch.from_numpy(out).view(x.shape)
 
 
 class _DFTopKKernel(torch.autograd.Function):
     """DFTopK with the forward computed by :func:`_kernel_dftopk` and the backward by the kernel (eager only: the
-    old-style ``forward(ctx, ...)`` spares ``apply`` its signature binding)."""
+    old-style ``forward(ctx, ...)`` spares ``apply`` its signature binding; the numpy views as in
+    :class:`_KernelMask`)."""
 
     @staticmethod
-    def forward(ctx, x, t, y, tau, ia, ib, rt):
+    def forward(ctx, x, t, y, arrays):
         out = y.view_as(y)
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, out, tau, ia, ib, rt)
-        ctx.t_shape = t.shape
+        ctx.arrays, ctx.t_shape = arrays, t.shape
+        ctx.save_for_backward(x, out)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, y, tau, ia, ib, rt = ctx.saved_tensors
-        mod, n = _kernel(), y.shape[-1]
-        rows = y.numel() // n
-        g2 = gy.to(y.dtype).reshape(rows, n).contiguous()
-        x2 = x.detach().reshape(rows, n).contiguous() if x is not None else y.new_empty((rows, 0))
-        gx, gt = torch.empty((rows, n), dtype=y.dtype), torch.empty(rows, dtype=torch.float64)
+        y = ctx.saved_tensors[1]
+        tau, ia, ib, rt, x2, y2 = ctx.arrays
+        needs_t = ctx.needs_input_grad[1]
+        mod = _kernel()
+        g2 = _rows_np(gy.to(y.dtype))
+        gx, gt = _full_size(y2), mod.np.empty(len(tau))
+        xs = x2 if needs_t else mod.np.empty((len(tau), 0), dtype=x2.dtype)  # no x: no Σ s z
         with mod.torch_threads() as threads:
-            mod.dftopk_backward(y.reshape(rows, n).numpy(), g2.numpy(), rt.numpy(), x2.numpy(), tau.numpy(),
-                                ia.numpy(), ib.numpy(), gx.numpy(), gt.numpy(), mod.lanes(rows, threads))  # fmt: skip
-        gt_out = None if x is None else gt.to(y.dtype).reshape(y.shape[:-1] + (1,)).sum_to_size(ctx.t_shape)
-        return gx.reshape(y.shape), gt_out, None, None, None, None, None
+            mod.dftopk_backward(y2, g2, rt, xs, tau, ia, ib, gx, gt, mod.lanes(len(tau), threads))
+        gt_out = None
+        if needs_t:
+            gt_out = torch.from_numpy(gt).to(y.dtype).view(y.shape[:-1] + (1,)).sum_to_size(ctx.t_shape)
+        return torch.from_numpy(gx).view(y.shape), gt_out, None, None
 
 
 def dftopk(x: Tensor, k: int | Tensor, t: Tensor) -> Tensor:
     """DFTopK along the last dim of ``x``; ``k`` an int or a (..., 1) integer-valued tensor."""
+    if _triton(x):
+        return kernels.dftopk(x, k, t)
     if threshold_backend(x) == "numba" and can_read_data(t) and (isinstance(k, int) or can_read_data(k)):
         out = _kernel_dftopk(x, k, t)
         if out is not None:

@@ -20,11 +20,13 @@ __all__ = ["main"]
 EPILOG = """tags: core (the threshold family, batch 32 × n = 1e2..1e6), apps (the shapes applications use), peers
 (other libraries and naive implementations), operators (stochastic, permutations, losses), permutahedron (soft
 sort/rank), quality (distance to the hard top-k, gradient agreement); distributed (not in the default: the sharded
-top-k mask against all-gather-then-mask on 4 gloo processes, n = 1e6 and 1e7; --quick: 2 processes, n = 1e4). Examples:
+top-k mask against all-gather-then-mask on 4 gloo processes, n = 1e6 and 1e7; --quick: 2 processes, n = 1e4); gpu (not
+in the default; needs --device cuda: the Triton kernels against torch.topk and the torch path). Examples:
 
   softtopk-bench --quick                        # seconds: small sizes, nothing written
   softtopk-bench --tag apps core                # two tables; JSON and plots in docs/benchmarks/
   softtopk-bench --tag distributed --no-files   # the sharded top-k on 4 processes (minutes)
+  softtopk-bench --tag gpu --device cuda --no-files   # the Triton kernels on a GPU
   softtopk-bench --write README.md docs/benchmarks.md       # everything, and every marked section
   softtopk-bench --from-json docs/benchmarks/results.json --write README.md   # the tables again, no measuring
 """
@@ -41,8 +43,8 @@ def default_out() -> Path:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="softtopk-bench", epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter,
                                 description="Speed, memory and quality of softtopk's operators.")  # fmt: skip
-    p.add_argument("--tag", nargs="+", choices=TAGS + EXTRA_TAGS, default=list(TAGS),
-                   help="what to measure (default: all but distributed)")  # fmt: skip
+    p.add_argument("--tag", nargs="+", choices=TAGS + EXTRA_TAGS + ("gpu",), default=list(TAGS),
+                   help="what to measure (default: all but distributed and gpu)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="grid sizes up to 1e3, short budgets, a small quality run")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     p.add_argument("--only", nargs="+", metavar="NAME", help="case names or sources (torch.topk always runs)")
@@ -68,6 +70,8 @@ def config(args: argparse.Namespace, p: argparse.ArgumentParser) -> Config:
         p.error(f"--device {device}: only cpu and cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {device}: CUDA is not available (torch {torch.__version__})")
+    if "gpu" in args.tag and device.type != "cuda":
+        p.error("--tag gpu: the Triton kernels' benchmark needs --device cuda (and a GPU)")
     quick: dict[str, Any] = dict(temperatures=(0.03, 0.3), quality_rows=4, quality_n=100, ref_samples=4000,
                                  slow_s=0.25, min_rounds=2)  # fmt: skip
     return Config(tags=tuple(args.tag), quick=args.quick, device=device, only=args.only, budget_s=args.budget,
@@ -116,6 +120,12 @@ def measure(cfg: Config, progress: bool | None) -> dict[str, Any]:
 
         doc["distributed"] = measure_distributed(DistConfig.quick() if cfg.quick else DistConfig(), bar.log)
         doc["total_s"] += doc["distributed"]["setup"]["wall_s"]
+    if "gpu" in cfg.tags:  # the Triton kernels (see softtopk.bench.gpu)
+        from .gpu import GpuConfig
+        from .gpu import measure as measure_gpu
+
+        doc["gpu"] = measure_gpu(GpuConfig.quick() if cfg.quick else GpuConfig(), cfg.device, bar.log)
+        doc["total_s"] += doc["gpu"]["setup"]["wall_s"]
     return doc
 
 
@@ -134,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         out = None if args.no_files or (cfg.quick and not args.out) else Path(args.out or default_out())
     for name, text in render(doc).items():
         print(f"\n## {name}\n\n{text}")
+    if doc.get("gpu"):
+        from .gpu import table as gpu_table
+
+        print("\n## gpu\n\n" + "\n".join(gpu_table(doc["gpu"])))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if not args.from_json:
