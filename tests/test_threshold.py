@@ -735,3 +735,28 @@ def test_hard_kernel_matches_torch_topk(shape, k):
     for kk in (1, 2, 3, 4):
         numba_out, torch_out = _both_backends(lambda kk=kk: softtopk.topk_mask(tied, kk, method="hard"))
         assert torch.equal(numba_out, torch_out)
+
+
+@needs_numba
+def test_kernels_broadcast_k_and_t_over_leading_dims():
+    """The perturbed method selects on (samples, rows, n) with k of shape (rows, 1): the kernels broadcast k (and a
+    normalised mask's k and t) over the leading dimensions as the torch path does."""
+    from softtopk import threshold
+    from softtopk.hard import hard_topk_mask
+
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(3, 4, 10, generator=g)
+    k = torch.tensor([[1], [2], [3], [9]])
+    numba_out, torch_out = _both_backends(lambda: hard_topk_mask(x, k))
+    assert torch.equal(numba_out, torch_out) and numba_out.sum(-1).tolist() == [[1, 2, 3, 9]] * 3
+    t = torch.linspace(0.2, 1.0, 4).unsqueeze(-1)
+    numba_out, torch_out = _both_backends(lambda: threshold.normalised_mask("sigmoid", x, k.float(), t))
+    torch.testing.assert_close(numba_out, torch_out, rtol=0, atol=1e-5)
+    generator = torch.Generator()
+
+    def perturbed():
+        generator.manual_seed(0)
+        return softtopk.topk_mask(x[0], k.squeeze(-1), method="perturbed", temperature=0.5, generator=generator)
+
+    numba_out, torch_out = _both_backends(perturbed)
+    assert torch.equal(numba_out, torch_out)

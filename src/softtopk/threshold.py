@@ -547,13 +547,13 @@ def threshold_backend(x: Tensor) -> str:
     return "numba"
 
 
-def _params(a: Tensor, rows: int):
-    """A (..., 1) parameter as a float64 numpy vector for a kernel: (1,) when it holds one value for every row (a
-    number expanded by ``prepare``: nothing to copy), else (rows,)."""
+def _params(a: Tensor, x: Tensor):
+    """A parameter broadcastable to ``x``'s rows, (..., 1), as a float64 numpy vector for a kernel: (1,) when it
+    holds one value for every row (a number expanded by ``prepare``: nothing to copy), else one per row of ``x``."""
     np = _kernel().np
     if _one_value(a):
         return np.array([a.as_strided((1,), (1,)).item()])
-    return a.detach().to(torch.float64).expand(a.shape[:-1] + (1,)).reshape(rows).contiguous().numpy()
+    return a.detach().to(torch.float64).expand(x.shape[:-1] + (1,)).reshape(-1).contiguous().numpy()
 
 
 def _one_value(a: Tensor) -> bool:
@@ -579,10 +579,10 @@ def _kernel_solve(family, x, k, t, tol, max_iter):
     mod = _kernel()
     x2 = _rows_np(x)
     rows = x2.shape[0]
-    rt = 1.0 / _params(t, rows)
+    rt = 1.0 / _params(t, x)
     y, tau, dsum = _full_size(x2), mod.np.empty(rows), mod.np.empty(rows)
     with mod.torch_threads() as threads:
-        declined = mod.forward(mod.CODES[_family_key(family)], x2, _params(k, rows), rt, tol, max_iter, y, tau, dsum,
+        declined = mod.forward(mod.CODES[_family_key(family)], x2, _params(k, x), rt, tol, max_iter, y, tau, dsum,
                                mod.lanes(rows, threads))  # fmt: skip
     return None if declined else (torch.from_numpy(y).view(x.shape), (tau, rt, x2, y))
 
@@ -858,16 +858,17 @@ class _DFTopK(torch.autograd.Function):
         return gx, gt, None, None
 
 
-def _kernel_k(k: int | Tensor, n: int, rows: int):
-    """A selection's k for a kernel: an int64 numpy vector, (1,) or (rows,), or None when some row's k is outside
-    [1, n)."""
+def _kernel_k(k: int | Tensor, x: Tensor):
+    """A selection's k (an int, or a tensor broadcastable to ``x``'s rows) for a kernel: an int64 numpy vector, (1,)
+    or one per row of ``x``, or None when some row's k is outside [1, n)."""
+    n = x.shape[-1]
     np = _kernel().np
     if isinstance(k, int):
         return np.array([k]) if 0 < k < n else None
     if _one_value(k):
         kk = np.array([int(k.as_strided((1,), (1,)).item())])
     else:
-        kk = k.detach().to(torch.int64).reshape(rows).contiguous().numpy()
+        kk = k.detach().to(torch.int64).expand(x.shape[:-1] + (1,)).reshape(-1).contiguous().numpy()
     return kk if bool(((kk > 0) & (kk < n)).all()) else None
 
 
@@ -875,13 +876,12 @@ def _kernel_dftopk(x: Tensor, k: int | Tensor, t: Tensor):
     """DFTopK's mask by the numba kernel, with the numpy arrays its backward reads (τ, the indices of the k-th and
     (k+1)-th largest, 1/t, x, y); None when a row needs the reference (k outside [1, n), a non-finite entry, a tie at
     those two values)."""
-    mod, n = _kernel(), x.shape[-1]
-    x2 = _rows_np(x)
+    mod, x2 = _kernel(), _rows_np(x)
     rows = x2.shape[0]
-    kk = _kernel_k(k, n, rows)
+    kk = _kernel_k(k, x)
     if kk is None:
         return None
-    rt = 1.0 / _params(t, rows)
+    rt = 1.0 / _params(t, x)
     y, tau = _full_size(x2), mod.np.empty(rows)
     ia, ib = mod.np.empty(rows, dtype=mod.np.int64), mod.np.empty(rows, dtype=mod.np.int64)
     with mod.torch_threads() as threads:
@@ -892,12 +892,11 @@ def _kernel_dftopk(x: Tensor, k: int | Tensor, t: Tensor):
 def kernel_hard_mask(x: Tensor, k: int | Tensor) -> Tensor | None:
     """The exact top-k mask of ``x`` (float32, CPU, eager) along the last dim by the numba kernel, or None (no
     numba, another dtype or device, a k outside (0, n), a tie at the k-th value: the caller takes ``torch.topk``)."""
-    n = x.shape[-1]
     if threshold_backend(x) != "numba" or not (isinstance(k, int) or can_read_data(k)):
         return None
     mod, x2 = _kernel(), _rows_np(x)
     rows = x2.shape[0]
-    kk = _kernel_k(k, n, rows)
+    kk = _kernel_k(k, x)
     if kk is None:
         return None
     out = _full_size(x2)
