@@ -440,9 +440,9 @@ def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample, bits):
 
 
 @numba.njit(parallel=True, cache=True)
-def forward(fam, x, k, rt, tol, max_iter, y, tau, dsum, n_lanes):
-    """Rows of x (R, n) float32: the mask into y (R, n), τ (in units of t) and Σφ' into tau, dsum (R,); returns
-    the number of rows left to the reference. k and rt float64, (R,) or (1,) (one value for every row)."""
+def forward(fam, x, k, rt, tol, max_iter, y, tau, n_lanes):
+    """Rows of x (R, n) float32: the mask into y (R, n) and τ (in units of t) into tau (R,); returns the number of
+    rows left to the reference. k and rt float64, (R,) or (1,) (one value for every row)."""
     rows = x.shape[0]
     k_step = 1 if k.shape[0] > 1 else 0
     rt_step = 1 if rt.shape[0] > 1 else 0
@@ -453,7 +453,7 @@ def forward(fam, x, k, rt, tol, max_iter, y, tau, dsum, n_lanes):
         bits = np.empty(2, dtype=np.int32)
         mine = 0
         for r in range(lane, rows, n_lanes):
-            tau[r], dsum[r], status = _solve_row(
+            tau[r], _, status = _solve_row(
                 fam, x[r], k[r * k_step], rt[r * rt_step], tol, max_iter, y[r], buf, sample, bits
             )
             mine += status

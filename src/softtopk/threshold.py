@@ -547,13 +547,12 @@ def threshold_backend(x: Tensor) -> str:
     return "numba"
 
 
-def _params(a: Tensor, x: Tensor):
-    """A parameter broadcastable to ``x``'s rows, (..., 1), as a float64 numpy vector for a kernel: (1,) when it
+def _params(a: Tensor, x: Tensor, dtype: torch.dtype = torch.float64):
+    """A parameter broadcastable to ``x``'s rows, (..., 1), as a numpy vector of ``dtype`` for a kernel: (1,) when it
     holds one value for every row (a number expanded by ``prepare``: nothing to copy), else one per row of ``x``."""
-    np = _kernel().np
-    if _one_value(a):
-        return np.array([a.as_strided((1,), (1,)).item()])
-    return a.detach().to(torch.float64).expand(x.shape[:-1] + (1,)).reshape(-1).contiguous().numpy()
+    if _one_value(a):  # one scalar read instead of a conversion (a few torch operations fewer per call)
+        return _kernel().np.array([a.as_strided((1,), (1,)).item()], dtype=str(dtype).removeprefix("torch."))
+    return a.detach().to(dtype).expand(x.shape[:-1] + (1,)).reshape(-1).contiguous().numpy()
 
 
 def _one_value(a: Tensor) -> bool:
@@ -580,9 +579,9 @@ def _kernel_solve(family, x, k, t, tol, max_iter):
     x2 = _rows_np(x)
     rows = x2.shape[0]
     rt = 1.0 / _params(t, x)
-    y, tau, dsum = _full_size(x2), mod.np.empty(rows), mod.np.empty(rows)
+    y, tau = _full_size(x2), mod.np.empty(rows)
     with mod.torch_threads() as threads:
-        declined = mod.forward(mod.CODES[_family_key(family)], x2, _params(k, x), rt, tol, max_iter, y, tau, dsum,
+        declined = mod.forward(mod.CODES[_family_key(family)], x2, _params(k, x), rt, tol, max_iter, y, tau,
                                mod.lanes(rows, threads))  # fmt: skip
     return None if declined else (torch.from_numpy(y).view(x.shape), (tau, rt, x2, y))
 
@@ -862,13 +861,9 @@ def _kernel_k(k: int | Tensor, x: Tensor):
     """A selection's k (an int, or a tensor broadcastable to ``x``'s rows) for a kernel: an int64 numpy vector, (1,)
     or one per row of ``x``, or None when some row's k is outside [1, n)."""
     n = x.shape[-1]
-    np = _kernel().np
     if isinstance(k, int):
-        return np.array([k]) if 0 < k < n else None
-    if _one_value(k):
-        kk = np.array([int(k.as_strided((1,), (1,)).item())])
-    else:
-        kk = k.detach().to(torch.int64).expand(x.shape[:-1] + (1,)).reshape(-1).contiguous().numpy()
+        return _kernel().np.array([k]) if 0 < k < n else None
+    kk = _params(k, x, torch.int64)
     return kk if bool(((kk > 0) & (kk < n)).all()) else None
 
 
