@@ -760,3 +760,30 @@ def test_kernels_broadcast_k_and_t_over_leading_dims():
 
     numba_out, torch_out = _both_backends(perturbed)
     assert torch.equal(numba_out, torch_out)
+
+
+@needs_numba
+@pytest.mark.parametrize("n", [2, 8, 31, 32, 33, 64, 65, 200, 640, 2047, 2048, 5000])
+@pytest.mark.parametrize("order", ["random", "ascending", "descending", "few values", "infinities"])
+def test_kernel_order_statistics(n, order):
+    """The kernels' k-th and (k+1)-th largest for k < 32 (ranking survivors of a column-maxima bound in short
+    rows, a scan in long ones) equal numpy's sort, for sorted rows (every entry survives the bound), heavy ties and
+    ±inf entries, at the row lengths where the method changes."""
+    from softtopk import _threshold_numba as kernel
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32)
+    if order == "ascending":
+        x.sort()
+    elif order == "descending":
+        x[::-1].sort()
+    elif order == "few values":
+        x = rng.integers(0, 3, n).astype(np.float32)
+    elif order == "infinities":
+        x[rng.integers(0, n, max(1, n // 4))] = np.inf
+        x[rng.integers(0, n, max(1, n // 4))] = -np.inf
+    top = np.sort(x)[::-1]
+    buf = np.empty(kernel._BUF, dtype=np.float32)
+    pair = kernel.numba.njit(lambda x, k, buf: kernel._top_pair(x, k, buf))
+    for k in range(1, min(n, kernel.SCAN_K)):
+        assert pair(x, k, buf) == (top[k - 1], top[k]), k

@@ -33,6 +33,8 @@ import math
 
 import numba
 import numpy as np  # the callers allocate the kernels' arrays with it (mod.np): numpy is there whenever numba is
+from numba import types
+from numba.extending import intrinsic
 
 from ._numba_threads import lanes as lanes  # re-exported: the callers split rows with it
 from ._numba_threads import torch_threads as torch_threads
@@ -45,7 +47,9 @@ _FAST = {"reassoc", "contract", "arcp", "nsz"}
 _POW2 = 2.0 ** np.arange(-160, 161).astype(np.float64)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-_SCAN_K = 32  # rows with k < this get their start from an exact top-(k+1) scan (unless _MAX_START_K <= k)
+_SCAN_K = 32  # rows with k < this get their start from the exact top-(k+1) (unless _MAX_START_K <= k)
+_SHORT = 64  # ... by ranking in rows shorter than this many times k + 1, else by a scan
+_BUF = 32 + _SHORT * _SCAN_K  # the float32 scratch of those selections
 _MAX_START_K = 8  # ... exponential families with k from this up, in rows up to 64 k long, start at the maximum
 _SAMPLE = 256  # otherwise from a strided subsample of about this many entries (rows longer than 2x this)
 _BIG = 1e12  # |x|/t beyond this: the reference, which re-centres
@@ -54,6 +58,23 @@ _RECENTRE = 40.0  # ... and recomputed around τ once τ is further than this fr
 SCAN_K = _SCAN_K
 _WINDOW_MIN_N = 4096  # selections with k >= _SCAN_K in longer rows go through a sampled window
 _WINDOW_SAMPLE = 1024
+
+
+@intrinsic
+def _float32_of_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of the integer ``bits``: a register bitcast. (Writing the
+    bits through an int32 view of an array and reading them back as float32 would alias the array with itself, and
+    LLVM then leaves the loop scalar.)"""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        word = args[0]
+        if bits.bitwidth != 32:
+            word = builder.trunc(word, context.get_value_type(types.int32))
+        return builder.bitcast(word, context.get_value_type(types.float32))
+
+    return types.float32(bits), codegen
 
 
 @numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
@@ -108,16 +129,13 @@ def _key(b):
 
 
 @numba.njit(inline="always")
-def _unkey(lo, hi, bits):
-    """The floats of the keys lo and hi, through the int32 scratch ``bits`` (2,)."""
-    bits[0] = _key(lo)
-    bits[1] = _key(hi)
-    f = bits.view(np.float32)
-    return np.float64(f[0]), np.float64(f[1])
+def _unkey(lo, hi):
+    """The floats of the keys lo and hi."""
+    return np.float64(_float32_of_bits(_key(lo))), np.float64(_float32_of_bits(_key(hi)))
 
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
-def _stats(x, bits):
+def _stats(x):
     """(min, max, all finite) of a float32 row. Compared as integer keys of the bit patterns, which vectorises
     (a float min/max reduction does not without a no-NaN assumption); finite means no exponent of all ones."""
     xi = x.view(np.int32)
@@ -130,19 +148,18 @@ def _stats(x, bits):
         lo = min(lo, key)
         hi = max(hi, key)
         top = max(top, b & 0x7F800000)
-    xmin, xmax = _unkey(lo, hi, bits)
+    xmin, xmax = _unkey(lo, hi)
     return xmin, xmax, top != 0x7F800000
 
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
-def _exp_pass(fam, x, rt, c, v, bits):
+def _exp_pass(fam, x, rt, c, v):
     """v_i = e^(u_i − c) for u = x rt, clipped to e^±86, as float32 into v; on the way :func:`_stats` of x and
     (S, Σφ') at τ = c (what the first :func:`_sweep_exp` would give). Returns (min, max, finite, S, Σφ').
 
-    The exponential: 2^m from its bit pattern (written through an int32 view of v), times a degree-8 Taylor
-    polynomial of e^f, f in [-ln2/2, ln2/2], in float64 (relative error 6e-8, the float32 rounding)."""
+    The exponential: 2^m from its bit pattern, times a degree-8 Taylor polynomial of e^f, f in [-ln2/2, ln2/2], in
+    float64 (relative error 6e-8, the float32 rounding)."""
     xi = x.view(np.int32)
-    vi = v.view(np.int32)
     lo = np.int32(0x7FFFFFFF)
     hi = np.int32(-0x7FFFFFFF)
     top = np.int32(0)
@@ -159,13 +176,12 @@ def _exp_pass(fam, x, rt, c, v, bits):
         f = (w - m) * _LN2
         q = 1 / 120 + f * (1 / 720 + f * (1 / 5040 + f / 40320))
         p = 1.0 + f * (1.0 + f * (0.5 + f * (1 / 6 + f * (1 / 24 + f * q))))
-        vi[i] = (m + 127) << 23  # 2^m
-        e = np.float32(p) * v[i]
+        e = np.float32(p) * _float32_of_bits((m + 127) << 23)  # e^f 2^m
         v[i] = e
         yi, di = _phi_exp(fam, np.float64(e))
         s += yi
         d += di
-    xmin, xmax = _unkey(lo, hi, bits)
+    xmin, xmax = _unkey(lo, hi)
     return xmin, xmax, top != 0x7F800000, s, d
 
 
@@ -181,16 +197,17 @@ def _phi_exp(fam, q):
 
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
-def _sweep_exp(fam, v, scale, y, write):
+def _sweep_exp(fam, v, scale, write):
     """(S, Σφ') at τ from v_i = e^(u_i − c) and scale = e^(c − τ), q = v scale = e^z (see :func:`_phi_exp`); the
-    mask is written into y when ``write`` (y may be v itself: each entry is read before it is written). One
-    division per entry and no exponential."""
+    mask is written over v when ``write``. One division per entry and no exponential. (In place through the one
+    array: with a second array holding the same memory, LLVM's overlap check fails and the loop runs scalar, 4x
+    slower.)"""
     s = 0.0
     d = 0.0
     if write:
         for i in range(v.shape[0]):
             yi, di = _phi_exp(fam, np.float64(v[i]) * scale)
-            y[i] = yi
+            v[i] = yi
             s += yi
             d += di
     else:
@@ -222,20 +239,75 @@ def _sweep(fam, x, rt, tau, y, write):
 
 @numba.njit(inline="always")
 def _top_pair(x, k, buf):
-    """The k-th and (k+1)-th largest of x (1 <= k < n), by one scan keeping the k + 1 largest in ``buf``,
-    in decreasing order."""
+    """The k-th and (k+1)-th largest of x (1 <= k < n, k < ``_SCAN_K``), in the float32 scratch ``buf``
+    (``_BUF``): by ranking (:func:`_short_pair`) in rows shorter than ``_SHORT`` (k + 1), else by one scan keeping
+    the k + 1 largest in decreasing order (it inserts about (k + 1) ln(n / (k + 1)) times, each a mispredicted
+    branch and k / 2 moves: cheap per entry only in long rows)."""
+    if x.shape[0] < _SHORT * (k + 1):
+        return _short_pair(x, k, buf)
     m = k + 1
     for j in range(m):
         buf[j] = -np.inf
+    cut = buf[m - 1]
     for i in range(x.shape[0]):
         v = x[i]
-        if v > buf[m - 1]:
+        if v > cut:
             j = m - 1
             while j > 0 and buf[j - 1] < v:
                 buf[j] = buf[j - 1]
                 j -= 1
             buf[j] = v
+            cut = buf[m - 1]
     return buf[k - 1], buf[k]
+
+
+@numba.njit(inline="always", fastmath={"nsz"})
+def _rank_pair(a, k):
+    """The k-th and (k+1)-th largest of a short array (longer than k): for every entry, how many entries exceed it
+    and how many are at least as large, by branch-free inner loops that vectorise (len(a)² comparisons); -inf
+    where no entry has the rank (NaN entries have none)."""
+    m = a.shape[0]
+    first = second = -np.inf
+    for i in range(m):
+        v = a[i]
+        gt = 0
+        ge = 0
+        for j in range(m):
+            w = a[j]
+            gt += w > v
+            ge += w >= v
+        if gt < k <= ge:  # v holds every rank in (gt, ge]
+            first = v
+        if gt <= k < ge:
+            second = v
+    return first, second
+
+
+@numba.njit(inline="always", fastmath={"nsz"})
+def _short_pair(x, k, buf):
+    """:func:`_top_pair` in a short row: the row read as columns of 16 (k < 16) or 32 entries, the (k+1)-th
+    largest of the column maxima is a lower bound on the row's (k+1)-th largest (k + 1 entries are at least it);
+    the entries above it (about 3 k for Gaussian scores) are compacted without a branch and ranked by
+    :func:`_rank_pair`."""
+    n = x.shape[0]
+    cols = 16 if k < 16 else 32
+    low = -np.inf
+    if n >= 2 * cols:
+        cmax = buf[:cols]
+        for c in range(cols):
+            cmax[c] = x[c]
+        for i in range(cols, n - n % cols, cols):
+            for c in range(cols):
+                v = x[i + c]
+                cmax[c] = v if v > cmax[c] else cmax[c]
+        low = _rank_pair(cmax, k)[1]
+    kept = buf[cols:]
+    m = 0
+    for i in range(n):
+        v = x[i]
+        kept[m] = v
+        m += v >= low
+    return _rank_pair(kept[:m], k)
 
 
 @numba.njit(cache=True)
@@ -313,7 +385,7 @@ def _newton(fam, x, k, rt, tau, lo, hi, tol, max_iter, y, write):
 
 
 @numba.njit(inline="always")
-def _newton_exp(fam, x, k, rt, tau, c, lo, hi, tol, max_iter, y, bits, logit_k, s, d):
+def _newton_exp(fam, x, k, rt, tau, c, lo, hi, tol, max_iter, y, logit_k, s, d):
     """:func:`_newton` for the exponential families on the exponentials y = e^(u − c) of :func:`_exp_pass`: each
     step is a :func:`_sweep_exp` (one division per entry), the first one done by the exponential pass itself when τ
     starts at c (its S and Σφ' given). The mask is written at one Newton step past the first τ within tol, or by the
@@ -325,20 +397,20 @@ def _newton_exp(fam, x, k, rt, tau, c, lo, hi, tol, max_iter, y, bits, logit_k, 
     have = tau == c  # s and d are those at τ
     for it in range(max_iter + 1):
         if not fresh or abs(tau - c) > _RECENTRE:
-            s, d = _exp_pass(fam, x, rt, tau, y, bits)[3:]
+            s, d = _exp_pass(fam, x, rt, tau, y)[3:]
             c = tau
             fresh = have = True
             write = False  # this step's S comes from the exponential pass, which writes no mask
         scale = 1.0 if tau == c else math.exp(c - tau)
         if not have:
-            s, d = _sweep_exp(fam, y, scale, y, write)
+            s, d = _sweep_exp(fam, y, scale, write)
         have = False
         resid = s - k
         if abs(resid) <= tol:
             if not write:  # the mask one Newton step further (free: a pass writes it anyway), far inside tol
                 step = resid / d if d > 0 else 0.0
                 tau = tau + step if lo < tau + step < hi else tau
-                _sweep_exp(fam, y, math.exp(c - tau), y, True)
+                _sweep_exp(fam, y, math.exp(c - tau), True)
             return tau, d, True, c
         fresh = not write
         if it == max_iter:
@@ -394,7 +466,7 @@ def _start(fam, x, k, rt, buf, sample):
 
 
 @numba.njit(cache=True)
-def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample, bits):
+def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample):
     """(τ, Σφ', status) of one row, its mask in y; status 0 done, 1 for the reference."""
     n = x.shape[0]
     exponential = fam == SIGMOID or fam == LAPLACE
@@ -404,18 +476,18 @@ def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample, bits):
         # k from 8 to 31 in a short row: the scan for the order statistics inserts often (about k ln(n/k) times,
         # each shifting k/2 entries) and costs more than the two or three extra Newton steps from a start at the
         # largest score (the smallest for k > n/2), where Newton on log S is exact in the exponential tail.
-        xmin, xmax, finite = _stats(x, bits)
+        xmin, xmax, finite = _stats(x)
         tau = (xmax if 2.0 * k <= n else xmin) * rt
         centre = tau if math.isfinite(tau) else 0.0
         if finite:
-            s, d = _exp_pass(fam, x, rt, centre, y, bits)[3:]
+            s, d = _exp_pass(fam, x, rt, centre, y)[3:]
     else:
         tau = _start(fam, x, k, rt, buf, sample) if inner and n >= 2 else np.nan
         centre = tau if math.isfinite(tau) else 0.0  # NaN or ±inf: a non-finite row, declined below
         if exponential and inner:
-            xmin, xmax, finite, s, d = _exp_pass(fam, x, rt, centre, y, bits)
+            xmin, xmax, finite, s, d = _exp_pass(fam, x, rt, centre, y)
         else:
-            xmin, xmax, finite = _stats(x, bits)
+            xmin, xmax, finite = _stats(x)
     if not finite or max(abs(xmin), abs(xmax)) * rt > _BIG:
         return 0.0, 0.0, 1
     if not inner:  # k = 0 or n: the exact mask
@@ -431,7 +503,7 @@ def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample, bits):
     start = min(max(tau, lo), hi) if math.isfinite(tau) else 0.5 * lo + 0.5 * hi
     tol = tol * max(k, 1.0)
     if exponential:
-        tau, d, ok, centre = _newton_exp(fam, x, k, rt, start, centre, lo, hi, tol, max_iter, y, bits, logit_k, s, d)
+        tau, d, ok, centre = _newton_exp(fam, x, k, rt, start, centre, lo, hi, tol, max_iter, y, logit_k, s, d)
         if ok and xmin * rt - centre < -_CLIP:
             _fix_clipped(fam, x, rt, tau, centre, y)
     else:
@@ -448,13 +520,12 @@ def forward(fam, x, k, rt, tol, max_iter, y, tau, n_lanes):
     rt_step = 1 if rt.shape[0] > 1 else 0
     declined = 0
     for lane in numba.prange(n_lanes):
-        buf = np.empty(_SCAN_K + 1)
+        buf = np.empty(_BUF, dtype=x.dtype)
         sample = np.empty(2 * _SAMPLE + 2, dtype=x.dtype)
-        bits = np.empty(2, dtype=np.int32)
         mine = 0
         for r in range(lane, rows, n_lanes):
             tau[r], _, status = _solve_row(
-                fam, x[r], k[r * k_step], rt[r * rt_step], tol, max_iter, y[r], buf, sample, bits
+                fam, x[r], k[r * k_step], rt[r * rt_step], tol, max_iter, y[r], buf, sample
             )
             mine += status
         declined += mine
@@ -483,9 +554,10 @@ def _dphi_z(fam, y, u, tau):
     return _dphi(fam, y)
 
 
-@numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
-def _backward_row(fam, y, g, rt, x, tau, gx, need_t):
-    """One row of :func:`backward`; returns (ḡ, Σ z gx) (the latter 0 unless ``need_t``)."""
+@numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
+def _backward_loops(fam, y, g, rt, x, tau, gx, need_t):
+    """:func:`_backward_row` for one family, inlined with ``fam`` a constant, so that the loops have no branch on it
+    and vectorise (3x faster than a loop that tests ``fam`` at every entry)."""
     n = y.shape[0]
     num = 0.0
     den = 0.0
@@ -501,6 +573,18 @@ def _backward_row(fam, y, g, rt, x, tau, gx, need_t):
         for i in range(n):
             zg += (x[i] * rt - tau) * gx[i]
     return gbar, zg
+
+
+@numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _backward_row(fam, y, g, rt, x, tau, gx, need_t):
+    """One row of :func:`backward`; returns (ḡ, Σ z gx) (the latter 0 unless ``need_t``)."""
+    if fam == SIGMOID:
+        return _backward_loops(SIGMOID, y, g, rt, x, tau, gx, need_t)
+    if fam == LAPLACE:
+        return _backward_loops(LAPLACE, y, g, rt, x, tau, gx, need_t)
+    if fam == EUCLIDEAN:
+        return _backward_loops(EUCLIDEAN, y, g, rt, x, tau, gx, need_t)
+    return _backward_loops(CUBIC, y, g, rt, x, tau, gx, need_t)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -588,7 +672,7 @@ def hard_forward(x, k, out, n_lanes):
     k_step = 1 if k.shape[0] > 1 else 0
     declined = 0
     for lane in numba.prange(n_lanes):
-        buf = np.empty(_SCAN_K + 1, dtype=x.dtype)
+        buf = np.empty(_BUF, dtype=x.dtype)
         sample = np.empty(2 * _WINDOW_SAMPLE + 2, dtype=x.dtype)
         mine = 0
         for r in range(lane, rows, n_lanes):
@@ -610,7 +694,6 @@ def _sigmoid_row(x, tau, rt, y, va, vb):
     """y = σ((x − τ) rt) in float32 arithmetic, as the torch path computes it (the exponential of −z clipped to ±86
     as in :func:`_exp_pass`, with a degree-6 polynomial: relative error 2e-7); returns how many entries equal va or
     vb (2 when neither value is tied) and whether the row is finite."""
-    yi = y.view(np.int32)
     xi = x.view(np.int32)
     ties = 0
     top = np.int32(0)
@@ -625,8 +708,7 @@ def _sigmoid_row(x, tau, rt, y, va, vb):
         f = (w - np.float32(m)) * np.float32(_LN2)
         p = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(0.5) + f * (np.float32(1 / 6) + f * (
             np.float32(1 / 24) + f * (np.float32(1 / 120) + f * np.float32(1 / 720))))))  # fmt: skip
-        yi[i] = (m + 127) << 23
-        y[i] = np.float32(1.0) / (np.float32(1.0) + y[i] * p)  # 1 / (1 + e^(−z))
+        y[i] = np.float32(1.0) / (np.float32(1.0) + _float32_of_bits((m + 127) << 23) * p)  # 1 / (1 + e^(−z))
     return ties, top != 0x7F800000
 
 
@@ -649,7 +731,7 @@ def dftopk_forward(x, k, rt, y, tau, ia, ib, n_lanes):
     rt_step = 1 if rt.shape[0] > 1 else 0
     declined = 0
     for lane in numba.prange(n_lanes):
-        buf = np.empty(_SCAN_K + 1, dtype=x.dtype)
+        buf = np.empty(_BUF, dtype=x.dtype)
         sample = np.empty(2 * _WINDOW_SAMPLE + 2, dtype=x.dtype)
         mine = 0
         for r in range(lane, rows, n_lanes):
