@@ -787,3 +787,39 @@ def test_kernel_order_statistics(n, order):
     pair = kernel.numba.njit(lambda x, k, buf: kernel._top_pair(x, k, buf))
     for k in range(1, min(n, kernel.SCAN_K)):
         assert pair(x, k, buf) == (top[k - 1], top[k]), k
+
+
+@needs_numba
+@pytest.mark.parametrize("method, options", [("sigmoid", {}), ("sparse", {}), ("sparse", {"p": 4 / 3}), ("lapsum", {})])
+@pytest.mark.parametrize("shape, k", [((64, 8), 2), ((16, 200), 20), ((4, 1000), 5), ((3, 5000), 700), ((6, 7), 0)])
+def test_fused_straight_through_matches_the_combination(method, options, shape, k):
+    """straight_through=True takes the hard mask and the soft mask from one kernel call (the solve starting at the
+    k-th and (k+1)-th largest the selection found): the same values and gradients as the torch path, which
+    combines the two masks; per-row k, k = 0 and n; a tie at a row's k-th value leaves the call to the
+    combination."""
+    from softtopk import threshold
+
+    g = torch.Generator().manual_seed(14)
+    x0 = torch.randn(shape, generator=g)
+    gy = torch.randn(shape, generator=g)
+    x0[0, :3] = 0.5  # a tie at the k-th value in row 0 for some k
+    per_row = torch.randint(0, shape[-1] + 1, shape[:-1], generator=g)
+    for kk in (k, per_row, shape[-1]):
+
+        def fn(kk=kk):
+            x = x0.clone().requires_grad_()
+            y = softtopk.topk_mask(x, kk, method=method, temperature=0.3, straight_through=True, **options)
+            y.backward(gy)
+            return y.detach(), x.grad
+
+        (y_numba, g_numba), (y_torch, g_torch) = _both_backends(fn)
+        assert torch.equal(y_numba, y_torch)
+        torch.testing.assert_close(g_numba, g_torch, rtol=0, atol=2e-3 * max(float(g_torch.abs().max()), 1.0))
+    calls = []
+    original = threshold.straight_through_mask
+    try:
+        threshold.straight_through_mask = lambda *a, **kw: calls.append(original(*a, **kw)) or calls[-1]
+        softtopk.topk_mask(torch.randn(shape, generator=g), min(k, 1), method=method, straight_through=True)
+    finally:
+        threshold.straight_through_mask = original
+    assert len(calls) == 1 and calls[0] is not None  # the fused path was taken

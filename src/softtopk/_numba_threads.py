@@ -9,12 +9,13 @@ its count from OpenMP: a kernel launched with numba's default (every core) would
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numba
 import torch
 
-__all__ = ["lanes", "torch_threads"]
+__all__ = ["lanes", "launch", "torch_threads"]
 
 
 @contextlib.contextmanager
@@ -26,6 +27,20 @@ def torch_threads() -> Iterator[int]:
         numba.set_num_threads(threads)
     try:
         yield threads
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+def launch(kernel: Callable[..., Any], rows: int, *args: Any) -> Any:
+    """``kernel(*args, n_lanes)`` on torch's number of threads, its ``rows`` split into :func:`lanes`: what
+    :func:`torch_threads` does, as one plain call (a generator context manager costs microseconds a call)."""
+    n = torch.get_num_threads()
+    threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+    try:
+        return kernel(*args, lanes(rows, threads))
     finally:
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)

@@ -62,7 +62,7 @@ def check_input(x: object, name: str = "x", *, fn: str = "topk_mask", data: bool
         return False
     # One cheap reduction decides the common case; only a non-finite total needs the exact test.
     total = x.detach().sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    if bool(torch.isfinite(total)):
+    if math.isfinite(total.item()):
         return True
     if bool(torch.isnan(x).any()):
         raise ValueError(f"{fn}: `{name}` contains NaN")

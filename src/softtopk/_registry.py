@@ -49,6 +49,9 @@ class Method:
     summary: str = ""
     #: the option ``max_support`` applies (the computation restricted to the largest entries)
     boundable: bool = False
+    #: ``compute(..., straight_through=True)`` may return the straight-through mask itself (the hard mask and the
+    #: soft gradient from one kernel call), or None for the generic combination
+    fuses_straight_through: bool = False
 
 
 # Parsers: (fn, **options) -> compute's keyword arguments. They validate values only (no data, no dtype), so that
@@ -105,26 +108,28 @@ def _dftopk(rows, t):
     return threshold.dftopk(rows.signed, rows.k, t)
 
 
-def _threshold_mask(family: str, rows: Rows, t: Tensor, tol, max_iter) -> Tensor:
+def _threshold_mask(family: str, rows: Rows, t: Tensor, tol, max_iter, straight_through: bool) -> Tensor | None:
     tol, max_iter = solver_options("threshold", rows.x.dtype, tol, max_iter, fn="")  # the dtype's defaults
+    if straight_through:  # both masks from one kernel call, or None
+        return threshold.straight_through_mask(family, rows.signed, rows.k, t, tol=tol, max_iter=max_iter)
     return threshold.normalised_mask(family, rows.signed, rows.k, t, tol=tol, max_iter=max_iter)
 
 
 def _normalised(family: str):
-    def compute(rows, t, tol, max_iter):
-        return _threshold_mask(family, rows, t, tol, max_iter)
+    def compute(rows, t, tol, max_iter, straight_through=False):
+        return _threshold_mask(family, rows, t, tol, max_iter, straight_through)
 
     return compute
 
 
-def _soft(rows, t, epsilon, tol, max_iter):
+def _soft(rows, t, epsilon, tol, max_iter, straight_through=False):
     if epsilon is not None:  # SOFT's epsilon, relative to max C: a sigmoid mask at a temperature set by the scores
         t = threshold.soft_temperature(rows.x, _epsilon_rows(rows, epsilon))
-    return _threshold_mask("sigmoid", rows, t, tol, max_iter)
+    return _threshold_mask("sigmoid", rows, t, tol, max_iter, straight_through)
 
 
-def _sparse(rows, t, family, tol, max_iter):
-    return _threshold_mask(family, rows, t, tol, max_iter)
+def _sparse(rows, t, family, tol, max_iter, straight_through=False):
+    return _threshold_mask(family, rows, t, tol, max_iter, straight_through)
 
 
 def _perturbed(rows, t, n_samples, noise, generator):
@@ -155,25 +160,26 @@ MASK_METHODS: dict[str, Method] = _table(
     ),
     Method(
         "sigmoid", _normalised("sigmoid"), _SOLVER, _solver, lambda **o: _SIGMOID, float_k=True,
-        boundable=True, paper="LML, Amos, Xu & Kolter 2019",
+        boundable=True, fuses_straight_through=True, paper="LML, Amos, Xu & Kolter 2019",
         summary="φ = sigmoid (binary-entropy regulariser); the default: smooth, every entry gets a gradient",
     ),
     Method(
         "soft", _soft, {"epsilon": None, **_SOLVER}, _soft_parse, lambda **o: _SIGMOID, alias="epsilon",
-        float_k=True, boundable=True, paper="SOFT top-k, Xie et al. 2020",
+        float_k=True, boundable=True, fuses_straight_through=True, paper="SOFT top-k, Xie et al. 2020",
         summary="entropic OT to anchors 0 and 1; at convergence a sigmoid mask, so with `temperature` it equals "
         "`sigmoid`; `epsilon=` gives the paper's ε (relative to max C)",
     ),
     Method(
         "sparse", _sparse, {"p": 2, **_SOLVER}, _sparse_parse,
         lambda family, **o: 1.0 if family == "sparse2" else _CUBIC, float_k=True, exact_zeros=True,
-        support="data-dependent; `max_support` bounds it", boundable=True, paper="Sander et al. 2023",
+        support="data-dependent; `max_support` bounds it", boundable=True, fuses_straight_through=True,
+        paper="Sander et al. 2023",
         summary="p=2: the Euclidean projection of x/t; p=4/3: φ(z) = max(z, 0)³; exact zeros and ones, gradients "
         "only where the mask is fractional",
     ),
     Method(
         "lapsum", _normalised("lapsum"), _SOLVER, _solver, lambda **o: _LAPLACE, float_k=True,
-        boundable=True, paper="LapSum, Struski et al. 2025",
+        boundable=True, fuses_straight_through=True, paper="LapSum, Struski et al. 2025",
         summary="φ = Laplace CDF: heavier tails than sigmoid, gradients reach entries far from the threshold",
     ),
     Method(
@@ -300,6 +306,10 @@ def run_mask(spec: Method, rows: Rows, options: Mapping[str, object], *, straigh
         kf = rows.k.to(rows.x.dtype) if isinstance(rows.k, Tensor) else rows.x.new_full((), rows.k).expand(batch)
         rows = replace(rows, k=kf)
     bound = options.get("max_support")
+    if straight_through and spec.fuses_straight_through and bound is None:
+        y = spec.compute(rows, t, straight_through=True, **parsed)
+        if y is not None:
+            return y
     if bound is not None:
         y = _bounded(spec, rows, t, parsed, check_support(bound, rows.k, fn=fn))
     else:

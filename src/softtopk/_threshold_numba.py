@@ -37,6 +37,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from ._numba_threads import lanes as lanes  # re-exported: the callers split rows with it
+from ._numba_threads import launch as launch
 from ._numba_threads import torch_threads as torch_threads
 
 SIGMOID, LAPLACE, EUCLIDEAN, CUBIC = 0, 1, 2, 3
@@ -436,12 +437,15 @@ def _fix_clipped(fam, x, rt, tau, c, y):
 
 
 @numba.njit(inline="always")
-def _start(fam, x, k, rt, buf, sample):
-    """A first τ: the midpoint of the order statistics around rank k (exact for small k, else those of a
-    strided subsample, whose own threshold is then solved loosely). NaN or ±inf only for a non-finite row."""
+def _start(fam, x, k, rt, buf, sample, pair):
+    """A first τ: the midpoint of the order statistics around rank k (exact for small k or when the caller has
+    them in ``pair``, else those of a strided subsample, whose own threshold is then solved loosely). NaN or ±inf
+    only for a non-finite row."""
     n = x.shape[0]
     kk = int(k)
     half = _phi_inv_half(fam)
+    if pair[0] > pair[1]:
+        return 0.5 * (pair[0] + pair[1]) * rt - half
     if kk == k and 1 <= kk < _SCAN_K:
         a, b = _top_pair(x, kk, buf)
         return 0.5 * (a + b) * rt - half
@@ -466,13 +470,14 @@ def _start(fam, x, k, rt, buf, sample):
 
 
 @numba.njit(cache=True)
-def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample):
-    """(τ, Σφ', status) of one row, its mask in y; status 0 done, 1 for the reference."""
+def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample, pair):
+    """(τ, Σφ', status) of one row, its mask in y; status 0 done, 1 for the reference. ``pair``: the k-th and
+    (k+1)-th largest when the caller has them (a straight-through call), else (NaN, NaN)."""
     n = x.shape[0]
     exponential = fam == SIGMOID or fam == LAPLACE
     inner = 0.0 < k < n
     s = d = 0.0
-    if exponential and inner and _MAX_START_K <= k < _SCAN_K and n <= 64 * k:
+    if exponential and inner and _MAX_START_K <= k < _SCAN_K and n <= 64 * k and not pair[0] > pair[1]:
         # k from 8 to 31 in a short row: the scan for the order statistics inserts often (about k ln(n/k) times,
         # each shifting k/2 entries) and costs more than the two or three extra Newton steps from a start at the
         # largest score (the smallest for k > n/2), where Newton on log S is exact in the exponential tail.
@@ -482,7 +487,7 @@ def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample):
         if finite:
             s, d = _exp_pass(fam, x, rt, centre, y)[3:]
     else:
-        tau = _start(fam, x, k, rt, buf, sample) if inner and n >= 2 else np.nan
+        tau = _start(fam, x, k, rt, buf, sample, pair) if inner and n >= 2 else np.nan
         centre = tau if math.isfinite(tau) else 0.0  # NaN or ±inf: a non-finite row, declined below
         if exponential and inner:
             xmin, xmax, finite, s, d = _exp_pass(fam, x, rt, centre, y)
@@ -512,24 +517,33 @@ def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample):
 
 
 @numba.njit(parallel=True, cache=True)
-def forward(fam, x, k, rt, tol, max_iter, y, tau, n_lanes):
-    """Rows of x (R, n) float32: the mask into y (R, n) and τ (in units of t) into tau (R,); returns the number of
-    rows left to the reference. k and rt float64, (R,) or (1,) (one value for every row)."""
-    rows = x.shape[0]
+def forward(fam, x, k, rt, tol, max_iter, y, tau, hard, n_lanes):
+    """Rows of x (R, n) float32: the mask into y (R, n) and τ (in units of t) into tau (R,). k and rt float64, (R,)
+    or (1,) (one value for every row). ``hard`` (R, n): the exact top-k mask as well (the forward of a
+    straight-through call, k whole), whose k-th and (k+1)-th largest then start the solve; (R, 0) for none. Returns
+    the numbers of rows left to the reference: masks, and hard masks (a tie at the k-th value, where the choice of
+    entries is ``torch.topk``'s)."""
+    rows, n = x.shape
     k_step = 1 if k.shape[0] > 1 else 0
     rt_step = 1 if rt.shape[0] > 1 else 0
+    want_hard = hard.shape[1] == n
     declined = 0
+    declined_hard = 0
     for lane in numba.prange(n_lanes):
         buf = np.empty(_BUF, dtype=x.dtype)
-        sample = np.empty(2 * _SAMPLE + 2, dtype=x.dtype)
+        sample = np.empty(2 * _WINDOW_SAMPLE + 2, dtype=x.dtype)
+        pair = np.full(2, np.nan)
         mine = 0
+        mine_hard = 0
         for r in range(lane, rows, n_lanes):
-            tau[r], _, status = _solve_row(
-                fam, x[r], k[r * k_step], rt[r * rt_step], tol, max_iter, y[r], buf, sample
-            )
+            kr = k[r * k_step]
+            if want_hard:
+                mine_hard += _hard_row_of(x[r], int(kr), hard[r], buf, sample, pair)
+            tau[r], _, status = _solve_row(fam, x[r], kr, rt[r * rt_step], tol, max_iter, y[r], buf, sample, pair)
             mine += status
         declined += mine
-    return declined
+        declined_hard += mine_hard
+    return declined, declined_hard
 
 
 @numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
@@ -663,28 +677,40 @@ def _hard_row(x, a, out):
     return count
 
 
+@numba.njit(cache=True)
+def _hard_row_of(x, k, out, buf, sample, pair):
+    """The exact top-k mask of the row x into out, and its k-th and (k+1)-th largest into ``pair`` ((NaN, NaN) for
+    k = 0 or n). Returns 1 when x_(k) = x_(k+1) (a tie: the mask is then ``torch.topk``'s to choose), else 0."""
+    n = x.shape[0]
+    pair[0] = pair[1] = np.nan
+    if k <= 0 or k >= n:
+        fill = 0.0 if k <= 0 else 1.0
+        for i in range(n):
+            out[i] = fill
+        return 0
+    a, b = _pair(x, k, buf, sample)
+    if not a > b or _hard_row(x, a, out) != k:
+        return 1
+    pair[0] = a
+    pair[1] = b
+    return 0
+
+
 @numba.njit(parallel=True, cache=True)
 def hard_forward(x, k, out, n_lanes):
     """The exact top-k mask of each row of x (R, n) float32 into out; k int64 (R,) or (1,). Returns the number of
     rows with a tie at the k-th largest value (x_(k) = x_(k+1)), where the choice of entries is ``torch.topk``'s:
     the caller then takes torch's mask for the call."""
-    rows, n = x.shape
+    rows = x.shape[0]
     k_step = 1 if k.shape[0] > 1 else 0
     declined = 0
     for lane in numba.prange(n_lanes):
         buf = np.empty(_BUF, dtype=x.dtype)
         sample = np.empty(2 * _WINDOW_SAMPLE + 2, dtype=x.dtype)
+        pair = np.empty(2)
         mine = 0
         for r in range(lane, rows, n_lanes):
-            kk = k[r * k_step]
-            if kk <= 0 or kk >= n:
-                fill = 0.0 if kk <= 0 else 1.0
-                for i in range(n):
-                    out[r, i] = fill
-                continue
-            a, b = _pair(x[r], kk, buf, sample)
-            if not a > b or _hard_row(x[r], a, out[r]) != kk:
-                mine += 1
+            mine += _hard_row_of(x[r], k[r * k_step], out[r], buf, sample, pair)
         declined += mine
     return declined
 

@@ -561,10 +561,11 @@ def _one_value(a: Tensor) -> bool:
     return all(st == 0 for st, size in zip(a.stride(), a.shape) if size > 1)
 
 
-def _full_size(a):
-    """An uninitialised float32 array of ``a``'s shape, allocated by torch (so that torch's memory accounting, the
-    profiler's included, sees the kernels' outputs), as a numpy view."""
-    return torch.empty(a.shape, dtype=torch.float32).numpy()
+def _output(x: Tensor):
+    """An uninitialised float32 tensor of ``x``'s shape, allocated by torch (so that torch's memory accounting, the
+    profiler's included, sees the kernels' outputs), and its (rows, n) numpy view for a kernel to write."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    return out, out.view(-1, x.shape[-1]).numpy()
 
 
 def _rows_np(x: Tensor):
@@ -572,18 +573,20 @@ def _rows_np(x: Tensor):
     return x.detach().reshape(-1, x.shape[-1]).contiguous().numpy()
 
 
-def _kernel_solve(family, x, k, t, tol, max_iter):
-    """:func:`threshold_mask_solve` by the numba kernel: (y, (τ, 1/t, x, y) as numpy arrays for the backward), or
-    None when a row needs the reference (non-finite scores, extreme |x|/t, no convergence)."""
+def _kernel_solve(family, x, k, t, tol, max_iter, hard=False):
+    """:func:`threshold_mask_solve` by the numba kernel: (y, (τ, 1/t, x, y) as numpy arrays for the backward, the
+    exact top-k mask when ``hard`` (k whole) else None), or None when a row needs the reference (non-finite
+    scores, extreme |x|/t, no convergence) or, with ``hard``, has a tie at its k-th value."""
     mod = _kernel()
     x2 = _rows_np(x)
     rows = x2.shape[0]
     rt = 1.0 / _params(t, x)
-    y, tau = _full_size(x2), mod.np.empty(rows)
-    with mod.torch_threads() as threads:
-        declined = mod.forward(mod.CODES[_family_key(family)], x2, _params(k, x), rt, tol, max_iter, y, tau,
-                               mod.lanes(rows, threads))  # fmt: skip
-    return None if declined else (torch.from_numpy(y).view(x.shape), (tau, rt, x2, y))
+    (y, y2), tau = _output(x), mod.np.empty(rows)
+    h, h2 = _output(x) if hard else (None, mod.np.empty((rows, 0), dtype=x2.dtype))
+    declined = mod.launch(
+        mod.forward, rows, mod.CODES[_NAMES[family]], x2, _params(k, x), rt, tol, max_iter, y2, tau, h2
+    )
+    return None if any(declined) else (y, (tau, rt, x2, y2), h)
 
 
 class _KernelMask(torch.autograd.Function):
@@ -594,10 +597,10 @@ class _KernelMask(torch.autograd.Function):
     that neither was modified in place."""
 
     @staticmethod
-    def forward(ctx, x, k, t, y, arrays, family):
-        out = y.view_as(y)
+    def forward(ctx, x, k, t, y, arrays, family, hard):
+        out = (y if hard is None else hard).view_as(y)  # straight-through: the hard mask, the soft mask's gradient
         ctx.family, ctx.arrays = family, arrays
-        ctx.save_for_backward(x, out)
+        ctx.save_for_backward(x, y)
         return out
 
     @staticmethod
@@ -608,18 +611,13 @@ class _KernelMask(torch.autograd.Function):
         needs_k, needs_t = ctx.needs_input_grad[1:3]
         mod = _kernel()
         g2 = _rows_np(gy.to(y.dtype))
-        gx, gk, gt = _full_size(y2), mod.np.empty(len(tau)), mod.np.empty(len(tau))
-        with mod.torch_threads() as threads:
-            mod.backward(mod.CODES[_family_key(ctx.family)], y2, g2, rt, x2, tau, gx, gk, gt, bool(needs_t),
-                         mod.lanes(len(tau), threads))  # fmt: skip
+        (gx, gx2), gk, gt = _output(y), mod.np.empty(len(tau)), mod.np.empty(len(tau))
+        code = mod.CODES[_NAMES[ctx.family]]
+        mod.launch(mod.backward, len(tau), code, y2, g2, rt, x2, tau, gx2, gk, gt, bool(needs_t))
         shape = y.shape[:-1] + (1,)
         gk_out = torch.from_numpy(gk).to(y.dtype).view(shape) if needs_k else None
         gt_out = torch.from_numpy(gt).to(y.dtype).view(shape) if needs_t else None
-        return torch.from_numpy(gx).view(y.shape), gk_out, gt_out, None, None, None
-
-
-def _family_key(family: type[Family]) -> str:
-    return next(name for name, fam in FAMILIES.items() if fam is family)
+        return gx, gk_out, gt_out, None, None, None, None
 
 
 def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
@@ -650,6 +648,7 @@ def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
 
 
 _FUNCTIONS = {name: _make_function(fam) for name, fam in FAMILIES.items()}
+_NAMES = {fam: name for name, fam in FAMILIES.items()}
 
 
 def normalised_mask(
@@ -663,8 +662,23 @@ def normalised_mask(
     if threshold_backend(x) == "numba" and can_read_data(k) and can_read_data(t):
         out = _kernel_solve(FAMILIES[family], x, k, t, tol, max_iter)
         if out is not None:
-            return _KernelMask.apply(x, k, t, out[0], out[1], FAMILIES[family])
+            return _KernelMask.apply(x, k, t, out[0], out[1], FAMILIES[family], None)
     return _FUNCTIONS[family].apply(x, k, t, tol, max_iter)[0]
+
+
+def straight_through_mask(
+    family: str, x: Tensor, k: Tensor, t: Tensor, *, tol: float | None = None, max_iter: int = MAX_ITER
+) -> Tensor | None:
+    """The exact top-k mask of ``x`` along the last dim with the gradient of :func:`normalised_mask` (k whole), both
+    from one numba kernel call (which also starts the threshold search at the k-th and (k+1)-th largest it
+    selects); None when the call has no such path (not the kernel's dtype, device or mode; a row the kernel leaves
+    to the reference; a tie at some row's k-th value): the caller then combines the two masks itself."""
+    if tol is None:
+        tol = 1e-9 if x.dtype == torch.float64 else 1e-5
+    if _triton(x) or threshold_backend(x) != "numba" or not (can_read_data(k) and can_read_data(t)):
+        return None
+    out = _kernel_solve(FAMILIES[family], x, k, t, tol, max_iter, hard=True)
+    return None if out is None else _KernelMask.apply(x, k, t, out[0], out[1], FAMILIES[family], out[2])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -877,11 +891,10 @@ def _kernel_dftopk(x: Tensor, k: int | Tensor, t: Tensor):
     if kk is None:
         return None
     rt = 1.0 / _params(t, x)
-    y, tau = _full_size(x2), mod.np.empty(rows)
+    (y, y2), tau = _output(x), mod.np.empty(rows)
     ia, ib = mod.np.empty(rows, dtype=mod.np.int64), mod.np.empty(rows, dtype=mod.np.int64)
-    with mod.torch_threads() as threads:
-        declined = mod.dftopk_forward(x2, kk, rt, y, tau, ia, ib, mod.lanes(rows, threads))
-    return None if declined else (torch.from_numpy(y).view(x.shape), (tau, ia, ib, rt, x2, y))
+    declined = mod.launch(mod.dftopk_forward, rows, x2, kk, rt, y2, tau, ia, ib)
+    return None if declined else (y, (tau, ia, ib, rt, x2, y2))
 
 
 def kernel_hard_mask(x: Tensor, k: int | Tensor) -> Tensor | None:
@@ -894,10 +907,9 @@ def kernel_hard_mask(x: Tensor, k: int | Tensor) -> Tensor | None:
     kk = _kernel_k(k, x)
     if kk is None:
         return None
-    out = _full_size(x2)
-    with mod.torch_threads() as threads:
-        declined = mod.hard_forward(x2, kk, out, mod.lanes(rows, threads))
-    return None if declined else torch.from_numpy(out).view(x.shape)
+    out, out2 = _output(x)
+    declined = mod.launch(mod.hard_forward, rows, x2, kk, out2)
+    return None if declined else out
 
 
 class _DFTopKKernel(torch.autograd.Function):
@@ -920,14 +932,13 @@ class _DFTopKKernel(torch.autograd.Function):
         needs_t = ctx.needs_input_grad[1]
         mod = _kernel()
         g2 = _rows_np(gy.to(y.dtype))
-        gx, gt = _full_size(y2), mod.np.empty(len(tau))
+        (gx, gx2), gt = _output(y), mod.np.empty(len(tau))
         xs = x2 if needs_t else mod.np.empty((len(tau), 0), dtype=x2.dtype)  # no x: no Σ s z
-        with mod.torch_threads() as threads:
-            mod.dftopk_backward(y2, g2, rt, xs, tau, ia, ib, gx, gt, mod.lanes(len(tau), threads))
+        mod.launch(mod.dftopk_backward, len(tau), y2, g2, rt, xs, tau, ia, ib, gx2, gt)
         gt_out = None
         if needs_t:
             gt_out = torch.from_numpy(gt).to(y.dtype).view(y.shape[:-1] + (1,)).sum_to_size(ctx.t_shape)
-        return torch.from_numpy(gx).view(y.shape), gt_out, None, None
+        return gx, gt_out, None, None
 
 
 def dftopk(x: Tensor, k: int | Tensor, t: Tensor) -> Tensor:

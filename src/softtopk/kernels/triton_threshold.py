@@ -103,12 +103,13 @@ def available(x: Tensor) -> bool:
     """Whether ``x`` may take the Triton kernels: a CUDA tensor (float16, bfloat16 or float32) when triton imports
     and ``SOFTTOPK_DISABLE_TRITON`` is not ``"1"``; a CPU tensor only when ``TRITON_INTERPRET=1`` and
     ``SOFTTOPK_TRITON_ON_CPU=1`` are both set as well (Triton's interpreter: a testing switch, slow)."""
-    if os.environ.get("SOFTTOPK_DISABLE_TRITON") == "1" or x.dtype not in _DTYPES:
-        return False
-    if x.device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("SOFTTOPK_TRITON_ON_CPU") != "1":
+    device = x.device.type
+    if device == "cpu":  # first: the common case, one environment read
+        if os.environ.get("SOFTTOPK_TRITON_ON_CPU") != "1" or os.environ.get("TRITON_INTERPRET") != "1":
             return False
-    elif x.device.type != "cuda":
+    elif device != "cuda":
+        return False
+    if os.environ.get("SOFTTOPK_DISABLE_TRITON") == "1" or x.dtype not in _DTYPES:
         return False
     return _triton_importable()
 
