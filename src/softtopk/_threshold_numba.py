@@ -238,7 +238,7 @@ def _sweep(fam, x, rt, tau, y, write):
     return s, d
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def _top_pair(x, k, buf):
     """The k-th and (k+1)-th largest of x (1 <= k < n, k < ``_SCAN_K``), in the float32 scratch ``buf``
     (``_BUF``): by ranking (:func:`_short_pair`) in rows shorter than ``_SHORT`` (k + 1), else by one scan keeping
