@@ -564,13 +564,14 @@ def _one_value(a: Tensor) -> bool:
 def _output(x: Tensor):
     """An uninitialised float32 tensor of ``x``'s shape, allocated by torch (so that torch's memory accounting, the
     profiler's included, sees the kernels' outputs), and its (rows, n) numpy view for a kernel to write."""
-    out = torch.empty(x.shape, dtype=torch.float32)
-    return out, out.view(-1, x.shape[-1]).numpy()
+    out = torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
+    return out, out.numpy().reshape(-1, x.shape[-1])
 
 
 def _rows_np(x: Tensor):
     """``x`` (..., n) as a C-contiguous (rows, n) numpy array (a view when ``x`` is contiguous)."""
-    return x.detach().reshape(-1, x.shape[-1]).contiguous().numpy()
+    x = x.detach()
+    return (x if x.is_contiguous() else x.contiguous()).numpy().reshape(-1, x.shape[-1])
 
 
 def _kernel_solve(family, x, k, t, tol, max_iter, hard=False):
