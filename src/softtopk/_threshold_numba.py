@@ -535,7 +535,7 @@ def forward(fam, x, k, rt, tol, max_iter, y, tau, hard, n_lanes):
         pair = np.full(2, np.nan)
         mine = 0
         mine_hard = 0
-        for r in range(lane, rows, n_lanes):
+        for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
             kr = k[r * k_step]
             if want_hard:
                 mine_hard += _hard_row_of(x[r], int(kr), hard[r], buf, sample, pair)
@@ -609,7 +609,7 @@ def backward(fam, y, g, rt, x, tau, gx, gk, gt, need_t, n_lanes):
     rows = y.shape[0]
     rt_step = 1 if rt.shape[0] > 1 else 0
     for lane in numba.prange(n_lanes):
-        for r in range(lane, rows, n_lanes):
+        for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
             gk[r], zg = _backward_row(fam, y[r], g[r], rt[r * rt_step], x[r], tau[r], gx[r], need_t)
             gt[r] = -zg
 
@@ -709,7 +709,7 @@ def hard_forward(x, k, out, n_lanes):
         sample = np.empty(2 * _WINDOW_SAMPLE + 2, dtype=x.dtype)
         pair = np.empty(2)
         mine = 0
-        for r in range(lane, rows, n_lanes):
+        for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
             mine += _hard_row_of(x[r], k[r * k_step], out[r], buf, sample, pair)
         declined += mine
     return declined
@@ -760,7 +760,7 @@ def dftopk_forward(x, k, rt, y, tau, ia, ib, n_lanes):
         buf = np.empty(_BUF, dtype=x.dtype)
         sample = np.empty(2 * _WINDOW_SAMPLE + 2, dtype=x.dtype)
         mine = 0
-        for r in range(lane, rows, n_lanes):
+        for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
             va, vb = _pair(x[r], k[r * k_step], buf, sample)
             tau[r] = 0.5 * (np.float64(va) + np.float64(vb))
             ties, finite = _sigmoid_row(x[r], tau[r], rt[r * rt_step], y[r], va, vb)
@@ -795,7 +795,7 @@ def dftopk_backward(y, g, rt, x, tau, ia, ib, gx, gt, n_lanes):
     rows = y.shape[0]
     rt_step = 1 if rt.shape[0] > 1 else 0
     for lane in numba.prange(n_lanes):
-        for r in range(lane, rows, n_lanes):
+        for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
             total, sz = _dftopk_backward_row(y[r], g[r], rt[r * rt_step], x[r], tau[r], gx[r])
             gx[r, ia[r]] -= 0.5 * total
             gx[r, ib[r]] -= 0.5 * total
