@@ -18,32 +18,38 @@ import torch
 __all__ = ["lanes", "launch", "torch_threads"]
 
 
+def _follow_torch() -> tuple[int, int]:
+    """numba set to torch's number of threads (capped by ``NUMBA_NUM_THREADS``): (torch's count, numba's)."""
+    n = torch.get_num_threads()
+    threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+    return n, threads
+
+
+def _restore(n: int) -> None:
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @contextlib.contextmanager
 def torch_threads() -> Iterator[int]:
     """Inside: numba runs on torch's number of threads (yielded); torch's is what it was before, after."""
-    n = torch.get_num_threads()
-    threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
+    n, threads = _follow_torch()
     try:
         yield threads
     finally:
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
+        _restore(n)
 
 
 def launch(kernel: Callable[..., Any], rows: int, *args: Any) -> Any:
-    """``kernel(*args, n_lanes)`` on torch's number of threads, its ``rows`` split into :func:`lanes`: what
-    :func:`torch_threads` does, as one plain call (a generator context manager costs microseconds a call)."""
-    n = torch.get_num_threads()
-    threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
+    """``kernel(*args, n_lanes)`` as inside :func:`torch_threads`, its ``rows`` split into :func:`lanes`: one plain
+    call (entering a generator context manager costs microseconds, a noticeable share of a small call)."""
+    n, threads = _follow_torch()
     try:
         return kernel(*args, lanes(rows, threads))
     finally:
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
+        _restore(n)
 
 
 def lanes(rows: int, threads: int) -> int:
