@@ -10,7 +10,8 @@ every row r, with u = x · rt (rt = 1/t) in float64:
 
 found by the same safeguarded Newton iteration as the reference (on logit(S/n) for the exponential families while
 S is far from k, on S otherwise), from a start at the order statistics of the row around rank k (small k: the exact
-k-th and (k+1)-th largest by one scan; else the threshold of the same problem on a strided subsample of the row).
+k-th and (k+1)-th largest, see :func:`_top_pair`; else the threshold of the same problem on a strided subsample of
+the row).
 A row the kernel does not handle (a non-finite score, |x|/t beyond 1e12, no convergence within ``max_iter``) is
 counted, and the caller solves the whole call with the reference instead.
 
@@ -20,9 +21,9 @@ from q_i = v_i e^(c − τ) = e^(z_i) with one division per entry (the sigmoid q
 1 − 1/(2q)), recomputing the v_i only if τ moves 40 from c (where the clipping could start to matter: the entries it
 touches then contribute below e^-46). The step expected to land within the tolerance writes the mask over the v_i.
 
-The exponential itself is a vectorisable one (2^m from its bit pattern, a Taylor polynomial of e^f on
-[-ln2/2, ln2/2]; relative error 6e-8), so that LLVM vectorises every pass over a row: numba's ``math.exp`` is a
-scalar libm call, 4–5x slower. Minimum and maximum are taken over integer keys of the float bit patterns, which
+The exponential itself is a vectorisable one (2^m cast from its bit pattern in a register, a Taylor polynomial of
+e^f on [-ln2/2, ln2/2]; relative error 6e-8), so that LLVM vectorises every pass over a row: numba's ``math.exp``
+is a scalar libm call, 4–5x slower. Minimum and maximum are taken over integer keys of the float bit patterns, which
 vectorise too. The passes use the float flags ``reassoc, contract, arcp, nsz`` only (reductions vectorise; no
 finite-math assumption) and ``error_model="numpy"`` (no zero-division branch in the loop).
 """
@@ -478,9 +479,9 @@ def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample, pair):
     inner = 0.0 < k < n
     s = d = 0.0
     if exponential and inner and _MAX_START_K <= k < _SCAN_K and n <= 64 * k and not pair[0] > pair[1]:
-        # k from 8 to 31 in a short row: the scan for the order statistics inserts often (about k ln(n/k) times,
-        # each shifting k/2 entries) and costs more than the two or three extra Newton steps from a start at the
-        # largest score (the smallest for k > n/2), where Newton on log S is exact in the exponential tail.
+        # k from 8 to 31 in a short row: selecting the order statistics (:func:`_short_pair`) costs more than the
+        # two or three extra Newton steps from a start at the largest score (the smallest for k > n/2), where Newton
+        # on log S is exact in the exponential tail (measured again with the ranking selection: still true).
         xmin, xmax, finite = _stats(x)
         tau = (xmax if 2.0 * k <= n else xmin) * rt
         centre = tau if math.isfinite(tau) else 0.0
@@ -656,8 +657,8 @@ def _window_pair(x, k, sample):
 
 @numba.njit(cache=True)
 def _pair(x, k, buf, sample):
-    """The k-th and (k+1)-th largest of x (1 <= k < n): by one scan keeping the k + 1 largest (small k), by
-    quickselect on a copy (short rows), or in a sampled window (:func:`_window_pair`)."""
+    """The k-th and (k+1)-th largest of x (1 <= k < n): by :func:`_top_pair` (small k), by quickselect on a copy
+    (short rows), or in a sampled window (:func:`_window_pair`)."""
     n = x.shape[0]
     if k < _SCAN_K:
         return _top_pair(x, k, buf)
