@@ -136,20 +136,24 @@ def _unkey(lo, hi):
     return np.float64(_float32_of_bits(_key(lo))), np.float64(_float32_of_bits(_key(hi)))
 
 
+@numba.njit(inline="always")
+def _track(b, lo, hi, top):
+    """One entry (bit pattern b) into :func:`_stats`' running (lowest key, highest key, largest exponent field)."""
+    key = _key(b)
+    return min(lo, key), max(hi, key), max(top, b & 0x7F800000)
+
+
+_NO_KEYS = (np.int32(0x7FFFFFFF), np.int32(-0x7FFFFFFF), np.int32(0))  # _track's start
+
+
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _stats(x):
     """(min, max, all finite) of a float32 row. Compared as integer keys of the bit patterns, which vectorises
     (a float min/max reduction does not without a no-NaN assumption); finite means no exponent of all ones."""
     xi = x.view(np.int32)
-    lo = np.int32(0x7FFFFFFF)
-    hi = np.int32(-0x7FFFFFFF)
-    top = np.int32(0)
+    lo, hi, top = _NO_KEYS
     for i in range(x.shape[0]):
-        b = xi[i]
-        key = _key(b)
-        lo = min(lo, key)
-        hi = max(hi, key)
-        top = max(top, b & 0x7F800000)
+        lo, hi, top = _track(xi[i], lo, hi, top)
     xmin, xmax = _unkey(lo, hi)
     return xmin, xmax, top != 0x7F800000
 
@@ -162,17 +166,11 @@ def _exp_pass(fam, x, rt, c, v):
     The exponential: 2^m from its bit pattern, times a degree-8 Taylor polynomial of e^f, f in [-ln2/2, ln2/2], in
     float64 (relative error 6e-8, the float32 rounding)."""
     xi = x.view(np.int32)
-    lo = np.int32(0x7FFFFFFF)
-    hi = np.int32(-0x7FFFFFFF)
-    top = np.int32(0)
+    lo, hi, top = _NO_KEYS
     s = 0.0
     d = 0.0
     for i in range(x.shape[0]):
-        b = xi[i]
-        key = _key(b)
-        lo = min(lo, key)
-        hi = max(hi, key)
-        top = max(top, b & 0x7F800000)
+        lo, hi, top = _track(xi[i], lo, hi, top)
         w = min(max(x[i] * rt - c, -_CLIP), _CLIP) * _LOG2E
         m = np.int32(w + 127.5) - np.int32(127)  # round(w): the sum is positive
         f = (w - m) * _LN2

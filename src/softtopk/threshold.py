@@ -667,15 +667,12 @@ def normalised_mask(
     return _FUNCTIONS[family].apply(x, k, t, tol, max_iter)[0]
 
 
-def straight_through_mask(
-    family: str, x: Tensor, k: Tensor, t: Tensor, *, tol: float | None = None, max_iter: int = MAX_ITER
-) -> Tensor | None:
+def straight_through_mask(family: str, x: Tensor, k: Tensor, t: Tensor, *, tol: float, max_iter: int) -> Tensor | None:
     """The exact top-k mask of ``x`` along the last dim with the gradient of :func:`normalised_mask` (k whole), both
     from one numba kernel call (which also starts the threshold search at the k-th and (k+1)-th largest it
     selects); None when the call has no such path (not the kernel's dtype, device or mode; a row the kernel leaves
-    to the reference; a tie at some row's k-th value): the caller then combines the two masks itself."""
-    if tol is None:
-        tol = 1e-9 if x.dtype == torch.float64 else 1e-5
+    to the reference; a tie at some row's k-th value): the caller then combines the two masks itself. ``tol`` and
+    ``max_iter`` as the caller resolved them (:func:`softtopk._prepare.solver_options`)."""
     if _triton(x) or threshold_backend(x) != "numba" or not (can_read_data(k) and can_read_data(t)):
         return None
     out = _kernel_solve(FAMILIES[family], x, k, t, tol, max_iter, hard=True)
