@@ -816,10 +816,10 @@ def test_fused_straight_through_matches_the_combination(method, options, shape, 
         assert torch.equal(y_numba, y_torch)
         torch.testing.assert_close(g_numba, g_torch, rtol=0, atol=2e-3 * max(float(g_torch.abs().max()), 1.0))
     calls = []
-    original = threshold.straight_through_mask
+    original = threshold.kernel_mask
     try:
-        threshold.straight_through_mask = lambda *a, **kw: calls.append(original(*a, **kw)) or calls[-1]
+        threshold.kernel_mask = lambda *a, **kw: calls.append((kw["hard"], original(*a, **kw))) or calls[-1][1]
         softtopk.topk_mask(torch.randn(shape, generator=g), min(k, 1), method=method, straight_through=True)
     finally:
-        threshold.straight_through_mask = original
-    assert len(calls) == 1 and calls[0] is not None  # the fused path was taken
+        threshold.kernel_mask = original
+    assert len(calls) == 1 and calls[0][0] and calls[0][1] is not None  # the fused path was taken

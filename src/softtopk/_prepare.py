@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
@@ -238,24 +238,65 @@ class Rows:
 
     ``signed`` is ``x`` for ``largest=True`` and ``-x`` otherwise: every selection is "the k largest of signed".
     ``k`` is None, an int, or a (..., 1) tensor (compute dtype, or long for integer-only selections); ``t`` is the
-    (..., 1) temperature, or None for an operator without one.
+    (..., 1) temperature, or None for an operator without one. A number given for either stays a number
+    (``k_arg``, ``t_arg``) until ``k`` or ``t`` is first read, so that a kernel taking numbers makes no tensor of
+    them. ``unchecked`` names the operator whose data checks of ``x`` were deferred (see :func:`prepare`).
     """
 
     x: Tensor
     signed: Tensor
-    k: Any  # None, an int or a (..., 1) tensor, as the call's k_kind says (typed loosely: the kind is dynamic)
-    t: Any  # a (..., 1) tensor, or None for a call without a temperature
+    k_arg: Any  # None, a number, or a (..., 1) tensor, as the call's k_kind says (typed loosely: it is dynamic)
+    t_arg: Any  # None, a positive number, or a (..., 1) tensor
     largest: bool
     dim: int
     dtype: torch.dtype
+    k_kind: str | None = "float"
+    unchecked: str = ""
+    _made: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n(self) -> int:
         return self.x.shape[-1]
 
+    @property
+    def k(self) -> Any:
+        """None, an int (integer kinds given a number), or a (..., 1) tensor (the compute dtype for a real k)."""
+        k = self.k_arg
+        if isinstance(k, Tensor):
+            return k.to(self.x.dtype) if self.k_kind == "float" and not k.dtype.is_floating_point else k
+        if k is None or self.k_kind != "float":
+            return None if k is None else int(k)
+        return self._per_row("k", k)
+
+    @property
+    def t(self) -> Tensor | None:
+        """The (..., 1) temperature, or None."""
+        t = self.t_arg
+        return t if t is None or isinstance(t, Tensor) else self._per_row("t", t)
+
+    def _per_row(self, name: str, value: float) -> Tensor:
+        if name not in self._made:
+            self._made[name] = self.per_row(value)
+        return self._made[name]
+
+    def per_row(self, value: Number | Tensor) -> Tensor:
+        """A number (or a (..., 1) tensor, returned as it is) as a per-row (..., 1) tensor of these rows."""
+        if isinstance(value, Tensor):
+            return value
+        scalar = torch.full((), float(value), dtype=self.x.dtype, device=self.x.device)
+        return scalar.expand(self.x.shape[:-1] + (1,))
+
+    def check_data(self) -> None:
+        """The data checks :func:`prepare` deferred (NaN, and the per-row ±inf counts); nothing when none were."""
+        if not self.unchecked:
+            return
+        fn, self.unchecked = self.unchecked, ""
+        if not check_input(self.x, fn=fn) and self.k_arg is not None and self.x.numel():
+            check_infinities(self.signed, self.k, fn=fn)
+
     def restore(self, y: Tensor) -> Tensor:
         """A result computed along the last dim, back in the caller's dtype and ``dim``."""
-        return move_back(y.to(self.dtype), self.dim)
+        return move_back(y if y.dtype == self.dtype else y.to(self.dtype), self.dim)
 
 
 def prepare(
@@ -272,6 +313,7 @@ def prepare(
     finite: bool = False,
     method: str | None = None,
     length: int | None = None,
+    defer_data: bool = False,
 ) -> Rows:
     """Validate a call and move it to the last dim: the one preparation step of the public operators.
 
@@ -281,11 +323,14 @@ def prepare(
     temperature by each row's standard deviation (:func:`row_std`). ``finite`` rejects ±inf scores. ``method``
     names the method in the error for an unused temperature. ``length`` replaces ``x.shape[dim]`` as the n that k
     is checked against (the global length of a dimension sharded across ranks); the per-row ±inf counts are then
-    the caller's to check.
+    the caller's to check. ``defer_data`` leaves the checks of ``x``'s data (NaN, ±inf counts) to
+    :meth:`Rows.check_data`, for a caller whose kernel proves every row finite when it answers (one pass over the
+    data fewer); the caller runs them before any other computation.
     """
     if finite:
         check_finite(x, fn=fn)
-    is_finite = finite or check_input(x, fn=fn)
+    defer = defer_data and not finite and scale is None and length is None and can_read_data(x)
+    is_finite = finite or check_input(x, fn=fn, data=not defer)
     d = normalize_dim(x, dim, fn=fn)
     check_bool(largest, "largest", fn=fn)
     if scale not in SCALES:
@@ -301,20 +346,22 @@ def prepare(
         temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
         check_temperature(temperature, fn=fn)
     cdtype = compute_dtype(x)
-    xl = move_last(x, d).to(cdtype)
-    kt: Any = None
-    if k_kind is None:
-        pass
-    elif isinstance(k, Tensor):
+    xl = move_last(x, d)
+    xl = xl if xl.dtype == cdtype else xl.to(cdtype)
+    kt: Any = None  # a number stays one (Rows.k makes its tensor when read)
+    if isinstance(k, Tensor) and k_kind is not None:
         kt = row_param(k, x, d, name="k", fn=fn, dtype=cdtype if k_kind == "float" else torch.long)
-    else:
-        kt = row_param(k, x, d, name="k", fn=fn, dtype=cdtype) if k_kind == "float" else int(k)
+    elif k_kind is not None:
+        kt = k if k_kind == "float" else int(k)
     signed = xl if largest else -xl
-    if kt is not None and not is_finite and not finite and x.numel() and length is None:
-        check_infinities(signed, kt, fn=fn)
-    t = None
+    rows = Rows(xl, signed, kt, None, largest, d, x.dtype, k_kind, fn if defer else "")
+    if kt is not None and not defer and not is_finite and not finite and x.numel() and length is None:
+        check_infinities(signed, rows.k, fn=fn)
     if uses_temperature:
-        t = row_param(temperature, x, d, name="temperature", fn=fn, dtype=cdtype)
+        t = temperature
+        if isinstance(t, Tensor):
+            t = row_param(t, x, d, name="temperature", fn=fn, dtype=cdtype)
         if scale == "std" and x.numel():
-            t = t * row_std(xl)
-    return Rows(xl, signed, kt, t, largest, d, x.dtype)
+            t = rows.per_row(t) * row_std(xl)
+        rows.t_arg = t
+    return rows

@@ -49,9 +49,12 @@ class Method:
     summary: str = ""
     #: the option ``max_support`` applies (the computation restricted to the largest entries)
     boundable: bool = False
-    #: ``compute(..., straight_through=True)`` may return the straight-through mask itself (the hard mask and the
-    #: soft gradient from one kernel call), or None for the generic combination
-    fuses_straight_through: bool = False
+    #: the fast path, tried before ``compute`` (without ``max_support``): (rows, t, straight_through, **options) ->
+    #: the mask (the straight-through mask itself when asked: the hard mask and the soft gradient from one call), or
+    #: None where it does not apply; t is the internal temperature, a number where one value serves every row. It
+    #: runs before the data checks that ``prepare`` deferred, so it must answer None for any row it has not proved
+    #: finite.
+    kernel: Union[Callable[..., Union[Tensor, None]], None] = None
 
 
 # Parsers: (fn, **options) -> compute's keyword arguments. They validate values only (no data, no dtype), so that
@@ -108,28 +111,50 @@ def _dftopk(rows, t):
     return threshold.dftopk(rows.signed, rows.k, t)
 
 
-def _threshold_mask(family: str, rows: Rows, t: Tensor, tol, max_iter, straight_through: bool) -> Tensor | None:
+def _dftopk_kernel(rows, t, straight_through):
+    return None if straight_through else threshold.kernel_dftopk(rows.signed, rows.k_arg, t)
+
+
+def _threshold_mask(family: str, rows: Rows, t: Tensor, tol, max_iter) -> Tensor:
     tol, max_iter = solver_options("threshold", rows.x.dtype, tol, max_iter, fn="")  # the dtype's defaults
-    if straight_through:  # both masks from one kernel call, or None
-        return threshold.straight_through_mask(family, rows.signed, rows.k, t, tol=tol, max_iter=max_iter)
     return threshold.normalised_mask(family, rows.signed, rows.k, t, tol=tol, max_iter=max_iter)
 
 
+def _threshold_kernel(family: str, rows: Rows, t, straight_through: bool, tol, max_iter) -> Tensor | None:
+    tol, max_iter = solver_options("threshold", rows.x.dtype, tol, max_iter, fn="")
+    return threshold.kernel_mask(family, rows.signed, rows.k_arg, t, tol, max_iter, hard=straight_through)
+
+
 def _normalised(family: str):
-    def compute(rows, t, tol, max_iter, straight_through=False):
-        return _threshold_mask(family, rows, t, tol, max_iter, straight_through)
+    def compute(rows, t, tol, max_iter):
+        return _threshold_mask(family, rows, t, tol, max_iter)
 
     return compute
 
 
-def _soft(rows, t, epsilon, tol, max_iter, straight_through=False):
+def _normalised_kernel(family: str):
+    def kernel(rows, t, straight_through, tol, max_iter):
+        return _threshold_kernel(family, rows, t, straight_through, tol, max_iter)
+
+    return kernel
+
+
+def _soft(rows, t, epsilon, tol, max_iter):
     if epsilon is not None:  # SOFT's epsilon, relative to max C: a sigmoid mask at a temperature set by the scores
         t = threshold.soft_temperature(rows.x, _epsilon_rows(rows, epsilon))
-    return _threshold_mask("sigmoid", rows, t, tol, max_iter, straight_through)
+    return _threshold_mask("sigmoid", rows, t, tol, max_iter)
 
 
-def _sparse(rows, t, family, tol, max_iter, straight_through=False):
-    return _threshold_mask(family, rows, t, tol, max_iter, straight_through)
+def _soft_kernel(rows, t, straight_through, epsilon, tol, max_iter):
+    return None if epsilon is not None else _threshold_kernel("sigmoid", rows, t, straight_through, tol, max_iter)
+
+
+def _sparse(rows, t, family, tol, max_iter):
+    return _threshold_mask(family, rows, t, tol, max_iter)
+
+
+def _sparse_kernel(rows, t, straight_through, family, tol, max_iter):
+    return _threshold_kernel(family, rows, t, straight_through, tol, max_iter)
 
 
 def _perturbed(rows, t, n_samples, noise, generator):
@@ -153,33 +178,34 @@ MASK_METHODS: dict[str, Method] = _table(
         "straight_through=True",
     ),
     Method(
-        "dftopk", _dftopk, factor=lambda: _SIGMOID, sums_to_k=False, paper="DFTopK, Zhu et al. 2025",
+        "dftopk", _dftopk, factor=lambda: _SIGMOID, sums_to_k=False, kernel=_dftopk_kernel,
+        paper="DFTopK, Zhu et al. 2025",
         summary="σ((x − τ)/t), τ the midpoint of the k-th and (k+1)-th largest: one O(n) selection, no root "
         "finding; **not normalised** (Σy ≠ k): not for weights that must sum to k unless divided by Σy, as "
         "`nn.soft_knn` does",
     ),
     Method(
         "sigmoid", _normalised("sigmoid"), _SOLVER, _solver, lambda **o: _SIGMOID, float_k=True,
-        boundable=True, fuses_straight_through=True, paper="LML, Amos, Xu & Kolter 2019",
+        boundable=True, kernel=_normalised_kernel("sigmoid"), paper="LML, Amos, Xu & Kolter 2019",
         summary="φ = sigmoid (binary-entropy regulariser); the default: smooth, every entry gets a gradient",
     ),
     Method(
         "soft", _soft, {"epsilon": None, **_SOLVER}, _soft_parse, lambda **o: _SIGMOID, alias="epsilon",
-        float_k=True, boundable=True, fuses_straight_through=True, paper="SOFT top-k, Xie et al. 2020",
+        float_k=True, boundable=True, kernel=_soft_kernel, paper="SOFT top-k, Xie et al. 2020",
         summary="entropic OT to anchors 0 and 1; at convergence a sigmoid mask, so with `temperature` it equals "
         "`sigmoid`; `epsilon=` gives the paper's ε (relative to max C)",
     ),
     Method(
         "sparse", _sparse, {"p": 2, **_SOLVER}, _sparse_parse,
         lambda family, **o: 1.0 if family == "sparse2" else _CUBIC, float_k=True, exact_zeros=True,
-        support="data-dependent; `max_support` bounds it", boundable=True, fuses_straight_through=True,
+        support="data-dependent; `max_support` bounds it", boundable=True, kernel=_sparse_kernel,
         paper="Sander et al. 2023",
         summary="p=2: the Euclidean projection of x/t; p=4/3: φ(z) = max(z, 0)³; exact zeros and ones, gradients "
         "only where the mask is fractional",
     ),
     Method(
         "lapsum", _normalised("lapsum"), _SOLVER, _solver, lambda **o: _LAPLACE, float_k=True,
-        boundable=True, fuses_straight_through=True, paper="LapSum, Struski et al. 2025",
+        boundable=True, kernel=_normalised_kernel("lapsum"), paper="LapSum, Struski et al. 2025",
         summary="φ = Laplace CDF: heavier tails than sigmoid, gradients reach entries far from the threshold",
     ),
     Method(
@@ -284,11 +310,14 @@ def parse(spec: Method, options: Mapping[str, object], *, fn: str) -> dict:
     return spec.parse(fn, **{**spec.options, **given})
 
 
-def internal_temperature(spec: Method, rows: Rows, parsed: dict) -> Tensor | None:
-    """The family's own temperature t = T · factor (None when the call uses no temperature)."""
-    if rows.t is None or spec.factor is None:
+def internal_temperature(spec: Method, rows: Rows, parsed: dict, *, number: bool = False) -> Tensor | float | None:
+    """The family's own temperature t = T · factor (None when the call uses no temperature): a (..., 1) tensor, or
+    with ``number`` a Python number where the call gave one."""
+    if rows.t_arg is None or spec.factor is None:
         return None
-    t, factor = rows.t, spec.factor(**parsed)
+    t, factor = rows.t_arg, spec.factor(**parsed)
+    if not isinstance(t, Tensor):
+        return t * factor if number else rows.per_row(t * factor)
     if t.dim() > 1 and not any(t.stride()) and not t.requires_grad:  # one number for every row: stays one
         return (t.as_strided((1,), (1,)) * factor).expand(t.shape)
     return t * factor
@@ -296,20 +325,19 @@ def internal_temperature(spec: Method, rows: Rows, parsed: dict) -> Tensor | Non
 
 def run_mask(spec: Method, rows: Rows, options: Mapping[str, object], *, straight_through: bool, fn: str) -> Tensor:
     """The mask of a prepared call along the last dim, in the compute dtype: ``max_support`` restricts the
-    computation to the largest entries of each row, ``straight_through`` replaces the forward by the hard mask."""
+    computation to the largest entries of each row, ``straight_through`` replaces the forward by the hard mask.
+    The method's kernel is tried first; the data checks ``prepare`` deferred to it run when it declines."""
     parsed = parse(spec, options, fn=fn)
-    t = internal_temperature(spec, rows, parsed)
-    hard_k = rows.k
-    if spec.float_k and not (isinstance(rows.k, Tensor) and rows.k.dtype.is_floating_point):
-        # a whole k (straight-through) for a family that solves for a real one
-        batch = rows.x.shape[:-1] + (1,)
-        kf = rows.k.to(rows.x.dtype) if isinstance(rows.k, Tensor) else rows.x.new_full((), rows.k).expand(batch)
-        rows = replace(rows, k=kf)
     bound = options.get("max_support")
-    if straight_through and spec.fuses_straight_through and bound is None:
-        y = spec.compute(rows, t, straight_through=True, **parsed)
+    if spec.kernel is not None and bound is None:
+        y = spec.kernel(rows, internal_temperature(spec, rows, parsed, number=True), straight_through, **parsed)
         if y is not None:
             return y
+    rows.check_data()
+    t = internal_temperature(spec, rows, parsed)
+    hard_k = rows.k
+    if spec.float_k and rows.k_kind != "float":
+        rows = replace(rows, k_kind="float")  # a whole k (straight-through) for a family that solves for a real one
     if bound is not None:
         y = _bounded(spec, rows, t, parsed, check_support(bound, rows.k, fn=fn))
     else:
@@ -343,6 +371,6 @@ def _bounded(spec: Method, rows: Rows, t: Tensor | None, parsed: dict, bound: in
     if bound >= rows.n:
         return spec.compute(rows, t, **parsed)
     idx = torch.topk(rows.signed.detach(), bound, sorted=False).indices
-    sub = replace(rows, x=rows.x.gather(-1, idx), signed=rows.signed.gather(-1, idx), t=t)
+    sub = replace(rows, x=rows.x.gather(-1, idx), signed=rows.signed.gather(-1, idx), t_arg=t)
     y = spec.compute(sub, t, **parsed)
     return torch.zeros_like(rows.x).scatter(-1, idx, y)

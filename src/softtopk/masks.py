@@ -36,7 +36,8 @@ def _prepare_mask(fn, x, k, dim, method, temperature, largest, scale, straight_t
     if not uses_t and spec.alias is not None:  # the paper's own parameter replaces the temperature and its scale
         reject_unused(fn, f"method={method!r} with `{spec.alias}`", scale=scale)
     rows = prepare(fn, x, k, dim=dim, temperature=temperature, largest=largest, k_kind=k_kind,
-                   uses_temperature=uses_t, scale=scale, method=method)  # fmt: skip
+                   uses_temperature=uses_t, scale=scale, method=method,
+                   defer_data=spec.kernel is not None)  # fmt: skip
     return spec, rows
 
 

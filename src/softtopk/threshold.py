@@ -43,7 +43,9 @@ __all__ = [
     "FAMILIES",
     "Family",
     "dftopk",
+    "kernel_dftopk",
     "kernel_hard_mask",
+    "kernel_mask",
     "normalised_mask",
     "soft_temperature",
     "threshold_mask_solve",
@@ -540,19 +542,31 @@ def threshold_backend(x: Tensor) -> str:
     """The solver :func:`normalised_mask` uses for ``x`` (compute dtype): ``"numba"`` for float32 CPU tensors in
     eager mode (not under ``torch.compile`` or a ``torch.func`` transform) when numba is installed, else
     ``"torch"``, the pure-torch reference."""
+    return "numba" if _kernel_ready(x) else "torch"
+
+
+def _kernel_ready(x: Tensor, *params) -> bool:
+    """Whether the numba kernel takes ``x`` (see :func:`threshold_backend`) with these per-row parameters (numbers,
+    or tensors whose data can be read), in one test: it runs on every call."""
     if BACKEND["threshold"] != "numba" or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
-        return "torch"
-    if not can_read_data(x) or _kernel() is None:
-        return "torch"
-    return "numba"
+        return False
+    if not can_read_data(x) or any(isinstance(p, Tensor) and is_transformed(p) for p in params):
+        return False
+    return _kernel() is not None
 
 
-def _params(a: Tensor, x: Tensor, dtype: torch.dtype = torch.float64):
-    """A parameter broadcastable to ``x``'s rows, (..., 1), as a numpy vector of ``dtype`` for a kernel: (1,) when it
-    holds one value for every row (a number expanded by ``prepare``: nothing to copy), else one per row of ``x``."""
+def _params(a, x: Tensor, dtype: torch.dtype = torch.float64):
+    """A parameter of ``x``'s rows (a number, or a tensor broadcastable to (..., 1)) as a numpy vector of ``dtype``
+    for a kernel: (1,) when it holds one value for every row (nothing to copy), else one per row of ``x``."""
+    np_dtype = _NUMPY[dtype]
+    if not isinstance(a, Tensor):
+        return _kernel().np.array([a], dtype=np_dtype)
     if _one_value(a):  # one scalar read instead of a conversion (a few torch operations fewer per call)
-        return _kernel().np.array([a.as_strided((1,), (1,)).item()], dtype=str(dtype).removeprefix("torch."))
+        return _kernel().np.array([a.as_strided((1,), (1,)).item()], dtype=np_dtype)
     return a.detach().to(dtype).expand(x.shape[:-1] + (1,)).reshape(-1).contiguous().numpy()
+
+
+_NUMPY = {torch.float64: "float64", torch.int64: "int64"}
 
 
 def _one_value(a: Tensor) -> bool:
@@ -574,28 +588,33 @@ def _rows_np(x: Tensor):
     return (x if x.is_contiguous() else x.contiguous()).numpy().reshape(-1, x.shape[-1])
 
 
-def _kernel_solve(family, x, k, t, tol, max_iter, hard=False):
-    """:func:`threshold_mask_solve` by the numba kernel: (y, (τ, 1/t, x, y) as numpy arrays for the backward, the
-    exact top-k mask when ``hard`` (k whole) else None), or None when a row needs the reference (non-finite
-    scores, extreme |x|/t, no convergence) or, with ``hard``, has a tie at its k-th value."""
+def kernel_mask(family: str, x: Tensor, k, t, tol: float, max_iter: int, *, hard: bool = False) -> Tensor | None:
+    """The normalised mask of :func:`normalised_mask` by the numba kernel, in one call; with ``hard`` (k whole) the
+    straight-through mask: the exact top-k mask forward, the soft mask's gradient backward, both from that call
+    (which also starts the threshold search at the k-th and (k+1)-th largest it selects). ``k`` and ``t`` numbers
+    or (..., 1) tensors. None when the kernel does not take the call (not float32 on the CPU in eager mode, no
+    numba) or leaves it to the reference: a non-finite score, |x|/t beyond 1e12, no convergence, or with ``hard`` a
+    tie at some row's k-th value. Every row is finite when it answers."""
+    if not _kernel_ready(x, k, t):
+        return None
     mod = _kernel()
     x2 = _rows_np(x)
     rows = x2.shape[0]
     rt = 1.0 / _params(t, x)
     (y, y2), tau = _output(x), mod.np.empty(rows)
     h, h2 = _output(x) if hard else (None, mod.np.empty((rows, 0), dtype=x2.dtype))
-    declined = mod.launch(
-        mod.forward, rows, mod.CODES[_NAMES[family]], x2, _params(k, x), rt, tol, max_iter, y2, tau, h2
-    )
-    return None if any(declined) else (y, (tau, rt, x2, y2), h)
+    declined = mod.launch(mod.forward, rows, mod.CODES[family], x2, _params(k, x), rt, tol, max_iter, y2, tau, h2)
+    if any(declined):
+        return None
+    return _KernelMask.apply(x, k, t, y, (tau, rt, x2, y2), family, h)
 
 
 class _KernelMask(torch.autograd.Function):
-    """A normalised mask computed by :func:`_kernel_solve`, with the implicit backward (see
-    :func:`_implicit_backward`) by the kernel. Eager only: the old-style ``forward(ctx, ...)`` spares ``apply`` the
-    signature binding of a ``setup_context`` Function, which costs more than the kernel on small inputs. The
-    kernel reads the numpy views of x and y made by the forward; saving the tensors as well keeps autograd's check
-    that neither was modified in place."""
+    """A normalised mask computed by :func:`kernel_mask`, with the implicit backward (see
+    :func:`_implicit_backward`) by the kernel. ``k`` and ``t`` numbers or tensors. Eager only: the old-style
+    ``forward(ctx, ...)`` spares ``apply`` the signature binding of a ``setup_context`` Function, which costs more
+    than the kernel on small inputs. The kernel reads the numpy views of x and y made by the forward; saving the
+    tensors as well keeps autograd's check that neither was modified in place."""
 
     @staticmethod
     def forward(ctx, x, k, t, y, arrays, family, hard):
@@ -611,10 +630,9 @@ class _KernelMask(torch.autograd.Function):
         tau, rt, x2, y2 = ctx.arrays
         needs_k, needs_t = ctx.needs_input_grad[1:3]
         mod = _kernel()
-        g2 = _rows_np(gy.to(y.dtype))
+        g2 = _rows_np(gy if gy.dtype == y.dtype else gy.to(y.dtype))
         (gx, gx2), gk, gt = _output(y), mod.np.empty(len(tau)), mod.np.empty(len(tau))
-        code = mod.CODES[_NAMES[ctx.family]]
-        mod.launch(mod.backward, len(tau), code, y2, g2, rt, x2, tau, gx2, gk, gt, bool(needs_t))
+        mod.launch(mod.backward, len(tau), mod.CODES[ctx.family], y2, g2, rt, x2, tau, gx2, gk, gt, bool(needs_t))
         shape = y.shape[:-1] + (1,)
         gk_out = torch.from_numpy(gk).to(y.dtype).view(shape) if needs_k else None
         gt_out = torch.from_numpy(gt).to(y.dtype).view(shape) if needs_t else None
@@ -649,7 +667,6 @@ def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
 
 
 _FUNCTIONS = {name: _make_function(fam) for name, fam in FAMILIES.items()}
-_NAMES = {fam: name for name, fam in FAMILIES.items()}
 
 
 def normalised_mask(
@@ -660,23 +677,8 @@ def normalised_mask(
         tol = 1e-9 if x.dtype == torch.float64 else 1e-5
     if _triton(x):
         return kernels.threshold_mask(family, x, k, t, tol, max_iter)
-    if threshold_backend(x) == "numba" and can_read_data(k) and can_read_data(t):
-        out = _kernel_solve(FAMILIES[family], x, k, t, tol, max_iter)
-        if out is not None:
-            return _KernelMask.apply(x, k, t, out[0], out[1], FAMILIES[family], None)
-    return _FUNCTIONS[family].apply(x, k, t, tol, max_iter)[0]
-
-
-def straight_through_mask(family: str, x: Tensor, k: Tensor, t: Tensor, *, tol: float, max_iter: int) -> Tensor | None:
-    """The exact top-k mask of ``x`` along the last dim with the gradient of :func:`normalised_mask` (k whole), both
-    from one numba kernel call (which also starts the threshold search at the k-th and (k+1)-th largest it
-    selects); None when the call has no such path (not the kernel's dtype, device or mode; a row the kernel leaves
-    to the reference; a tie at some row's k-th value): the caller then combines the two masks itself. ``tol`` and
-    ``max_iter`` as the caller resolved them (:func:`softtopk._prepare.solver_options`)."""
-    if _triton(x) or threshold_backend(x) != "numba" or not (can_read_data(k) and can_read_data(t)):
-        return None
-    out = _kernel_solve(FAMILIES[family], x, k, t, tol, max_iter, hard=True)
-    return None if out is None else _KernelMask.apply(x, k, t, out[0], out[1], FAMILIES[family], out[2])
+    y = kernel_mask(family, x, k, t, tol, max_iter)
+    return _FUNCTIONS[family].apply(x, k, t, tol, max_iter)[0] if y is None else y
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -873,16 +875,18 @@ def _kernel_k(k: int | Tensor, x: Tensor):
     """A selection's k (an int, or a tensor broadcastable to ``x``'s rows) for a kernel: an int64 numpy vector, (1,)
     or one per row of ``x``, or None when some row's k is outside [1, n)."""
     n = x.shape[-1]
-    if isinstance(k, int):
+    if not isinstance(k, Tensor):
         return _kernel().np.array([k]) if 0 < k < n else None
     kk = _params(k, x, torch.int64)
     return kk if bool(((kk > 0) & (kk < n)).all()) else None
 
 
-def _kernel_dftopk(x: Tensor, k: int | Tensor, t: Tensor):
-    """DFTopK's mask by the numba kernel, with the numpy arrays its backward reads (τ, the indices of the k-th and
-    (k+1)-th largest, 1/t, x, y); None when a row needs the reference (k outside [1, n), a non-finite entry, a tie at
-    those two values)."""
+def kernel_dftopk(x: Tensor, k: int | Tensor, t) -> Tensor | None:
+    """DFTopK's mask (:func:`dftopk`) by the numba kernel, ``t`` a number or a (..., 1) tensor; None when the kernel
+    does not take the call (as :func:`kernel_mask`) or leaves it to the reference (k outside [1, n), a non-finite
+    entry, a tie at the k-th or (k+1)-th value). Every row is finite when it answers."""
+    if not _kernel_ready(x, k, t):
+        return None
     mod, x2 = _kernel(), _rows_np(x)
     rows = x2.shape[0]
     kk = _kernel_k(k, x)
@@ -891,14 +895,15 @@ def _kernel_dftopk(x: Tensor, k: int | Tensor, t: Tensor):
     rt = 1.0 / _params(t, x)
     (y, y2), tau = _output(x), mod.np.empty(rows)
     ia, ib = mod.np.empty(rows, dtype=mod.np.int64), mod.np.empty(rows, dtype=mod.np.int64)
-    declined = mod.launch(mod.dftopk_forward, rows, x2, kk, rt, y2, tau, ia, ib)
-    return None if declined else (y, (tau, ia, ib, rt, x2, y2))
+    if mod.launch(mod.dftopk_forward, rows, x2, kk, rt, y2, tau, ia, ib):
+        return None
+    return _DFTopKKernel.apply(x, t, y, (tau, ia, ib, rt, x2, y2))
 
 
 def kernel_hard_mask(x: Tensor, k: int | Tensor) -> Tensor | None:
     """The exact top-k mask of ``x`` (float32, CPU, eager) along the last dim by the numba kernel, or None (no
     numba, another dtype or device, a k outside (0, n), a tie at the k-th value: the caller takes ``torch.topk``)."""
-    if threshold_backend(x) != "numba" or not (isinstance(k, int) or can_read_data(k)):
+    if not _kernel_ready(x, k):
         return None
     mod, x2 = _kernel(), _rows_np(x)
     rows = x2.shape[0]
@@ -911,14 +916,14 @@ def kernel_hard_mask(x: Tensor, k: int | Tensor) -> Tensor | None:
 
 
 class _DFTopKKernel(torch.autograd.Function):
-    """DFTopK with the forward computed by :func:`_kernel_dftopk` and the backward by the kernel (eager only: the
+    """DFTopK with the forward computed by :func:`kernel_dftopk` and the backward by the kernel (eager only: the
     old-style ``forward(ctx, ...)`` spares ``apply`` its signature binding; the numpy views as in
     :class:`_KernelMask`)."""
 
     @staticmethod
     def forward(ctx, x, t, y, arrays):
         out = y.view_as(y)
-        ctx.arrays, ctx.t_shape = arrays, t.shape
+        ctx.arrays, ctx.t_shape = arrays, getattr(t, "shape", None)
         ctx.save_for_backward(x, out)
         return out
 
@@ -943,10 +948,9 @@ def dftopk(x: Tensor, k: int | Tensor, t: Tensor) -> Tensor:
     """DFTopK along the last dim of ``x``; ``k`` an int or a (..., 1) integer-valued tensor."""
     if _triton(x):
         return kernels.dftopk(x, k, t)
-    if threshold_backend(x) == "numba" and can_read_data(t) and (isinstance(k, int) or can_read_data(k)):
-        out = _kernel_dftopk(x, k, t)
-        if out is not None:
-            return _DFTopKKernel.apply(x, t, *out)
+    y = kernel_dftopk(x, k, t)
+    if y is not None:
+        return y
     vals, idx = _kth_pair(x.detach(), k)
     y, _ = _DFTopK.apply(x, t, vals, idx)
     return y
