@@ -823,3 +823,29 @@ def test_fused_straight_through_matches_the_combination(method, options, shape, 
     finally:
         threshold.kernel_mask = original
     assert len(calls) == 1 and calls[0][0] and calls[0][1] is not None  # the fused path was taken
+
+
+@needs_numba
+@pytest.mark.parametrize("variant", ["sigmoid", "lapsum"])
+def test_kernel_exponentials_do_not_overflow_on_peaked_rows(variant):
+    """Log-probability rows (a few entries far above the rest) at small temperatures: the Newton step moves τ below
+    the centre of the stored exponentials, and e^(u − c) · e^(c − τ) of the top entries leaves float32's range (the
+    sweeps compute in float32); the mask must stay 1 there, not inf · 0 = NaN. Where every entry is saturated, Σφ' is
+    tiny and the residual is float32 rounding: the final Newton step must not throw τ away (it took Σy from 3 to
+    14). Σy = k and the torch path agree."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        n = int(torch.randint(5, 400, (1,), generator=g))
+        x = torch.log_softmax(torch.randn(8, n, generator=g) * float(torch.rand(1, generator=g)) * 60, -1)
+        k = int(torch.randint(1, min(n, 40), (1,), generator=g))
+        temperature = float(10 ** (torch.rand(1, generator=g) * 3 - 2))
+        for straight_through in (False, True):
+
+            def fn(x=x, k=k, temperature=temperature, st=straight_through):
+                return softtopk.topk_mask(x, k, method=variant, temperature=temperature, straight_through=st)
+
+            y_numba, y_torch = _both_backends(fn)
+            assert torch.isfinite(y_numba).all(), (n, k, temperature, straight_through)
+            torch.testing.assert_close(y_numba.sum(-1), torch.full((8,), float(k)), rtol=0, atol=1e-4 * k)
+            # both within tol = 1e-5 k of Σy = k: the masks move together with τ, so they differ by 2 tol at most
+            torch.testing.assert_close(y_numba, y_torch, rtol=0, atol=2e-5 * k + 1e-6)

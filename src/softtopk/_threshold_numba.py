@@ -191,10 +191,11 @@ def _phi_exp(fam, q):
     mask's own rounding; twice as fast as float64, whose division dominates a sweep): the sigmoid q/(1 + q), the
     Laplace CDF q/2 (q < 1) or 1 − 1/(2q)."""
     if fam == SIGMOID:
+        q = min(q, np.float32(2.0**100))  # q = v e^(c − τ) overflows float32 beyond e^88.7: inf · 0 would be NaN
         r = np.float32(1.0) / (np.float32(1.0) + q)
         y = q * r
         return y, y * r  # σ' = σ (1 − σ)
-    half = np.float32(0.5) / q
+    half = np.float32(0.5) / q  # 0 for q = inf: the mask 1, φ' 0
     return (np.float32(0.5) * q, np.float32(0.5) * q) if q < np.float32(1.0) else (np.float32(1.0) - half, half)
 
 
@@ -452,7 +453,10 @@ def _newton_exp(fam, x, k, rt, tau, c, lo, hi, tol, max_iter, y, logit_k, s, d):
         if abs(resid) <= tol:
             if not write:  # the mask one Newton step further (free: a pass writes it anyway), far inside tol
                 step = resid / d if d > 0 else 0.0
-                tau = tau + step if lo < tau + step < hi else tau
+                # ... a step within the transition's width only: where every entry is saturated, Σφ' is tiny and
+                # the residual is the float32 rounding of the terms, whose quotient would throw τ far away
+                if lo < tau + step < hi and abs(step) <= 1.0:
+                    tau = tau + step
                 _sweep_exp(fam, y, math.exp(c - tau), True)
             return tau, d, True, c
         fresh = not write
@@ -762,15 +766,20 @@ def hard_forward(x, k, out, n_lanes):
 def _sigmoid_row(x, tau, rt, y, va, vb):
     """y = σ((x − τ) rt) in float32 arithmetic, as the torch path computes it (the exponential of −z clipped to ±86
     as in :func:`_exp_pass`, with a degree-6 polynomial: relative error 2e-7); returns how many entries equal va or
-    vb (2 when neither value is tied) and whether the row is finite."""
+    vb (2 when neither value is tied), whether the row is finite, and the first indices of va and vb (n if absent).
+    """
+    n = x.shape[0]
     xi = x.view(np.int32)
     ties = 0
     top = np.int32(0)
+    ia = ib = n
     tau32 = np.float32(tau)
     rt32 = np.float32(rt)
-    for i in range(x.shape[0]):
+    for i in range(n):
         v = x[i]
         ties += (v == va) + (v == vb)
+        ia = min(ia, i if v == va else n)
+        ib = min(ib, i if v == vb else n)
         top = max(top, xi[i] & 0x7F800000)
         w = min(max((tau32 - v) * rt32, np.float32(-_CLIP)), np.float32(_CLIP)) * np.float32(_LOG2E)
         m = np.int32(w + np.float32(127.5)) - np.int32(127)
@@ -778,15 +787,7 @@ def _sigmoid_row(x, tau, rt, y, va, vb):
         p = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(0.5) + f * (np.float32(1 / 6) + f * (
             np.float32(1 / 24) + f * (np.float32(1 / 120) + f * np.float32(1 / 720))))))  # fmt: skip
         y[i] = np.float32(1.0) / (np.float32(1.0) + _float32_of_bits((m + 127) << 23) * p)  # 1 / (1 + e^(−z))
-    return ties, top != 0x7F800000
-
-
-@numba.njit(cache=True)
-def _first(x, v):
-    for i in range(x.shape[0]):
-        if x[i] == v:
-            return i
-    return -1
+    return ties, top != 0x7F800000, ia, ib
 
 
 @numba.njit(parallel=True, cache=True)
@@ -806,9 +807,7 @@ def dftopk_forward(x, k, rt, y, tau, ia, ib, n_lanes):
         for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
             va, vb = _pair(x[r], k[r * k_step], buf, sample)
             tau[r] = 0.5 * (np.float64(va) + np.float64(vb))
-            ties, finite = _sigmoid_row(x[r], tau[r], rt[r * rt_step], y[r], va, vb)
-            ia[r] = _first(x[r], va)
-            ib[r] = _first(x[r], vb)
+            ties, finite, ia[r], ib[r] = _sigmoid_row(x[r], tau[r], rt[r * rt_step], y[r], va, vb)
             mine += 0 if finite and ties == 2 and math.isfinite(tau[r]) else 1
         declined += mine
     return declined
