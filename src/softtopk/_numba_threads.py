@@ -9,6 +9,7 @@ its count from OpenMP: a kernel launched with numba's default (every core) would
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,12 +19,19 @@ import torch
 __all__ = ["lanes", "launch", "torch_threads"]
 
 
+_SET = threading.local()  # numba's thread count is per calling thread: what this module last set it to, in each
+
+
 def _follow_torch() -> tuple[int, int]:
-    """numba set to torch's number of threads (capped by ``NUMBA_NUM_THREADS``): (torch's count, numba's)."""
+    """numba set to torch's number of threads (capped by ``NUMBA_NUM_THREADS``): (torch's count, numba's). Numba is
+    asked only when torch's count changed since this thread last set numba's (``numba.get_num_threads`` takes two
+    locks: microseconds on every small call); a count set by the caller through numba itself is then kept."""
     n = torch.get_num_threads()
     threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
+    if getattr(_SET, "threads", None) != threads:
+        if numba.get_num_threads() != threads:
+            numba.set_num_threads(threads)
+        _SET.threads = threads
     return n, threads
 
 

@@ -16,13 +16,16 @@ A row the kernel does not handle (a non-finite score, |x|/t beyond 1e12, no conv
 counted, and the caller solves the whole call with the reference instead.
 
 The exponential families need one exponential per entry, not one per entry and step: one pass stores
-v_i = e^(u_i − c) (float32, clipped to e^±86) around the start c, and every Newton step then evaluates the mask at τ
-from q_i = v_i e^(c − τ) = e^(z_i) with one division per entry (the sigmoid q/(1 + q), the Laplace CDF q/2 or
-1 − 1/(2q)), recomputing the v_i only if τ moves 40 from c (where the clipping could start to matter: the entries it
-touches then contribute below e^-46). The step expected to land within the tolerance writes the mask over the v_i.
+v_i = e^(u_i − c) (float32: clipped to e^86 above, 0 below e^-86) around the start c, and every Newton step then
+evaluates the mask at τ from q_i = v_i e^(c − τ) = e^(z_i) with one division per entry (the sigmoid q/(1 + q), the
+Laplace CDF q/2 or 1 − 1/(2q)), recomputing the v_i only if τ moves 40 from c (where the clipping could start to
+matter: the entries it touches then contribute below e^-46). The step expected to land within the tolerance writes
+the mask over the v_i. The entries stored as 0 get their exact mask only when τ ends more than 1 below c; else it is
+0, its exact value being below e^-85 = 1.2e-37 (float32's smallest normal number is 1.2e-38). Per entry the
+arithmetic is float32 (relative error about 1e-7, the mask's own rounding), the sums over a row float64.
 
 The exponential itself is a vectorisable one (2^m cast from its bit pattern in a register, a Taylor polynomial of
-e^f on [-ln2/2, ln2/2]; relative error 6e-8), so that LLVM vectorises every pass over a row: numba's ``math.exp``
+e^f on [-ln2/2, ln2/2]), so that LLVM vectorises every pass over a row: numba's ``math.exp``
 is a scalar libm call, 4–5x slower. Minimum and maximum are taken over integer keys of the float bit patterns, which
 vectorise too. The passes use the float flags ``reassoc, contract, arcp, nsz`` only (reductions vectorise; no
 finite-math assumption) and ``error_model="numpy"`` (no zero-division branch in the loop).
@@ -34,7 +37,9 @@ import math
 
 import numba
 import numpy as np  # the callers allocate the kernels' arrays with it (mod.np): numpy is there whenever numba is
+from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._numba_threads import lanes as lanes  # re-exported: the callers split rows with it
@@ -55,12 +60,16 @@ _BUF = 32 + _SHORT * _SCAN_K  # the float32 scratch of those selections
 _MAX_START_K = 8  # ... exponential families with k from this up, in rows up to 64 k long, start at the maximum
 _SAMPLE = 256  # otherwise from a strided subsample of about this many entries (rows longer than 2x this)
 _BIG = 1e12  # |x|/t beyond this: the reference, which re-centres
-_CLIP = 86.0  # the stored exponentials e^(u − c) are clipped to e^±86: normal float32 numbers
+_CLIP = 86.0  # the stored exponentials e^(u − c) are clipped to e^86 above and 0 below e^-86: normal float32 numbers
 _RECENTRE = 40.0  # ... and recomputed around τ once τ is further than this from their centre c
-#: the mask of the clipped entries is recomputed exactly only when τ ends more than this below c: otherwise it is
-#: below e^(−86 + 10) = 1e-33 both as computed from the clipped value and exactly (the scalar pass that fixes it
-#: cost 15% of the forward at n = 1.28e5, t = 0.075)
-_FIX_BELOW = 10.0
+#: the exponentials below e^-86 (the clip) are stored as 0, so that the mask there is exactly 0 (as where it
+#: underflows); it is recomputed exactly only when τ ends more than this below their centre c: otherwise its exact
+#: value is below e^(−86 + 1) = 1.2e-37, within ten times float32's smallest normal number (the scalar pass that
+#: recomputes it cost 15% of the forward at n = 1.28e5, t = 0.075)
+_FIX_BELOW = 1.0
+_F32_RANGE = 2.0**20  # |u| and |c| up to this: the exponential pass in float32 (|u| · 2^-48 ≈ 4e-9 from rt's split)
+_LN2_HI = np.float32(0.693359375)  # ln 2 = _LN2_HI + _LN2_LO, the first exact with few bits (Cody and Waite)
+_LN2_LO = np.float32(_LN2 - 0.693359375)
 SCAN_K = _SCAN_K
 _WINDOW_MIN_N = 4096  # selections with k >= _SCAN_K in longer rows go through a sampled window
 _WINDOW_SAMPLE = 1024
@@ -81,6 +90,27 @@ def _float32_of_bits(typingctx, bits):
         return builder.bitcast(word, context.get_value_type(types.float32))
 
     return types.float32(bits), codegen
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    """a b + c in float32 with one rounding (``llvm.fma``: a vector FMA instruction where the CPU has one, which is
+    what the loops that call it are built for; libm's fmaf elsewhere)."""
+    if not all(isinstance(t, types.Float) and t.bitwidth == 32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f32 = context.get_value_type(types.float32)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32")
+        return builder.call(fma, args)
+
+    return types.float32(a, b, c), codegen
+
+
+@numba.njit(inline="always")
+def _as_float32(t):
+    """t rounded to float32 (and back to float64): a centre that the float32 exponential pass subtracts exactly."""
+    return np.float64(np.float32(t))
 
 
 @numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
@@ -165,19 +195,44 @@ def _exp_reduced(f):
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _exp_pass(fam, x, rt, c, v):
-    """v_i = e^(u_i − c) for u = x rt, clipped to e^±86, as float32 into v; :func:`_stats` of x, and (S, Σφ') at
-    τ = c (what the first :func:`_sweep_exp` would give). Returns (min, max, finite, S, Σφ').
+    """v_i = e^(u_i − c) for u = x rt, clipped to e^86 above and 0 below e^-86, as float32 into v; :func:`_stats` of
+    x, and (S, Σφ') at
+    τ = c (what the first :func:`_sweep_exp` would give). Returns (min, max, finite, S, Σφ'). ``c`` a float32 value
+    (:func:`_as_float32`).
 
-    The exponential: 2^m from its bit pattern, times e^f, f in [-ln2/2, ln2/2] (the argument reduced in float64,
-    the polynomial in float32: :func:`_exp_reduced`; relative error 1e-7). The statistics take a loop of their
-    own: inside this one they cost three times as much (measured)."""
+    The exponential: 2^m from its bit pattern, times e^f, f in [-ln2/2, ln2/2] (the polynomial in float32:
+    :func:`_exp_reduced`). Where |u| and |c| stay within ``_F32_RANGE`` all in float32: u − c as one FMA with rt
+    split in two float32 parts (exact up to the rounding of u − c itself, as float64 would give it), the reduction
+    by Cody and Waite's split ln 2; else the argument in float64 (1.6x slower). Relative error 1e-7 either way. The
+    statistics take a loop of their own: inside this one they cost three times as much (measured)."""
     xmin, xmax, finite = _stats(x)
     s = 0.0
     d = 0.0
+    if max(abs(xmin), abs(xmax)) * rt <= _F32_RANGE and abs(c) <= _F32_RANGE:
+        rt_hi = np.float32(rt)
+        rt_lo = np.float32(rt - np.float64(rt_hi))
+        neg_c = np.float32(-c)
+        clip = np.float32(_CLIP)
+        for i in range(x.shape[0]):
+            xi = x[i]
+            wx = _fma32(xi, rt_hi, neg_c) + xi * rt_lo
+            w = min(max(wx, -clip), clip)
+            m = np.int32(w * np.float32(_LOG2E) + np.float32(127.5)) - np.int32(127)  # round(w / ln 2)
+            mf = np.float32(m)
+            f = _fma32(-mf, _LN2_LO, _fma32(-mf, _LN2_HI, w))
+            e = _exp_reduced(f) * _float32_of_bits((m + 127) << 23)  # e^f 2^m
+            e = e if wx >= -clip else np.float32(0.0)
+            v[i] = e
+            yi, di = _phi_exp(fam, e)
+            s += np.float64(yi)
+            d += np.float64(di)
+        return xmin, xmax, finite, s, d
     for i in range(x.shape[0]):
-        w = min(max(x[i] * rt - c, -_CLIP), _CLIP) * _LOG2E
+        wx = x[i] * rt - c
+        w = min(max(wx, -_CLIP), _CLIP) * _LOG2E
         m = np.int32(w + 127.5) - np.int32(127)  # round(w): the sum is positive
         e = _exp_reduced(np.float32((w - m) * _LN2)) * _float32_of_bits((m + 127) << 23)  # e^f 2^m
+        e = e if wx >= -_CLIP else np.float32(0.0)
         v[i] = e
         yi, di = _phi_exp(fam, e)
         s += np.float64(yi)
@@ -441,8 +496,8 @@ def _newton_exp(fam, x, k, rt, tau, c, lo, hi, tol, max_iter, y, logit_k, s, d):
     have = tau == c  # s and d are those at τ
     for it in range(max_iter + 1):
         if not fresh or abs(tau - c) > _RECENTRE:
-            s, d = _exp_pass(fam, x, rt, tau, y)[3:]
-            c = tau
+            tau = c = _as_float32(tau)
+            s, d = _exp_pass(fam, x, rt, c, y)[3:]
             fresh = have = True
             write = False  # this step's S comes from the exponential pass, which writes no mask
         scale = 1.0 if tau == c else math.exp(c - tau)
@@ -473,12 +528,12 @@ def _newton_exp(fam, x, k, rt, tau, c, lo, hi, tol, max_iter, y, logit_k, s, d):
 
 @numba.njit(cache=True)
 def _fix_clipped(fam, x, rt, tau, c, y):
-    """The mask at the entries whose exponential was clipped at e^-86 around c, exactly: below e^-46 (τ is within
-    40 of c), tiny but representable in float32 (or 0 where it underflows), not the clipped value's (called when τ
-    is more than ``_FIX_BELOW`` below c)."""
+    """The mask at the entries whose exponential fell below e^-86 around c (stored as 0), exactly: below e^-46 (τ is
+    within 40 of c), tiny but representable in float32 (or 0 where it underflows); called when τ is more than
+    ``_FIX_BELOW`` below c."""
     for i in range(x.shape[0]):
         u = x[i] * rt
-        if u - c < -_CLIP:
+        if u - c < -_CLIP + 1e-3:  # a margin over the float32 test of the exponential pass
             e = math.exp(max(u - tau, -800.0))  # φ(z) = e^z / (1 + e^z) or e^z / 2, z < -46
             y[i] = e / (1.0 + e) if fam == SIGMOID else 0.5 * e
 
@@ -529,12 +584,12 @@ def _solve_row(fam, x, k, rt, tol, max_iter, y, buf, sample, pair):
         # two or three extra Newton steps from a start at the largest score (the smallest for k > n/2), where Newton
         # on log S is exact in the exponential tail (measured again with the ranking selection: still true).
         xmin, xmax, finite = _stats(x)
-        tau = (xmax if 2.0 * k <= n else xmin) * rt
+        tau = _as_float32((xmax if 2.0 * k <= n else xmin) * rt)
         centre = tau if math.isfinite(tau) else 0.0
         if finite:
             s, d = _exp_pass(fam, x, rt, centre, y)[3:]
     else:
-        tau = _start(fam, x, k, rt, buf, sample, pair) if inner and n >= 2 else np.nan
+        tau = _as_float32(_start(fam, x, k, rt, buf, sample, pair)) if inner and n >= 2 else np.nan
         centre = tau if math.isfinite(tau) else 0.0  # NaN or ±inf: a non-finite row, declined below
         if exponential and inner:
             xmin, xmax, finite, s, d = _exp_pass(fam, x, rt, centre, y)
@@ -595,40 +650,44 @@ def forward(fam, x, k, rt, tol, max_iter, y, tau, hard, n_lanes):
 
 @numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
 def _dphi(fam, v):
-    """φ' written through the mask value v = φ(z) (0 where v is 0 or 1)."""
+    """φ' written through the float32 mask value v = φ(z) (0 where v is 0 or 1), in float32 arithmetic (1 − v is
+    exact for v in [1/2, 1])."""
+    one = np.float32(1.0)
     if fam == SIGMOID:
-        return v * (1.0 - v)
+        return v * (one - v)
     if fam == LAPLACE:
-        return min(v, 1.0 - v)
+        return min(v, one - v)
     if fam == EUCLIDEAN:
-        return 1.0 if (v > 0.0 and v < 1.0) else 0.0
-    return 3.0 * v ** (2.0 / 3.0) if v < 1.0 else 0.0
+        return one if (v > np.float32(0.0) and v < one) else np.float32(0.0)
+    return np.float32(3.0) * v ** np.float32(2.0 / 3.0) if v < one else np.float32(0.0)
 
 
 @numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
 def _dphi_z(fam, y, u, tau):
-    """φ' at z = u − τ: from the mask value y (see :func:`_dphi`), except for p = 4/3, whose φ' = 3 clip(z, 0, 1)²
-    is cheaper from z than from y (y^(2/3) is a scalar pow)."""
+    """φ' at z = u − τ (u = x rt in float64): from the mask value y (see :func:`_dphi`), except for p = 4/3, whose
+    φ' = 3 clip(z, 0, 1)² is cheaper from z than from y (y^(2/3) is a scalar pow) and needs z in float64."""
     if fam == CUBIC:  # 0 where the mask is 0 or 1 (also in the rows with k = 0 or n, whose τ is not solved)
         c = min(max(u - tau, 0.0), 1.0)
-        return 3.0 * c * c if (y > 0.0 and y < 1.0) else 0.0
+        return np.float32(3.0 * c * c) if (y > np.float32(0.0) and y < np.float32(1.0)) else np.float32(0.0)
     return _dphi(fam, y)
 
 
 @numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
 def _backward_loops(fam, y, g, rt, x, tau, gx, need_t):
     """:func:`_backward_row` for one family, inlined with ``fam`` a constant, so that the loops have no branch on it
-    and vectorise (3x faster than a loop that tests ``fam`` at every entry)."""
+    and vectorise (3x faster than a loop that tests ``fam`` at every entry). The per-entry products in float32 (the
+    gradient's own precision), the sums in float64: twice as fast as float64 throughout."""
     n = y.shape[0]
     num = 0.0
     den = 0.0
     for i in range(n):
-        p = _dphi_z(fam, np.float64(y[i]), x[i] * rt, tau)
-        num += g[i] * p
-        den += p
+        p = _dphi_z(fam, y[i], x[i] * rt, tau)
+        num += np.float64(g[i] * p)
+        den += np.float64(p)
     gbar = num / den if den > 0.0 else 0.0
+    gbar32, rt32 = np.float32(gbar), np.float32(rt)
     for i in range(n):
-        gx[i] = _dphi_z(fam, np.float64(y[i]), x[i] * rt, tau) * (g[i] - gbar) * rt
+        gx[i] = _dphi_z(fam, y[i], x[i] * rt, tau) * (g[i] - gbar32) * rt32
     zg = 0.0
     if need_t:
         for i in range(n):

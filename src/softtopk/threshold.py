@@ -550,8 +550,11 @@ def _kernel_ready(x: Tensor, *params) -> bool:
     or tensors whose data can be read), in one test: it runs on every call."""
     if BACKEND["threshold"] != "numba" or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
         return False
-    if not can_read_data(x) or any(isinstance(p, Tensor) and is_transformed(p) for p in params):
+    if not can_read_data(x):
         return False
+    for p in params:
+        if isinstance(p, Tensor) and is_transformed(p):
+            return False
     return _kernel() is not None
 
 
@@ -600,7 +603,7 @@ def kernel_mask(family: str, x: Tensor, k, t, tol: float, max_iter: int, *, hard
     mod = _kernel()
     x2 = _rows_np(x)
     rows = x2.shape[0]
-    rt = 1.0 / _params(t, x)
+    rt = _params(1.0 / t, x) if not isinstance(t, Tensor) else 1.0 / _params(t, x)
     (y, y2), tau = _output(x), mod.np.empty(rows)
     h, h2 = _output(x) if hard else (None, mod.np.empty((rows, 0), dtype=x2.dtype))
     declined = mod.launch(mod.forward, rows, mod.CODES[family], x2, _params(k, x), rt, tol, max_iter, y2, tau, h2)
