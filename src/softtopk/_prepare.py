@@ -269,7 +269,7 @@ class Rows:
         return self._per_row("k", k)
 
     @property
-    def t(self) -> Tensor | None:
+    def t(self) -> Any:  # a (..., 1) tensor, or None for a call without a temperature (typed loosely, as k)
         """The (..., 1) temperature, or None."""
         t = self.t_arg
         return t if t is None or isinstance(t, Tensor) else self._per_row("t", t)

@@ -310,7 +310,7 @@ def parse(spec: Method, options: Mapping[str, object], *, fn: str) -> dict:
     return spec.parse(fn, **{**spec.options, **given})
 
 
-def internal_temperature(spec: Method, rows: Rows, parsed: dict, *, number: bool = False) -> Tensor | float | None:
+def internal_temperature(spec: Method, rows: Rows, parsed: dict, *, number: bool = False) -> Any:
     """The family's own temperature t = T · factor (None when the call uses no temperature): a (..., 1) tensor, or
     with ``number`` a Python number where the call gave one."""
     if rows.t_arg is None or spec.factor is None:

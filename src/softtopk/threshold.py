@@ -609,7 +609,14 @@ def kernel_mask(family: str, x: Tensor, k, t, tol: float, max_iter: int, *, hard
     declined = mod.launch(mod.forward, rows, mod.CODES[family], x2, _params(k, x), rt, tol, max_iter, y2, tau, h2)
     if any(declined):
         return None
+    if not _needs_graph(x, k, t):  # inference: no autograd node to build
+        return y if h is None else h
     return _KernelMask.apply(x, k, t, y, (tau, rt, x2, y2), family, h)
+
+
+def _needs_graph(*inputs) -> bool:
+    """Whether an autograd node must record a kernel's result: grad mode on and some tensor input requiring grad."""
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in inputs)
 
 
 class _KernelMask(torch.autograd.Function):
@@ -895,11 +902,13 @@ def kernel_dftopk(x: Tensor, k: int | Tensor, t) -> Tensor | None:
     kk = _kernel_k(k, x)
     if kk is None:
         return None
-    rt = 1.0 / _params(t, x)
+    rt = _params(1.0 / t, x) if not isinstance(t, Tensor) else 1.0 / _params(t, x)
     (y, y2), tau = _output(x), mod.np.empty(rows)
     ia, ib = mod.np.empty(rows, dtype=mod.np.int64), mod.np.empty(rows, dtype=mod.np.int64)
     if mod.launch(mod.dftopk_forward, rows, x2, kk, rt, y2, tau, ia, ib):
         return None
+    if not _needs_graph(x, t):
+        return y
     return _DFTopKKernel.apply(x, t, y, (tau, ia, ib, rt, x2, y2))
 
 
@@ -937,7 +946,7 @@ class _DFTopKKernel(torch.autograd.Function):
         tau, ia, ib, rt, x2, y2 = ctx.arrays
         needs_t = ctx.needs_input_grad[1]
         mod = _kernel()
-        g2 = _rows_np(gy.to(y.dtype))
+        g2 = _rows_np(gy if gy.dtype == y.dtype else gy.to(y.dtype))
         (gx, gx2), gt = _output(y), mod.np.empty(len(tau))
         xs = x2 if needs_t else mod.np.empty((len(tau), 0), dtype=x2.dtype)  # no x: no Σ s z
         mod.launch(mod.dftopk_backward, len(tau), y2, g2, rt, xs, tau, ia, ib, gx2, gt)
