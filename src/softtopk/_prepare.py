@@ -232,6 +232,13 @@ def row_std(x: Tensor) -> Tensor:
 SCALES = (None, "std")
 
 
+def _per_row(value: Number | Tensor, x: Tensor) -> Tensor:
+    """A number as a (..., 1) tensor over the rows of ``x`` (dim last): an expanded scalar; a tensor as it is."""
+    if isinstance(value, Tensor):
+        return value
+    return torch.full((), float(value), dtype=x.dtype, device=x.device).expand(x.shape[:-1] + (1,))
+
+
 @dataclass
 class Rows:
     """A prepared call: the scores with ``dim`` last in the compute dtype, and the per-row parameters.
@@ -281,10 +288,7 @@ class Rows:
 
     def per_row(self, value: Number | Tensor) -> Tensor:
         """A number (or a (..., 1) tensor, returned as it is) as a per-row (..., 1) tensor of these rows."""
-        if isinstance(value, Tensor):
-            return value
-        scalar = torch.full((), float(value), dtype=self.x.dtype, device=self.x.device)
-        return scalar.expand(self.x.shape[:-1] + (1,))
+        return _per_row(value, self.x)
 
     def check_data(self) -> None:
         """The data checks :func:`prepare` deferred (NaN, and the per-row ±inf counts); nothing when none were."""
@@ -354,14 +358,14 @@ def prepare(
     elif k_kind is not None:
         kt = k if k_kind == "float" else int(k)
     signed = xl if largest else -xl
-    rows = Rows(xl, signed, kt, None, largest, d, x.dtype, k_kind, fn if defer else "")
-    if kt is not None and not defer and not is_finite and not finite and x.numel() and length is None:
-        check_infinities(signed, rows.k, fn=fn)
+    t: Any = None  # a number stays one (Rows.t makes its tensor when read)
     if uses_temperature:
         t = temperature
         if isinstance(t, Tensor):
             t = row_param(t, x, d, name="temperature", fn=fn, dtype=cdtype)
         if scale == "std" and x.numel():
-            t = rows.per_row(t) * row_std(xl)
-        rows.t_arg = t
+            t = _per_row(t, xl) * row_std(xl)
+    rows = Rows(xl, signed, kt, t, largest, d, x.dtype, k_kind, fn if defer else "")
+    if kt is not None and not defer and not is_finite and not finite and x.numel() and length is None:
+        check_infinities(signed, rows.k, fn=fn)
     return rows

@@ -572,6 +572,11 @@ def _params(a, x: Tensor, dtype: torch.dtype = torch.float64):
 _NUMPY = {torch.float64: "float64", torch.int64: "int64"}
 
 
+def _reciprocals(t, x: Tensor):
+    """1/t as :func:`_params` gives t (a number divided in Python: no array operation)."""
+    return _params(1.0 / t, x) if not isinstance(t, Tensor) else 1.0 / _params(t, x)
+
+
 def _one_value(a: Tensor) -> bool:
     """Whether ``a`` holds one value for all its entries by construction (an expanded number: stride 0 wherever the
     size exceeds 1)."""
@@ -603,7 +608,7 @@ def kernel_mask(family: str, x: Tensor, k, t, tol: float, max_iter: int, *, hard
     mod = _kernel()
     x2 = _rows_np(x)
     rows = x2.shape[0]
-    rt = _params(1.0 / t, x) if not isinstance(t, Tensor) else 1.0 / _params(t, x)
+    rt = _reciprocals(t, x)
     (y, y2), tau = _output(x), mod.np.empty(rows)
     h, h2 = _output(x) if hard else (None, mod.np.empty((rows, 0), dtype=x2.dtype))
     declined = mod.launch(mod.forward, rows, mod.CODES[family], x2, _params(k, x), rt, tol, max_iter, y2, tau, h2)
@@ -902,7 +907,7 @@ def kernel_dftopk(x: Tensor, k: int | Tensor, t) -> Tensor | None:
     kk = _kernel_k(k, x)
     if kk is None:
         return None
-    rt = _params(1.0 / t, x) if not isinstance(t, Tensor) else 1.0 / _params(t, x)
+    rt = _reciprocals(t, x)
     (y, y2), tau = _output(x), mod.np.empty(rows)
     ia, ib = mod.np.empty(rows, dtype=mod.np.int64), mod.np.empty(rows, dtype=mod.np.int64)
     if mod.launch(mod.dftopk_forward, rows, x2, kk, rt, y2, tau, ia, ib):
