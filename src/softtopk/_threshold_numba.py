@@ -22,7 +22,7 @@ Laplace CDF q/2 or 1 − 1/(2q)), recomputing the v_i only if τ moves 40 from c
 matter: the entries it touches then contribute below e^-46). The step expected to land within the tolerance writes
 the mask over the v_i. The entries stored as 0 get their exact mask only when τ ends more than 1 below c; else it is
 0, its exact value being below e^-85 = 1.2e-37 (float32's smallest normal number is 1.2e-38). Per entry the
-arithmetic is float32 (relative error about 1e-7, the mask's own rounding), the sums over a row float64.
+arithmetic is float32 (relative error about 2e-7, the mask's own rounding), the sums over a row float64.
 
 The exponential itself is a vectorisable one (2^m cast from its bit pattern in a register, a Taylor polynomial of
 e^f on [-ln2/2, ln2/2]), so that LLVM vectorises every pass over a row: numba's ``math.exp``
@@ -186,11 +186,11 @@ def _stats(x):
 
 @numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
 def _exp_reduced(f):
-    """e^f for a float32 f in [-ln2/2, ln2/2]: the degree-7 Taylor polynomial in float32 arithmetic (truncation 5e-9,
-    rounding about 1e-7: the float32 result's own precision)."""
+    """e^f for a float32 f in [-ln2/2, ln2/2]: the degree-6 Taylor polynomial in float32 arithmetic (truncation
+    1.2e-7, about the float32 result's own rounding; degree 7 cost DFTopK's sigmoid pass 10% more)."""
     one = np.float32(1.0)
-    q = np.float32(1 / 120) + f * (np.float32(1 / 720) + f * np.float32(1 / 5040))
-    return one + f * (one + f * (np.float32(0.5) + f * (np.float32(1 / 6) + f * (np.float32(1 / 24) + f * q))))
+    return one + f * (one + f * (np.float32(0.5) + f * (np.float32(1 / 6) + f * (
+        np.float32(1 / 24) + f * (np.float32(1 / 120) + f * np.float32(1 / 720))))))  # fmt: skip
 
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
@@ -201,7 +201,7 @@ def _exp_pass(fam, x, rt, c, v):
 
     The exponential: 2^m from its bit pattern, times e^f, f in [-ln2/2, ln2/2] (the polynomial in float32:
     :func:`_exp_reduced`). Where |u| and |c| stay within ``_F32_RANGE`` all in float32 (:func:`_exp_f32`), else
-    the argument in float64 (1.3x slower). Relative error 1e-7 plus |u − c| · 6e-8 (the float32 rounding of u − c,
+    the argument in float64 (1.3x slower). Relative error 2e-7 plus |u − c| · 6e-8 (the float32 rounding of u − c,
     as the torch path has it; 5e-6 at the clip, on values below e^-80). The statistics take a loop of their own:
     inside this one they cost three times as much (measured)."""
     xmin, xmax, finite = _stats(x)
@@ -210,8 +210,9 @@ def _exp_pass(fam, x, rt, c, v):
     f32 = max(abs(xmin), abs(xmax)) * rt <= _F32_RANGE and abs(c) <= _F32_RANGE  # (LLVM unswitches the loop on it)
     rt_hi = np.float32(rt)
     rt_lo = np.float32(rt - np.float64(rt_hi))
+    neg_c = np.float32(-c)
     for i in range(x.shape[0]):
-        e = _exp_f32(x[i], rt_hi, rt_lo, np.float32(-c)) if f32 else _exp_f64(x[i] * rt - c)
+        e = _exp_f32(x[i], rt_hi, rt_lo, neg_c) if f32 else _exp_f64(x[i] * rt - c)
         v[i] = e
         yi, di = _phi_exp(fam, e)
         s += np.float64(yi)
@@ -328,20 +329,23 @@ def _rank_pair(a, k):
     """The k-th and (k+1)-th largest of a short array (longer than k): for every entry, how many entries exceed it
     and how many are at least as large, by branch-free inner loops that vectorise (len(a)² comparisons); -inf
     where no entry has the rank (NaN entries have none)."""
-    m = a.shape[0]
+    return _rank_first(a, a.shape[0], k)
+
+
+@numba.njit(inline="always", fastmath={"nsz"})
+def _rank_first(a, m, k):
+    """:func:`_rank_pair` of a[:m], the entries a[m:] (padding, at most a[:m]'s smallest) counted in the ranks."""
     first = second = -np.inf
     for i in range(m):
         v = a[i]
         gt = 0
         ge = 0
-        for j in range(m):
+        for j in range(a.shape[0]):
             w = a[j]
             gt += w > v
             ge += w >= v
-        if gt < k <= ge:  # v holds every rank in (gt, ge]
-            first = v
-        if gt <= k < ge:
-            second = v
+        first = v if gt < k <= ge else first  # v holds every rank in (gt, ge]
+        second = v if gt <= k < ge else second
     return first, second
 
 
@@ -365,22 +369,11 @@ def _top4_pair(x, k):
 def _tiny_pair(x, k, buf):
     """:func:`_rank_pair` of a row of at most 16 entries, copied into ``buf`` and padded with -inf (below or equal
     to every entry: no rank up to n changes) so that the inner loop has the fixed length 16 and no scalar
-    remainder: 2.5x faster on rows of 8 (a mixture-of-experts router's)."""
+    remainder (:func:`_rank_first`): 2.5x faster on rows of 8 (a mixture-of-experts router's)."""
     n = x.shape[0]
     for j in range(16):
         buf[j] = x[j] if j < n else -np.inf
-    first = second = -np.inf
-    for i in range(n):
-        v = buf[i]
-        gt = 0
-        ge = 0
-        for j in range(16):
-            w = buf[j]
-            gt += w > v
-            ge += w >= v
-        first = v if gt < k <= ge else first
-        second = v if gt <= k < ge else second
-    return first, second
+    return _rank_first(buf[:16], n, k)
 
 
 @numba.njit(inline="always", fastmath={"nsz"})
@@ -824,10 +817,9 @@ def hard_forward(x, k, out, n_lanes):
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _sigmoid_row(x, tau, rt, y, va, vb):
-    """y = σ((x − τ) rt) in float32 arithmetic, as the torch path computes it (the exponential of −z clipped to ±86
-    as in :func:`_exp_pass`, with a degree-6 polynomial: relative error 2e-7); returns how many entries equal va or
-    vb (2 when neither value is tied), whether the row is finite, and the first indices of va and vb (n if absent).
-    """
+    """y = σ((x − τ) rt) in float32 arithmetic, as the torch path computes it (the exponential of −z clipped to ±86,
+    by :func:`_exp_reduced`: relative error 2e-7); returns how many entries equal va or vb (2 when neither value
+    is tied), whether the row is finite, and the first indices of va and vb (n if absent)."""
     n = x.shape[0]
     xi = x.view(np.int32)
     ties = 0
@@ -843,9 +835,7 @@ def _sigmoid_row(x, tau, rt, y, va, vb):
         top = max(top, xi[i] & 0x7F800000)
         w = min(max((tau32 - v) * rt32, np.float32(-_CLIP)), np.float32(_CLIP)) * np.float32(_LOG2E)
         m = np.int32(w + np.float32(127.5)) - np.int32(127)
-        f = (w - np.float32(m)) * np.float32(_LN2)
-        p = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(0.5) + f * (np.float32(1 / 6) + f * (
-            np.float32(1 / 24) + f * (np.float32(1 / 120) + f * np.float32(1 / 720))))))  # fmt: skip
+        p = _exp_reduced((w - np.float32(m)) * np.float32(_LN2))
         y[i] = np.float32(1.0) / (np.float32(1.0) + _float32_of_bits((m + 127) << 23) * p)  # 1 / (1 + e^(−z))
     return ties, top != 0x7F800000, ia, ib
 
