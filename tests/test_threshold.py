@@ -699,6 +699,49 @@ def test_dftopk_kernel_hands_ties_and_infinities_to_reference():
 
 
 @needs_numba
+def test_dftopk_kernel_ties_and_indices_in_long_rows():
+    """In rows long enough for the block selection, DFTopK's kernel reads the ties and the first indices of the
+    k-th and (k+1)-th largest off the entries that selection keeps. Ties elsewhere in the row, the two values in
+    one block or in the tail after the last whole block, a sorted row, a row whose bound keeps more entries than
+    the scratch holds (the selection then scans the row and the sigmoid pass finds the indices): values and
+    gradients as the torch path's; a tie at the k-th value leaves the call to it."""
+    from softtopk import threshold
+
+    g = torch.Generator().manual_seed(21)
+    k = 5
+    x0 = torch.randn(6, 1500, generator=g)
+    gy = torch.randn(6, 1500, generator=g)
+    top = x0[0].topk(k + 1).values
+    x0[0, :2] = top[0]  # the largest value three times: a tie above the k-th
+    x0[1, 700:706] = torch.arange(6.0, 0.0, -1.0) + 10  # the k + 1 largest next to each other, in one block
+    x0[2] = x0[2].sort().values  # ascending: the largest at the end
+    x0[3] = 0.0
+    x0[3, :10] = torch.arange(10.0, 0.0, -1.0)  # ten values in one block, 1490 zeros: the bound keeps them all
+    x0[4, 1490:1496] = torch.arange(6.0, 0.0, -1.0) + 10  # in the tail after the last whole block of 32
+    x0[5, 1000:1003] = x0[5].max() + 1  # three equal largest values (k = 5: not at the k-th)
+
+    def fn(x0=x0):
+        x = x0.clone().requires_grad_()
+        y = softtopk.topk_mask(x, k, method="dftopk", temperature=0.3)
+        y.backward(gy)
+        return y.detach(), x.grad
+
+    calls = []
+    original = threshold.kernel_dftopk
+    try:
+        threshold.kernel_dftopk = lambda *a: calls.append(original(*a)) or calls[-1]
+        (y_numba, g_numba), (y_torch, g_torch) = _both_backends(fn)
+    finally:
+        threshold.kernel_dftopk = original
+    assert calls and calls[0] is not None  # the kernel answered
+    torch.testing.assert_close(y_numba, y_torch, rtol=0, atol=1e-6)
+    torch.testing.assert_close(g_numba, g_torch, rtol=0, atol=1e-4 * float(g_torch.abs().max()))
+    x0[1, 704] = x0[1, 703]  # a tie at the k-th value: the reference's call
+    (y_numba, _), (y_torch, _) = _both_backends(fn)
+    assert torch.equal(y_numba, y_torch)
+
+
+@needs_numba
 @pytest.mark.parametrize("variant", ["sigmoid", "lapsum"])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3, 1e5])
 @pytest.mark.parametrize("temperature", [1e-3, 1.0, 100.0])
@@ -763,12 +806,13 @@ def test_kernels_broadcast_k_and_t_over_leading_dims():
 
 
 @needs_numba
-@pytest.mark.parametrize("n", [2, 8, 31, 32, 33, 64, 65, 200, 640, 2047, 2048, 5000])
+@pytest.mark.parametrize("n", [2, 8, 16, 17, 31, 32, 33, 64, 65, 200, 640, 2047, 2048, 5000, 40000, 70001])
 @pytest.mark.parametrize("order", ["random", "ascending", "descending", "few values", "infinities"])
 def test_kernel_order_statistics(n, order):
-    """The kernels' k-th and (k+1)-th largest for k < 32 (ranking survivors of a column-maxima bound in short
-    rows, a scan in long ones) equal numpy's sort, for sorted rows (every entry survives the bound), heavy ties and
-    ±inf entries, at the row lengths where the method changes."""
+    """The kernels' k-th and (k+1)-th largest for k < 32 (registers or ranking in rows of up to 16, ranking
+    survivors of a column-maxima bound in short rows, survivors of a block-maxima bound in long ones, wider blocks
+    beyond 32768 entries, a scan when more entries survive than the scratch holds) equal numpy's sort, for sorted
+    rows, heavy ties and ±inf entries, at the row lengths where the method changes."""
     from softtopk import _threshold_numba as kernel
 
     rng = np.random.default_rng(n)
