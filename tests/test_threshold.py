@@ -834,6 +834,37 @@ def test_kernel_order_statistics(n, order):
 
 
 @needs_numba
+@pytest.mark.parametrize("n", [512, 513, 1000, 4096, 8192, 8193, 40000])
+@pytest.mark.parametrize("order", ["random", "ascending", "descending", "few values", "infinities", "sample-blind"])
+def test_kernel_window_selection(n, order):
+    """The kernels' k-th and (k+1)-th largest for k >= 32 (quickselect on a copy of short rows, a window bracketed
+    by a strided sample in longer ones, the whole row when the bracket misses) equal numpy's sort, for sorted rows,
+    heavy ties, ±inf entries and a row whose sampled entries are its smallest (the bracket misses)."""
+    from softtopk import _threshold_numba as kernel
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32)
+    if order == "ascending":
+        x.sort()
+    elif order == "descending":
+        x[::-1].sort()
+    elif order == "few values":
+        x = rng.integers(0, 3, n).astype(np.float32)
+    elif order == "infinities":
+        x[rng.integers(0, n, n // 4)] = np.inf
+        x[rng.integers(0, n, n // 4)] = -np.inf
+    elif order == "sample-blind":
+        stride = max(kernel._WINDOW_STRIDE, n // kernel._WINDOW_SAMPLE)
+        x[::stride] -= 100.0
+    top = np.sort(x)[::-1]
+    buf = np.empty(kernel._BUF, dtype=np.float32)
+    sample = np.empty(2 * kernel._WINDOW_SAMPLE + 2, dtype=np.float32)
+    pair = kernel.numba.njit(lambda x, k, buf, sample: kernel._pair(x, k, buf, sample))
+    for k in sorted({kernel.SCAN_K, 33, n // 100, n // 10, n // 2, n - 1} - set(range(kernel.SCAN_K))):
+        assert pair(x.copy(), k, buf, sample) == (top[k - 1], top[k]), k
+
+
+@needs_numba
 @pytest.mark.parametrize("method, options", [("sigmoid", {}), ("sparse", {}), ("sparse", {"p": 4 / 3}), ("lapsum", {})])
 @pytest.mark.parametrize("shape, k", [((64, 8), 2), ((16, 200), 20), ((4, 1000), 5), ((3, 5000), 700), ((6, 7), 0)])
 def test_fused_straight_through_matches_the_combination(method, options, shape, k):
