@@ -75,8 +75,9 @@ _F32_RANGE = 2.0**20  # |u| and |c| up to this: the exponential pass in float32 
 _LN2_HI = np.float32(0.693359375)  # ln 2 = _LN2_HI + _LN2_LO, the first exact with few bits (Cody and Waite)
 _LN2_LO = np.float32(_LN2 - 0.693359375)
 SCAN_K = _SCAN_K
-_WINDOW_MIN_N = 512  # selections with k >= _SCAN_K in longer rows go through a sampled window (quickselect on a
-#: copy of the row is faster in shorter rows only: 2.6 against 1.5 µs at n = 512, k = 32; 45 against 24 at 4096, 512)
+#: selections with k >= _SCAN_K in rows longer than this go through a sampled window (quickselect on a copy of the
+#: row is slower from here: 2.6 against 1.5 µs at n = 512, k = 32; 45 against 24 µs at n = 4096, k = 512)
+_WINDOW_MIN_N = 512
 _WINDOW_SAMPLE = 1024  # ... of about this many entries
 _WINDOW_STRIDE = 8  # ... at least this far apart (rows up to 8192: a larger sample costs more than it narrows)
 #: the sums of the exponential passes: float32 within blocks of this many entries (which LLVM spreads over vector
