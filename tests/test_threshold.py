@@ -688,6 +688,27 @@ def test_dftopk_kernel_matches_reference(shape, k, per_row):
 
 
 @needs_numba
+@pytest.mark.parametrize("shape", [(64, 8), (33, 16), (7, 2), (5, 17)])
+def test_dftopk_kernel_short_rows_one_temperature(shape):
+    """Rows of up to 16 entries with one temperature take DFTopK's kernel path that computes the sigmoid of many
+    rows in one loop: values and gradients as the torch path's, per-row k, largest=False."""
+    g = torch.Generator().manual_seed(22)
+    x0 = torch.randn(shape, generator=g)
+    gy = torch.randn(shape, generator=g)
+    per_row = torch.randint(1, shape[-1], shape[:-1] + (1,), generator=g)
+    for kk, largest in ((1, True), (shape[-1] - 1, True), (per_row, True), (per_row, False)):
+
+        def fn(kk=kk, largest=largest):
+            x = x0.clone().requires_grad_()
+            y = softtopk.topk_mask(x, kk, method="dftopk", temperature=0.3, largest=largest)
+            y.backward(gy)
+            return y.detach(), x.grad
+
+        for a, b in zip(*_both_backends(fn)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * max(float(b.abs().max()), 1.0))
+
+
+@needs_numba
 def test_dftopk_kernel_hands_ties_and_infinities_to_reference():
     x = torch.randn(4, 12)
     x[0, :3] = -math.inf  # padding

@@ -80,6 +80,7 @@ SCAN_K = _SCAN_K
 _WINDOW_MIN_N = 512
 _WINDOW_SAMPLE = 1024  # ... of about this many entries
 _WINDOW_STRIDE = 8  # ... at least this far apart (rows up to 8192: a larger sample costs more than it narrows)
+_TINY_N = 16  # DFTopK's rows up to this long: the sigmoid over many rows in one loop
 #: the sums of the exponential passes: float32 within blocks of this many entries (which LLVM spreads over vector
 #: lanes), float64 across blocks. Positive terms: relative error below 127 u = 7.6e-6 in any order of summation
 #: (u = 2^-24), under the default float32 tolerance of 1e-5 k on S = k. Float64 throughout cost 0.3 ns per entry of
@@ -934,11 +935,17 @@ def _sigmoid_row(x, tau, rt, y, va, vb, locate):
             ia = min(ia, i if v == va else n)
             ib = min(ib, i if v == vb else n)
         top = max(top, xi[i] & 0x7F800000)
-        w = min(max((tau32 - v) * rt32, np.float32(-_CLIP)), np.float32(_CLIP)) * np.float32(_LOG2E)
-        m = np.int32(w + np.float32(127.5)) - np.int32(127)
-        p = _exp_reduced((w - np.float32(m)) * np.float32(_LN2))
-        y[i] = np.float32(1.0) / (np.float32(1.0) + _float32_of_bits((m + 127) << 23) * p)  # 1 / (1 + e^(−z))
+        y[i] = _sigmoid32(v, tau32, rt32)
     return top != 0x7F800000, ties, ia, ib
+
+
+@numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
+def _sigmoid32(v, tau32, rt32):
+    """σ((v − τ) rt) = 1 / (1 + e^(−z)) in float32 arithmetic (see :func:`_sigmoid_row`)."""
+    w = min(max((tau32 - v) * rt32, np.float32(-_CLIP)), np.float32(_CLIP)) * np.float32(_LOG2E)
+    m = np.int32(w + np.float32(127.5)) - np.int32(127)
+    p = _exp_reduced((w - np.float32(m)) * np.float32(_LN2))
+    return np.float32(1.0) / (np.float32(1.0) + _float32_of_bits((m + 127) << 23) * p)
 
 
 @numba.njit(inline="always")
@@ -979,15 +986,53 @@ def dftopk_forward(x, k, rt, y, tau, ia, ib, n_lanes):
         sample = np.empty(2 * _WINDOW_SAMPLE + 2, dtype=x.dtype)
         at = np.empty(_KEPT, dtype=np.int32)
         mine = 0
-        for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
-            va, vb, ties, ia[r], ib[r], found = _dftopk_pair(x[r], k[r * k_step], buf, sample, at)
-            tau[r] = 0.5 * (np.float64(va) + np.float64(vb))
-            finite, t2, i2, j2 = _sigmoid_row(x[r], tau[r], rt[r * rt_step], y[r], va, vb, not found)
-            if not found:
-                ties, ia[r], ib[r] = t2, i2, j2
-            mine += 0 if finite and ties == 2 and math.isfinite(tau[r]) else 1
+        first, last = lane * rows // n_lanes, (lane + 1) * rows // n_lanes
+        if n <= _TINY_N and rt_step == 0:  # short rows, one temperature: the sigmoid over the lane's rows at once
+            for r in range(first, last):
+                va, vb = _top_pair(x[r], k[r * k_step], buf)
+                ties, ia[r], ib[r] = _locate(x[r], va, vb)
+                tau[r] = 0.5 * (np.float64(va) + np.float64(vb))
+                y[r, :] = np.float32(tau[r])
+                mine += 0 if ties == 2 and math.isfinite(tau[r]) else 1
+            mine += 0 if _sigmoid_block(x[first:last].reshape(-1), rt[0], y[first:last].reshape(-1)) else 1
+        else:
+            for r in range(first, last):
+                va, vb, ties, ia[r], ib[r], found = _dftopk_pair(x[r], k[r * k_step], buf, sample, at)
+                tau[r] = 0.5 * (np.float64(va) + np.float64(vb))
+                finite, t2, i2, j2 = _sigmoid_row(x[r], tau[r], rt[r * rt_step], y[r], va, vb, not found)
+                if not found:
+                    ties, ia[r], ib[r] = t2, i2, j2
+                mine += 0 if finite and ties == 2 and math.isfinite(tau[r]) else 1
         declined += mine
     return declined
+
+
+@numba.njit(inline="always")
+def _locate(x, va, vb):
+    """How many entries of x equal va or vb, and the first index of each (n if absent)."""
+    n = x.shape[0]
+    ties = 0
+    ia = ib = n
+    for i in range(n - 1, -1, -1):  # backwards: the first index of each value is the last one seen
+        v = x[i]
+        ties += (v == va) + (v == vb)
+        ia = i if v == va else ia
+        ib = i if v == vb else ib
+    return ties, ia, ib
+
+
+@numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _sigmoid_block(x, rt, y):
+    """y = σ((x − τ) rt) over a flat block of rows, y holding each entry's τ (float32) on entry, as
+    :func:`_sigmoid_row` computes it; returns whether every entry is finite. One vectorised loop over the block,
+    where a loop per row of 8 entries runs scalar (DFTopK's forward kernel at 4096 × 8: 1.9x as fast)."""
+    xi = x.view(np.int32)
+    top = np.int32(0)
+    rt32 = np.float32(rt)
+    for i in range(x.shape[0]):
+        top = max(top, xi[i] & 0x7F800000)
+        y[i] = _sigmoid32(x[i], y[i], rt32)
+    return top != 0x7F800000
 
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
@@ -1010,12 +1055,23 @@ def _dftopk_backward_row(y, g, rt, x, tau, gx):
 @numba.njit(parallel=True, cache=True)
 def dftopk_backward(y, g, rt, x, tau, ia, ib, gx, gt, n_lanes):
     """The backward of :func:`dftopk_forward`: gx = s − (Σ s)(e_a + e_b)/2, s = g σ'(z) rt; gt = −Σ s z when x
-    (R, n) is given (shape (R, 0) otherwise)."""
-    rows = y.shape[0]
+    (R, n) is given (shape (R, 0) otherwise). Rows of up to ``_TINY_N`` entries with one temperature and no gt get
+    s in one loop over many rows (a loop per row of 8 runs scalar: 2.8x as fast at 4096 × 8)."""
+    rows, n = y.shape
     rt_step = 1 if rt.shape[0] > 1 else 0
     for lane in numba.prange(n_lanes):
-        for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
-            total, sz = _dftopk_backward_row(y[r], g[r], rt[r * rt_step], x[r], tau[r], gx[r])
+        first, last = lane * rows // n_lanes, (lane + 1) * rows // n_lanes
+        block = n <= _TINY_N and rt_step == 0 and x.shape[1] == 0  # as in the forward: s of many rows in one loop
+        if block:
+            flat = gx[first:last].reshape(-1)
+            _dftopk_backward_row(y[first:last].reshape(-1), g[first:last].reshape(-1), rt[0], x[0], 0.0, flat)
+        for r in range(first, last):
+            if block:
+                total, sz = 0.0, 0.0
+                for j in range(n):
+                    total += gx[r, j]
+            else:
+                total, sz = _dftopk_backward_row(y[r], g[r], rt[r * rt_step], x[r], tau[r], gx[r])
             gx[r, ia[r]] -= 0.5 * total
             gx[r, ib[r]] -= 0.5 * total
             gt[r] = -sz
