@@ -826,16 +826,9 @@ def test_kernels_broadcast_k_and_t_over_leading_dims():
     assert torch.equal(numba_out, torch_out)
 
 
-@needs_numba
-@pytest.mark.parametrize("n", [2, 8, 16, 17, 31, 32, 33, 64, 65, 200, 640, 2047, 2048, 5000, 40000, 70001])
-@pytest.mark.parametrize("order", ["random", "ascending", "descending", "few values", "infinities"])
-def test_kernel_order_statistics(n, order):
-    """The kernels' k-th and (k+1)-th largest for k < 32 (registers or ranking in rows of up to 16, ranking
-    survivors of a column-maxima bound in short rows, survivors of a block-maxima bound in long ones, wider blocks
-    beyond 32768 entries, a scan when more entries survive than the scratch holds) equal numpy's sort, for sorted
-    rows, heavy ties and ±inf entries, at the row lengths where the method changes."""
-    from softtopk import _threshold_numba as kernel
-
+def _ordered_row(n: int, order: str) -> np.ndarray:
+    """A float32 row of n Gaussian scores (seeded by n): random, sorted either way, three values only (heavy ties),
+    or a quarter of them +inf and a quarter -inf."""
     rng = np.random.default_rng(n)
     x = rng.standard_normal(n).astype(np.float32)
     if order == "ascending":
@@ -847,6 +840,20 @@ def test_kernel_order_statistics(n, order):
     elif order == "infinities":
         x[rng.integers(0, n, max(1, n // 4))] = np.inf
         x[rng.integers(0, n, max(1, n // 4))] = -np.inf
+    return x
+
+
+@needs_numba
+@pytest.mark.parametrize("n", [2, 8, 16, 17, 31, 32, 33, 64, 65, 200, 640, 2047, 2048, 5000, 40000, 70001])
+@pytest.mark.parametrize("order", ["random", "ascending", "descending", "few values", "infinities"])
+def test_kernel_order_statistics(n, order):
+    """The kernels' k-th and (k+1)-th largest for k < 32 (registers or ranking in rows of up to 16, ranking
+    survivors of a column-maxima bound in short rows, survivors of a block-maxima bound in long ones, wider blocks
+    beyond 32768 entries, a scan when more entries survive than the scratch holds) equal numpy's sort, for sorted
+    rows, heavy ties and ±inf entries, at the row lengths where the method changes."""
+    from softtopk import _threshold_numba as kernel
+
+    x = _ordered_row(n, order)
     top = np.sort(x)[::-1]
     buf = np.empty(kernel._BUF, dtype=np.float32)
     pair = kernel.numba.njit(lambda x, k, buf: kernel._top_pair(x, k, buf))
@@ -863,20 +870,9 @@ def test_kernel_window_selection(n, order):
     heavy ties, ±inf entries and a row whose sampled entries are its smallest (the bracket misses)."""
     from softtopk import _threshold_numba as kernel
 
-    rng = np.random.default_rng(n)
-    x = rng.standard_normal(n).astype(np.float32)
-    if order == "ascending":
-        x.sort()
-    elif order == "descending":
-        x[::-1].sort()
-    elif order == "few values":
-        x = rng.integers(0, 3, n).astype(np.float32)
-    elif order == "infinities":
-        x[rng.integers(0, n, n // 4)] = np.inf
-        x[rng.integers(0, n, n // 4)] = -np.inf
-    elif order == "sample-blind":
-        stride = max(kernel._WINDOW_STRIDE, n // kernel._WINDOW_SAMPLE)
-        x[::stride] -= 100.0
+    x = _ordered_row(n, "random" if order == "sample-blind" else order)
+    if order == "sample-blind":
+        x[:: max(kernel._WINDOW_STRIDE, n // kernel._WINDOW_SAMPLE)] -= 100.0
     top = np.sort(x)[::-1]
     buf = np.empty(kernel._BUF, dtype=np.float32)
     sample = np.empty(2 * kernel._WINDOW_SAMPLE + 2, dtype=np.float32)

@@ -949,6 +949,20 @@ def _sigmoid32(v, tau32, rt32):
 
 
 @numba.njit(inline="always")
+def _locate(x, va, vb):
+    """How many entries of x equal va or vb, and the first index of each (n if absent)."""
+    n = x.shape[0]
+    ties = 0
+    ia = ib = n
+    for i in range(n - 1, -1, -1):  # backwards: the first index of each value is the last one seen
+        v = x[i]
+        ties += (v == va) + (v == vb)
+        ia = i if v == va else ia
+        ib = i if v == vb else ib
+    return ties, ia, ib
+
+
+@numba.njit(inline="always")
 def _dftopk_pair(x, k, buf, sample, at):
     """(va, vb, ties, ia, ib, found) for DFTopK: the k-th and (k+1)-th largest of the row, and, when ``found``,
     how many entries equal either (2 when neither is tied) and the first index of each, read off the few entries
@@ -960,15 +974,8 @@ def _dftopk_pair(x, k, buf, sample, at):
     va, vb, q = _block_kept(x, k, buf, at)
     if q < 0:
         return va, vb, 0, n, n, False
-    kept = buf[32 + _BLOCKS : 32 + _BLOCKS + q]
-    ties = 0
-    ia = ib = n
-    for j in range(q - 1, -1, -1):  # backwards: the first index of each value is the last one seen
-        v = kept[j]
-        ties += (v == va) + (v == vb)
-        ia = at[j] if v == va else ia
-        ib = at[j] if v == vb else ib
-    return va, vb, ties, ia, ib, True
+    ties, ja, jb = _locate(buf[32 + _BLOCKS : 32 + _BLOCKS + q], va, vb)  # kept in the row's order: first is first
+    return va, vb, ties, at[ja] if ja < q else n, at[jb] if jb < q else n, True
 
 
 @numba.njit(parallel=True, cache=True)
@@ -1005,20 +1012,6 @@ def dftopk_forward(x, k, rt, y, tau, ia, ib, n_lanes):
                 mine += 0 if finite and ties == 2 and math.isfinite(tau[r]) else 1
         declined += mine
     return declined
-
-
-@numba.njit(inline="always")
-def _locate(x, va, vb):
-    """How many entries of x equal va or vb, and the first index of each (n if absent)."""
-    n = x.shape[0]
-    ties = 0
-    ia = ib = n
-    for i in range(n - 1, -1, -1):  # backwards: the first index of each value is the last one seen
-        v = x[i]
-        ties += (v == va) + (v == vb)
-        ia = i if v == va else ia
-        ib = i if v == vb else ib
-    return ties, ia, ib
 
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
