@@ -82,7 +82,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def normalize_dim(x: Tensor, dim: int, *, fn: str = "topk_mask") -> int:
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+    if type(dim) is not int and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral)):
         raise TypeError(f"{fn}: `dim` must be an int, got {type(dim).__name__}")
     nd = x.dim()
     if not -nd <= dim < nd:
@@ -133,6 +133,10 @@ def row_param(
 
 
 def check_temperature(t: Any, *, fn: str = "topk_mask", name: str = "temperature") -> None:
+    if type(t) is float:  # the common case, without the abstract-class checks below
+        if not 0 < t < math.inf:
+            raise ValueError(f"{fn}: `{name}` must be positive and finite, got {t}")
+        return
     if isinstance(t, bool) or not isinstance(t, (numbers.Real, Tensor)):
         raise TypeError(f"{fn}: `{name}` must be a positive number or a tensor, got {type(t).__name__}")
     if isinstance(t, Tensor):
@@ -146,6 +150,10 @@ def check_temperature(t: Any, *, fn: str = "topk_mask", name: str = "temperature
 
 def check_k(k: KArg, n: int, *, integer: bool, fn: str = "topk_mask") -> None:
     """``k`` must lie in [0, n]; ``integer`` demands integral values (hard selections)."""
+    if type(k) is int:  # the common case, without the abstract-class checks below
+        if not 0 <= k <= n:
+            raise ValueError(f"{fn}: `k`={k} is out of range [0, n={n}] for a dimension of size {n}")
+        return
     if isinstance(k, bool) or not isinstance(k, (numbers.Real, Tensor)):
         raise TypeError(f"{fn}: `k` must be an int or a tensor, got {type(k).__name__}")
     if isinstance(k, Tensor):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, Callable, Mapping, Union
 
 import torch
@@ -121,8 +122,14 @@ def _threshold_mask(family: str, rows: Rows, t: Tensor, tol, max_iter) -> Tensor
 
 
 def _threshold_kernel(family: str, rows: Rows, t, straight_through: bool, tol, max_iter) -> Tensor | None:
-    tol, max_iter = solver_options("threshold", rows.x.dtype, tol, max_iter, fn="")
+    if tol is None and max_iter is None:  # the float32 defaults (the kernel computes in float32 only)
+        tol, max_iter = _F32_TOL, _MAX_ITER
+    else:
+        tol, max_iter = solver_options("threshold", rows.x.dtype, tol, max_iter, fn="")
     return threshold.kernel_mask(family, rows.signed, rows.k_arg, t, tol, max_iter, hard=straight_through)
+
+
+_F32_TOL, _MAX_ITER = solver_options("threshold", torch.float32, fn="")
 
 
 def _normalised(family: str):
@@ -303,9 +310,17 @@ def uses_temperature(spec: Method, options: Mapping[str, object], temperature: o
     return spec.factor is not None
 
 
+_DEFAULTS: dict[int, Mapping[str, object]] = {}  # parse's result for no options, by id(record)
+
+
 def parse(spec: Method, options: Mapping[str, object], *, fn: str) -> dict:
     """The method's options with the defaults of its record filled in, validated (``max_support`` excluded);
     reads no data."""
+    if not options:  # the defaults: validated once per method (the records live as long as the module), then shared
+        parsed = _DEFAULTS.get(id(spec))
+        if parsed is None:
+            parsed = _DEFAULTS[id(spec)] = MappingProxyType(spec.parse(fn, **spec.options))
+        return parsed  # type: ignore[return-value]
     given = {key: val for key, val in options.items() if key not in _GENERIC}
     return spec.parse(fn, **{**spec.options, **given})
 

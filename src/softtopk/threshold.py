@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import kernels
+from ._eager import eager_apply, needs_graph, once
 from ._prepare import SOLVERS, can_read_data, is_transformed
 
 __all__ = [
@@ -605,53 +606,66 @@ def kernel_mask(family: str, x: Tensor, k, t, tol: float, max_iter: int, *, hard
     tie at some row's k-th value. Every row is finite when it answers."""
     if not _kernel_ready(x, k, t):
         return None
+    if needs_graph(x, k, t):
+        out = _kernel_mask_apply(x, k, t, family, tol, max_iter, hard)
+        return out if out.dim() else None  # 0-d: declined
+    return _solve_kernel(family, x, k, t, tol, max_iter, hard)[0]
+
+
+def _solve_kernel(family: str, x: Tensor, k, t, tol: float, max_iter: int, hard: bool):
+    """(the mask, or the hard mask with ``hard``; (y, τ, 1/t, x's and y's numpy views) for the backward), or
+    (None, None) where the kernel declines a row."""
     mod = _kernel()
     x2 = _rows_np(x)
     rows = x2.shape[0]
     rt = _reciprocals(t, x)
     (y, y2), tau = _output(x), mod.np.empty(rows)
     h, h2 = _output(x) if hard else (None, mod.np.empty((rows, 0), dtype=x2.dtype))
-    declined = mod.launch(mod.forward, rows, mod.CODES[family], x2, _params(k, x), rt, tol, max_iter, y2, tau, h2)
-    if any(declined):
-        return None
-    if not _needs_graph(x, k, t):  # inference: no autograd node to build
-        return y if h is None else h
-    return _KernelMask.apply(x, k, t, y, (tau, rt, x2, y2), family, h)
-
-
-def _needs_graph(*inputs) -> bool:
-    """Whether an autograd node must record a kernel's result: grad mode on and some tensor input requiring grad."""
-    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in inputs)
+    declined, declined_hard = mod.launch(
+        mod.forward, rows, mod.CODES[family], x2, _params(k, x), rt, tol, max_iter, y2, tau, h2
+    )
+    if declined or declined_hard:
+        return None, None
+    return (y if h is None else h), (y, tau, rt, x2, y2)
 
 
 class _KernelMask(torch.autograd.Function):
-    """A normalised mask computed by :func:`kernel_mask`, with the implicit backward (see
-    :func:`_implicit_backward`) by the kernel. ``k`` and ``t`` numbers or tensors. Eager only: the old-style
-    ``forward(ctx, ...)`` spares ``apply`` the signature binding of a ``setup_context`` Function, which costs more
-    than the kernel on small inputs. The kernel reads the numpy views of x and y made by the forward; saving the
-    tensors as well keeps autograd's check that neither was modified in place."""
+    """A normalised mask computed by the kernel (:func:`_solve_kernel`, in the forward: its result is no view of an
+    input), with the implicit backward (see :func:`_implicit_backward`) by the kernel. ``k`` and ``t`` numbers or
+    tensors. Where the kernel declines, the forward returns a 0-d tensor (the caller then takes the reference).
+    Eager only, applied by :func:`~softtopk._eager.eager_apply`. The kernel reads the numpy views of x and y made by
+    the forward; saving the tensors as well keeps autograd's check that neither was modified in place."""
 
     @staticmethod
-    def forward(ctx, x, k, t, y, arrays, family, hard):
-        out = (y if hard is None else hard).view_as(y)  # straight-through: the hard mask, the soft mask's gradient
-        ctx.family, ctx.arrays = family, arrays
-        ctx.save_for_backward(x, y)
+    def forward(ctx, x, k, t, family, tol, max_iter, hard):
+        out, state = _solve_kernel(family, x, k, t, tol, max_iter, hard)
+        if out is None:
+            return x.new_zeros(())
+        ctx.family, ctx.arrays = family, state[1:]
+        ctx.save_for_backward(x, state[0])
         return out
 
     @staticmethod
-    @once_differentiable
+    @once
     def backward(ctx, gy):
+        # ∂L/∂x = (s − φ' (Σs)/(Σφ')) / t with s = g φ'(z) (the implicit function theorem on Σφ(z) = k, z = (x − τ)/t)
         y = ctx.saved_tensors[1]
         tau, rt, x2, y2 = ctx.arrays
         needs_k, needs_t = ctx.needs_input_grad[1:3]
         mod = _kernel()
         g2 = _rows_np(gy if gy.dtype == y.dtype else gy.to(y.dtype))
-        (gx, gx2), gk, gt = _output(y), mod.np.empty(len(tau)), mod.np.empty(len(tau))
-        mod.launch(mod.backward, len(tau), mod.CODES[ctx.family], y2, g2, rt, x2, tau, gx2, gk, gt, bool(needs_t))
+        rows = len(tau)
+        (gx, gx2), gk, gt = _output(y), mod.np.empty(rows), mod.np.empty(rows)
+        mod.launch(mod.backward, rows, mod.CODES[ctx.family], y2, g2, rt, x2, tau, gx2, gk, gt, needs_t)
+        if not (needs_k or needs_t):
+            return gx, None, None, None, None, None, None
         shape = y.shape[:-1] + (1,)
         gk_out = torch.from_numpy(gk).to(y.dtype).view(shape) if needs_k else None
         gt_out = torch.from_numpy(gt).to(y.dtype).view(shape) if needs_t else None
         return gx, gk_out, gt_out, None, None, None, None
+
+
+_kernel_mask_apply = eager_apply(_KernelMask)
 
 
 def _make_function(family: type[Family]) -> type[torch.autograd.Function]:
@@ -902,19 +916,26 @@ def kernel_dftopk(x: Tensor, k: int | Tensor, t) -> Tensor | None:
     entry, a tie at the k-th or (k+1)-th value). Every row is finite when it answers."""
     if not _kernel_ready(x, k, t):
         return None
-    mod, x2 = _kernel(), _rows_np(x)
-    rows = x2.shape[0]
     kk = _kernel_k(k, x)
     if kk is None:
         return None
+    if needs_graph(x, t):
+        out = _dftopk_kernel_apply(x, t, kk)
+        return out if out.dim() else None  # 0-d: declined
+    return _solve_dftopk(x, kk, t)[0]
+
+
+def _solve_dftopk(x: Tensor, kk, t):
+    """(DFTopK's mask, (τ, the two indices, 1/t, x's and y's numpy views) for the backward) by the kernel, ``kk``
+    from :func:`_kernel_k`; (None, None) where it declines a row."""
+    mod, x2 = _kernel(), _rows_np(x)
+    rows = x2.shape[0]
     rt = _reciprocals(t, x)
     (y, y2), tau = _output(x), mod.np.empty(rows)
     ia, ib = mod.np.empty(rows, dtype=mod.np.int64), mod.np.empty(rows, dtype=mod.np.int64)
     if mod.launch(mod.dftopk_forward, rows, x2, kk, rt, y2, tau, ia, ib):
-        return None
-    if not _needs_graph(x, t):
-        return y
-    return _DFTopKKernel.apply(x, t, y, (tau, ia, ib, rt, x2, y2))
+        return None, None
+    return y, (tau, ia, ib, rt, x2, y2)
 
 
 def kernel_hard_mask(x: Tensor, k: int | Tensor) -> Tensor | None:
@@ -933,32 +954,38 @@ def kernel_hard_mask(x: Tensor, k: int | Tensor) -> Tensor | None:
 
 
 class _DFTopKKernel(torch.autograd.Function):
-    """DFTopK with the forward computed by :func:`kernel_dftopk` and the backward by the kernel (eager only: the
-    old-style ``forward(ctx, ...)`` spares ``apply`` its signature binding; the numpy views as in
-    :class:`_KernelMask`)."""
+    """DFTopK with the forward computed by the kernel (:func:`_solve_dftopk`) and the backward by the kernel; a 0-d
+    result where the kernel declines (eager only, as :class:`_KernelMask`)."""
 
     @staticmethod
-    def forward(ctx, x, t, y, arrays):
-        out = y.view_as(y)
+    def forward(ctx, x, t, kk):
+        y, arrays = _solve_dftopk(x, kk, t)
+        if y is None:
+            return x.new_zeros(())
         ctx.arrays, ctx.t_shape = arrays, getattr(t, "shape", None)
-        ctx.save_for_backward(x, out)
-        return out
+        ctx.save_for_backward(x, y)
+        return y
 
     @staticmethod
-    @once_differentiable
+    @once
     def backward(ctx, gy):
+        # y = σ(z), z = (x − τ)/t, τ = (x_a + x_b)/2:  ∂L/∂x = s − (Σ s)(e_a + e_b)/2,  s = g σ'(z)/t;  ∂L/∂t = −Σ s z
         y = ctx.saved_tensors[1]
         tau, ia, ib, rt, x2, y2 = ctx.arrays
         needs_t = ctx.needs_input_grad[1]
         mod = _kernel()
         g2 = _rows_np(gy if gy.dtype == y.dtype else gy.to(y.dtype))
-        (gx, gx2), gt = _output(y), mod.np.empty(len(tau))
-        xs = x2 if needs_t else mod.np.empty((len(tau), 0), dtype=x2.dtype)  # no x: no Σ s z
-        mod.launch(mod.dftopk_backward, len(tau), y2, g2, rt, xs, tau, ia, ib, gx2, gt)
+        rows = len(tau)
+        (gx, gx2), gt = _output(y), mod.np.empty(rows)
+        xs = x2 if needs_t else mod.np.empty((rows, 0), dtype=x2.dtype)  # no x: no Σ s z
+        mod.launch(mod.dftopk_backward, rows, y2, g2, rt, xs, tau, ia, ib, gx2, gt)
         gt_out = None
         if needs_t:
             gt_out = torch.from_numpy(gt).to(y.dtype).view(y.shape[:-1] + (1,)).sum_to_size(ctx.t_shape)
-        return gx, gt_out, None, None
+        return gx, gt_out, None
+
+
+_dftopk_kernel_apply = eager_apply(_DFTopKKernel)
 
 
 def dftopk(x: Tensor, k: int | Tensor, t: Tensor) -> Tensor:
