@@ -941,3 +941,64 @@ def test_kernel_exponentials_do_not_overflow_on_peaked_rows(variant):
             torch.testing.assert_close(y_numba.sum(-1), torch.full((8,), float(k)), rtol=0, atol=1e-4 * k)
             # both within tol = 1e-5 k of Σy = k: the masks move together with τ, so they differ by 2 tol at most
             torch.testing.assert_close(y_numba, y_torch, rtol=0, atol=2e-5 * k + 1e-6)
+
+
+@needs_numba
+@pytest.mark.parametrize("variant", ["sigmoid", "lapsum", "sparse", "sparse43"])
+@pytest.mark.parametrize("k", [1, 5, 17, 31])
+@pytest.mark.parametrize("layout", ["random", "top in one block", "top in the last block", "equal block maxima"])
+def test_kernel_start_from_block_maxima(variant, k, layout):
+    """Long rows with k < 32 start the threshold search at the k-th and (k+1)-th largest block maxima, which fall
+    below the row's own when its top entries share a block (all of them in one, here): the solve still converges to
+    the reference's mask and gradient, with Σy = k."""
+    g = torch.Generator().manual_seed(k)
+    n = 1100
+    x0 = torch.randn(4, n, generator=g)
+    if layout == "top in one block":
+        x0[:, 64 : 64 + k + 1] = 5.0 + torch.rand(4, k + 1, generator=g)
+    elif layout == "top in the last block":
+        x0[:, n - 40 :] += 6.0  # the tail after the last whole block as well
+    elif layout == "equal block maxima":
+        x0[:, ::32] = 4.0
+    gy = torch.randn(4, n, generator=g)
+
+    def fn():
+        x = x0.clone().requires_grad_()
+        y = run(x, k, variant, temperature=0.3)
+        y.backward(gy)
+        return y.detach(), x.grad
+
+    (y, gx), (y_ref, gx_ref) = _both_backends(fn)
+    torch.testing.assert_close(y.sum(-1), torch.full((4,), float(k)), rtol=0, atol=1e-4 * k)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=2e-5 * k + 1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=2e-3 * max(float(gx_ref.abs().max()), 1.0))
+
+
+@needs_numba
+@pytest.mark.parametrize("offset", [0.0, 1e3, 3e5])
+def test_kernel_cubic_backward_far_from_zero(offset):
+    """p = 4/3's backward computes z = x/t − τ in float32 from float32 splits of 1/t and τ where |τ| <= 2^20, in
+    float64 beyond: the gradient equals the float64 reference's on either side (|τ| up to 4e6 here)."""
+    g = torch.Generator().manual_seed(3)
+    x64 = (torch.randn(3, 500, generator=g) + offset).double()  # float32 values: both computations see the same x
+    gy = torch.randn(3, 500, generator=g, dtype=torch.float64)
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        x = x64.to(dtype).requires_grad_()
+        run(x, 7, "sparse43", temperature=0.1).backward(gy.to(dtype))
+        grads.append(x.grad.double())
+    scale = float(grads[1].abs().max())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-4 * scale)
+
+
+@needs_numba
+@pytest.mark.parametrize("method, options", [("sigmoid", {}), ("sparse", {"p": 4 / 3}), ("dftopk", {}),
+                                             ("sigmoid", {"straight_through": True})])  # fmt: skip
+def test_kernel_double_backward_raises(method, options):
+    """The kernels' backward is once differentiable: a second differentiation through it raises (float32 on the
+    CPU, the kernel path; the float64 tests above take the reference)."""
+    x = torch.randn(3, 50).requires_grad_()
+    y = softtopk.topk_mask(x, 4, method=method, temperature=0.5, **options)
+    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
+        g.sum().backward()

@@ -549,7 +549,7 @@ def threshold_backend(x: Tensor) -> str:
 def _kernel_ready(x: Tensor, *params) -> bool:
     """Whether the numba kernel takes ``x`` (see :func:`threshold_backend`) with these per-row parameters (numbers,
     or tensors whose data can be read), in one test: it runs on every call."""
-    if BACKEND["threshold"] != "numba" or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
+    if BACKEND["threshold"] != "numba" or x.dtype != torch.float32 or not x.is_cpu or x.numel() == 0:
         return False
     if not can_read_data(x):
         return False
@@ -588,13 +588,15 @@ def _output(x: Tensor):
     """An uninitialised float32 tensor of ``x``'s shape, allocated by torch (so that torch's memory accounting, the
     profiler's included, sees the kernels' outputs), and its (rows, n) numpy view for a kernel to write."""
     out = torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
-    return out, out.numpy().reshape(-1, x.shape[-1])
+    a = out.numpy()
+    return out, a if a.ndim == 2 else a.reshape(-1, x.shape[-1])  # (numpy's reshape costs a microsecond)
 
 
 def _rows_np(x: Tensor):
     """``x`` (..., n) as a C-contiguous (rows, n) numpy array (a view when ``x`` is contiguous)."""
     x = x.detach()
-    return (x if x.is_contiguous() else x.contiguous()).numpy().reshape(-1, x.shape[-1])
+    a = (x if x.is_contiguous() else x.contiguous()).numpy()
+    return a if a.ndim == 2 else a.reshape(-1, x.shape[-1])
 
 
 def kernel_mask(family: str, x: Tensor, k, t, tol: float, max_iter: int, *, hard: bool = False) -> Tensor | None:
