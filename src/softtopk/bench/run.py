@@ -189,14 +189,15 @@ def _time_built(shape: Shape, x: Tensor, built: dict, notes: dict, cfg: Config, 
         case = built[n][0]
         for own in ((True, False) if n == BASELINE else (case.source in OWN_SOURCES,)):
             groups.setdefault(own, {})[n] = fn
-    times, base_of = {}, {}
-    for own, group in sorted(groups.items(), reverse=True):  # own cases first: theirs is torch.topk's record
+    times: dict[str, list[float]] = {}
+    base_of: dict[str, float] = {}
+    for own, group in sorted(groups.items()):  # the peers first (their threads idle again before softtopk's rounds)
         if len(group) == 1 and not own:
             continue
         got = interleaved(group, cfg.max_rounds, budget_s=cfg.budget(shape), min_rounds=cfg.min_rounds,
                           reset=reset, sync=sync, seed=cfg.seed + shape.n + (0 if own else 1))  # fmt: skip
-        base_of.update({n: median(got[BASELINE]) for n in group})
-        times.update({n: ts for n, ts in got.items() if n not in times})
+        for n, ts in got.items():  # torch.topk's record: the own rounds' (the later ones)
+            base_of[n], times[n] = median(got[BASELINE]), ts
     for name, (_, fn, one, _) in built.items():
         if name in over:
             times[name] = [one]
