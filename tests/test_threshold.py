@@ -1002,3 +1002,26 @@ def test_kernel_double_backward_raises(method, options):
     (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
         g.sum().backward()
+
+
+@needs_numba
+@pytest.mark.parametrize("n", [1000, 5000, 40000])
+@pytest.mark.parametrize("order", ["random", "few values", "infinities"])
+def test_kernel_kept_entries_and_their_indices(n, order):
+    """DFTopK's selection in long rows keeps the entries at or above a block-maxima bound, reading a block whose
+    maximum alone reaches it off that maximum (its index found afterwards, when it is the k-th or (k+1)-th): the two
+    values, their tie count and their first indices equal numpy's."""
+    from softtopk import _threshold_numba as kernel
+
+    x = _ordered_row(n, order)
+    top = np.sort(x)[::-1]
+    buf = np.empty(kernel._BUF, dtype=np.float32)
+    sample = np.empty(2 * kernel._WINDOW_SAMPLE + 2, dtype=np.float32)
+    at = np.empty(kernel._KEPT, dtype=np.int32)
+    pair = kernel.numba.njit(lambda x, k, buf, sample, at: kernel._dftopk_pair(x, k, buf, sample, at))
+    for k in (1, 2, 4, 10, 20, 31):
+        va, vb, ties, ia, ib, found = pair(x, k, buf, sample, at)
+        assert (va, vb) == (top[k - 1], top[k]), k
+        if found:
+            assert ties == int((x == va).sum() + (x == vb).sum()), k
+            assert ia == int(np.flatnonzero(x == va)[0]) and ib == int(np.flatnonzero(x == vb)[0]), k
