@@ -191,8 +191,9 @@ def solver_options(
     """``(tol, max_iter)`` of ``solver`` for a computation in ``dtype``: validated, None filled from :data:`SOLVERS`."""
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not float(tol) > 0):
         raise ValueError(f"{fn}: `tol` must be a positive number, got {tol!r}")
-    bad_iter = isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1  # type: ignore[operator]
-    if max_iter is not None and bad_iter:
+    if max_iter is not None and (
+        isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1
+    ):  # (tested only when given: the abstract-class check costs every call of a kernel's fast path)
         raise ValueError(f"{fn}: `max_iter` must be a positive int, got {max_iter!r}")
     table = SOLVERS[solver]
     if tol is None:

@@ -122,14 +122,8 @@ def _threshold_mask(family: str, rows: Rows, t: Tensor, tol, max_iter) -> Tensor
 
 
 def _threshold_kernel(family: str, rows: Rows, t, straight_through: bool, tol, max_iter) -> Tensor | None:
-    if tol is None and max_iter is None:  # the float32 defaults (the kernel computes in float32 only)
-        tol, max_iter = _F32_TOL, _MAX_ITER
-    else:
-        tol, max_iter = solver_options("threshold", rows.x.dtype, tol, max_iter, fn="")
+    tol, max_iter = solver_options("threshold", rows.x.dtype, tol, max_iter, fn="")
     return threshold.kernel_mask(family, rows.signed, rows.k_arg, t, tol, max_iter, hard=straight_through)
-
-
-_F32_TOL, _MAX_ITER = solver_options("threshold", torch.float32, fn="")
 
 
 def _normalised(family: str):

@@ -422,12 +422,19 @@ def _block_kept(x, k, buf, at):
 
 
 @numba.njit(inline="always")
+def _block_width(n):
+    """The width of :func:`_peaks`' blocks in a row of n entries: ``_WIDTH``, wider in rows of more than ``_BLOCKS``
+    such blocks."""
+    return _WIDTH * ((n + _WIDTH * _BLOCKS - 1) // (_WIDTH * _BLOCKS))
+
+
+@numba.njit(inline="always")
 def _peaks(x, k, buf):
     """(width, blocks): the maxima of the row's whole blocks of ``width`` entries (``_WIDTH``, wider in rows of more
     than ``_BLOCKS`` blocks) as integer keys (:func:`_key`) in buf[32:][:blocks], by one vectorised pass, and the k + 1
     largest of them in decreasing order in buf[:k + 1] (both viewed as int32)."""
     n = x.shape[0]
-    width = _WIDTH * ((n + _WIDTH * _BLOCKS - 1) // (_WIDTH * _BLOCKS))
+    width = _block_width(n)
     blocks = n // width
     xi = x.view(np.int32)
     peaks = buf[32 : 32 + _BLOCKS].view(np.int32)
@@ -1035,7 +1042,7 @@ def _kept_index(x, at, j, q, v):
         return n
     if at[j] >= 0:
         return at[j]
-    width = _WIDTH * ((n + _WIDTH * _BLOCKS - 1) // (_WIDTH * _BLOCKS))  # as in _peaks
+    width = _block_width(n)
     start = (-1 - at[j]) * width
     for i in range(start, start + width):
         if x[i] == v:

@@ -187,7 +187,7 @@ def _time_built(shape: Shape, x: Tensor, built: dict, notes: dict, cfg: Config, 
     groups: dict[bool, dict[str, Fn]] = {}
     for n, fn in fast.items():
         case = built[n][0]
-        for own in ((True, False) if n == BASELINE else (case.source in OWN_SOURCES,)):
+        for own in (True, False) if n == BASELINE else (case.source in OWN_SOURCES,):
             groups.setdefault(own, {})[n] = fn
     times: dict[str, list[float]] = {}
     base_of: dict[str, float] = {}
