@@ -840,25 +840,35 @@ def _ordered_row(n: int, order: str) -> np.ndarray:
     elif order == "infinities":
         x[rng.integers(0, n, max(1, n // 4))] = np.inf
         x[rng.integers(0, n, max(1, n // 4))] = -np.inf
+    elif order == "signed zeros":  # -0 and +0: equal as floats, apart as bit patterns (the keys of the selections)
+        x = np.where(rng.random(n) < 0.5, np.float32(-0.0), np.float32(0.0)) - np.abs(x) * (rng.random(n) < 0.5)
     return x
 
 
 @needs_numba
 @pytest.mark.parametrize("n", [2, 8, 16, 17, 31, 32, 33, 64, 65, 200, 640, 2047, 2048, 5000, 40000, 70001])
-@pytest.mark.parametrize("order", ["random", "ascending", "descending", "few values", "infinities"])
+@pytest.mark.parametrize("order", ["random", "ascending", "descending", "few values", "infinities", "signed zeros"])
 def test_kernel_order_statistics(n, order):
     """The kernels' k-th and (k+1)-th largest for k < 32 (registers or ranking in rows of up to 16, ranking
     survivors of a column-maxima bound in short rows, survivors of a block-maxima bound in long ones, wider blocks
     beyond 32768 entries, a scan when more entries survive than the scratch holds) equal numpy's sort, for sorted
-    rows, heavy ties and ±inf entries, at the row lengths where the method changes."""
+    rows, heavy ties, ±inf entries and signed zeros, at the row lengths where the method changes; the block maxima's
+    pair (the masks' start) is at most the row's; the hard mask's 32-entry writes select x >= the k-th largest."""
     from softtopk import _threshold_numba as kernel
 
     x = _ordered_row(n, order)
     top = np.sort(x)[::-1]
     buf = np.empty(kernel._BUF, dtype=np.float32)
     pair = kernel.numba.njit(lambda x, k, buf: kernel._top_pair(x, k, buf))
+    peak_pair = kernel.numba.njit(lambda x, k, buf: kernel._peak_pair(x, k, buf))
+    hard = np.empty_like(x)
     for k in range(1, min(n, kernel.SCAN_K)):
         assert pair(x, k, buf) == (top[k - 1], top[k]), k
+        if n >= kernel._SHORT * (k + 1):
+            a, b = peak_pair(x, k, buf)
+            assert a <= top[k - 1] and b <= top[k], k
+        assert kernel._hard_row(x, top[k - 1], hard) == int((x >= top[k - 1]).sum()), k
+        np.testing.assert_array_equal(hard, (x >= top[k - 1]).astype(np.float32))
 
 
 @needs_numba

@@ -60,8 +60,9 @@ _SCAN_K = 32  # rows with k < this get their start from the exact top-(k+1) (unl
 _SHORT = 32  # ... by ranking in rows shorter than this many times k + 1, else through block maxima
 _WIDTH = 32  # ... of blocks of this many entries
 _BLOCKS = 1024  # ... at most this many (wider blocks in longer rows)
-_BUF = 32 + 2 * _BLOCKS  # the float32 scratch of those selections (>= 32 + _SHORT * _SCAN_K)
-_KEPT = _BUF - 32 - _BLOCKS  # ... of which the entries kept by :func:`_block_kept`
+_BUF = 32 + 3 * _BLOCKS  # the float32 scratch of those selections (>= 32 + _SHORT * _SCAN_K): the ranks' 32, the
+_KEPT_AT = 32 + 2 * _BLOCKS  # ... blocks' maxima, the blocks that reach the bound, and from here the entries kept
+_KEPT = _BUF - _KEPT_AT  # ... by :func:`_block_kept`
 _MAX_START_K = 8  # ... exponential families with k from this up, in rows up to 64 k long, start at the maximum
 _SAMPLE = 256  # otherwise from a strided subsample of about this many entries (rows longer than 2x this)
 _BIG = 1e12  # |x|/t beyond this: the reference, which re-centres
@@ -106,6 +107,16 @@ def _float32_of_bits(typingctx, bits):
     return types.float32(bits), codegen
 
 
+def _llvm(builder, name, result, *params):
+    """The LLVM intrinsic ``name`` of the given IR types, declared once per module."""
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, list(params)), name)
+
+
+def _splat(elt, value, lanes=32):
+    """A constant vector of ``lanes`` copies of ``value``."""
+    return ir.Constant(ir.VectorType(elt, lanes), [value] * lanes)
+
+
 @intrinsic
 def _fma32(typingctx, a, b, c):
     """a b + c in float32 with one rounding (``llvm.fma``: a vector FMA instruction where the CPU has one, which is
@@ -115,10 +126,94 @@ def _fma32(typingctx, a, b, c):
 
     def codegen(context, builder, signature, args):
         f32 = context.get_value_type(types.float32)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32")
-        return builder.call(fma, args)
+        return builder.call(_llvm(builder, "llvm.fma.f32", f32, f32, f32, f32), args)
 
     return types.float32(a, b, c), codegen
+
+
+def _vector_at(context, builder, aryty, ary, start, lanes):
+    """A pointer to the ``lanes``-vector of the C-contiguous array ``ary`` that begins at index ``start``."""
+    data = context.make_array(aryty)(context, builder, value=ary).data
+    elt = context.get_value_type(aryty.dtype)
+    return builder.bitcast(builder.gep(data, [start]), ir.PointerType(ir.VectorType(elt, lanes)))
+
+
+def _is_row(a, dtype) -> bool:
+    return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dtype
+
+
+@intrinsic
+def _key_max32(typingctx, xi, start):
+    """The largest :func:`_key` of xi[start : start + 32] (int32 bit patterns, a C-contiguous row; no bounds check):
+    two vector loads and a vector reduction, 2.5x as fast as :func:`_key_max` over 32 entries (measured; LLVM's
+    vectorised loop over a slice of unknown length has a remainder and a reduction of its own)."""
+    if not (_is_row(xi, types.int32) and isinstance(start, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32, vec = ir.IntType(32), ir.VectorType(ir.IntType(32), 32)
+        b = builder.load(_vector_at(context, builder, signature.args[0], args[0], args[1], 32), align=4)
+        key = builder.xor(b, builder.and_(builder.ashr(b, _splat(i32, 31)), _splat(i32, 0x7FFFFFFF)))
+        return builder.call(_llvm(builder, "llvm.vector.reduce.smax.v32i32", i32, vec), [key])
+
+    return types.int32(xi, start), codegen
+
+
+def _mask32(context, builder, signature, args, op):
+    """The 32-bit mask of a[start : start + 32] ``op`` v (a C-contiguous int32 or float32 row, v of its dtype;
+    an ordered float comparison: NaN is never counted)."""
+    aryty = signature.args[0]
+    elt = context.get_value_type(aryty.dtype)
+    i32 = ir.IntType(32)
+    a = builder.load(_vector_at(context, builder, aryty, args[0], args[1], 32), align=4)
+    v = context.cast(builder, args[2], signature.args[2], aryty.dtype)
+    splat = builder.insert_element(ir.Constant(ir.VectorType(elt, 32), ir.Undefined), v, ir.Constant(i32, 0))
+    splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(i32, 32), [0] * 32))
+    cmp = builder.icmp_signed(op, a, splat) if aryty.dtype == types.int32 else builder.fcmp_ordered(op, a, splat)
+    return builder.bitcast(cmp, i32)
+
+
+def _popcount(builder, bits):
+    i32 = ir.IntType(32)
+    return builder.call(_llvm(builder, "llvm.ctpop.i32", i32, i32), [bits])
+
+
+def _counter(op):
+    @intrinsic
+    def count32(typingctx, a, start, v):
+        if not (isinstance(start, types.Integer) and (_is_row(a, types.int32) or _is_row(a, types.float32))):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return _popcount(builder, _mask32(context, builder, signature, args, op))
+
+        return types.int32(a, start, v), codegen
+
+    count32.__doc__ = f"""How many of a[start : start + 32] are {op} v (see :func:`_mask32`): a vector comparison and
+    a population count."""
+    return count32
+
+
+_count_ge32 = _counter(">=")
+_count_gt32 = _counter(">")
+
+
+@intrinsic
+def _hard32(typingctx, x, out, start, a):
+    """out[start : start + 32] = 1 where x[start : start + 32] >= a, else 0 (float32 rows); returns how many."""
+    if not (_is_row(x, types.float32) and _is_row(out, types.float32) and isinstance(start, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        bits = _mask32(context, builder, types.int32(signature.args[0], signature.args[2], signature.args[3]),
+                       [args[0], args[2], args[3]], ">=")  # fmt: skip
+        hit = builder.bitcast(bits, ir.VectorType(ir.IntType(1), 32))
+        ones = builder.select(hit, _splat(f32, 1.0), _splat(f32, 0.0))
+        builder.store(ones, _vector_at(context, builder, signature.args[1], args[1], args[2], 32), align=4)
+        return _popcount(builder, bits)
+
+    return types.int32(x, out, start, a), codegen
 
 
 @numba.njit(inline="always")
@@ -375,73 +470,112 @@ def _block_pair(x, k, buf):
 @numba.njit(inline="always")
 def _block_kept(x, k, buf, at):
     """(k-th largest, (k+1)-th largest, q) of a row of at least ``_SHORT`` (k + 1) entries: the maxima of blocks
-    of ``_WIDTH`` entries (wider in rows of more than ``_BLOCKS`` blocks) in one vectorised pass, as integer keys
-    (:func:`_key`); the (k+1)-th largest of them bounds the row's (k+1)-th largest from below, since k + 1 entries
-    reach it; the q entries at or above that bound (k + 1 to 2k for Gaussian scores), found in the blocks whose
-    maximum reaches it, are kept in buf[32 + _BLOCKS:][:q] (their indices in ``at`` when it is not empty), in the
-    row's order, and ranked; a block where its maximum alone reaches the bound (counted without a branch) gives
-    that maximum and is not scanned (its index in ``at`` is then -1 - the block's number: :func:`_kept_index`).
-    When more than ``_BLOCKS`` entries reach the bound (ties), one scan of the row (:func:`_scan_top`) instead, and
-    q = -1. 1.5–3x faster than that scan alone at n = 1000 to 1.28e5 and k from 4 to 10 (measured)."""
+    of ``_WIDTH`` entries (wider in rows of more than ``_BLOCKS`` blocks, see :func:`_peaks`); the (k+1)-th largest
+    of them bounds the row's (k+1)-th largest from below, since k + 1 entries reach it; the q entries at or above
+    that bound (k + 1 to 2k for Gaussian scores), found in the blocks whose maximum reaches it (listed without a
+    branch), are kept in buf[_KEPT_AT:][:q] (their indices in ``at`` when it is not empty), in the row's order, and
+    ranked; a block where its maximum alone reaches the bound (counted by vector comparisons) gives that maximum
+    and is not scanned (its index in ``at`` is then -1 - the block's number: :func:`_kept_index`). When more than
+    ``_KEPT`` entries reach the bound (ties), one scan of the row (:func:`_scan_top`) instead, and q = -1. Faster
+    than that scan alone by 1.9x at n = 1000, 3-4x at n = 1e4 and 6x at n = 1.28e5, k from 4 to 10 (measured on one
+    Zen 4 core)."""
     n = x.shape[0]
-    width, blocks = _peaks(x, k, buf)
+    width, blocks, _, cut = _peaks(x, k, buf)
     peaks = buf[32 : 32 + _BLOCKS].view(np.int32)
-    cut = buf[:32].view(np.int32)[k]
+    listed = buf[32 + _BLOCKS : _KEPT_AT].view(np.int32)
     low = _float32_of_bits(_key(cut))
-    kept = buf[32 + _BLOCKS :]
+    kept = buf[_KEPT_AT:]
     record = at.shape[0] > 0
+    m = 0
+    for j in range(blocks):  # (a branch per block mispredicts for the k + 1 or so that reach the bound)
+        listed[m] = j
+        m += peaks[j] >= cut
     q = 0
-    for j in range(blocks + 1):
-        if j == blocks or peaks[j] >= cut:  # (and the tail after the last whole block)
-            if j < blocks:  # count the block's entries at the bound first
-                xb = x[j * width : (j + 1) * width]
-                count = 0
-                for i in range(width):  # (vectorised, no branch: 25% off the selection at k = 5 and 10)
-                    count += xb[i] >= low
-                if count == 1 and peaks[j] <= np.int32(0x7F800000):  # only its maximum (not NaN) reaches the bound
-                    if q == kept.shape[0]:
-                        a, b = _scan_pair(x, k, buf)
-                        return a, b, -1
-                    kept[q] = _float32_of_bits(_key(peaks[j]))
-                    if record:
-                        at[q] = -1 - j  # the block, not the index (see _kept_index)
-                    q += 1
-                    continue
-            for i in range(j * width, min(n, (j + 1) * width)):
-                v = x[i]
-                if v >= low:
-                    if q == kept.shape[0]:
-                        a, b = _scan_pair(x, k, buf)
-                        return a, b, -1
-                    kept[q] = v
-                    if record:
-                        at[q] = i
-                    q += 1
-    a, b = _rank_pair(kept[:q], k) if q <= 64 else _scan_pair(kept[:q], k, buf)
+    for jj in range(m + 1):
+        j = listed[jj] if jj < m else blocks  # (then the tail after the last whole block)
+        if j < blocks:
+            count = 0
+            for s in range(j * width, (j + 1) * width, 32):
+                count += _count_ge32(x, s, low)
+            if count == 1 and peaks[j] <= np.int32(0x7F800000):  # only its maximum (not NaN) reaches the bound
+                if q == kept.shape[0]:
+                    a, b = _scan_pair(x, k, buf)
+                    return a, b, -1
+                kept[q] = _float32_of_bits(_key(peaks[j]))
+                if record:
+                    at[q] = -1 - j  # the block, not the index (see _kept_index)
+                q += 1
+                continue
+        for i in range(j * width, min(n, (j + 1) * width)):
+            v = x[i]
+            if v >= low:
+                if q == kept.shape[0]:
+                    a, b = _scan_pair(x, k, buf)
+                    return a, b, -1
+                kept[q] = v
+                if record:
+                    at[q] = i
+                q += 1
+    if q > 64:
+        a, b = _scan_pair(kept[:q], k, buf)
+        return a, b, q
+    end = (q + 15) // 16 * 16  # padded with -inf to whole vectors (see _tiny_pair)
+    for i in range(q, end):
+        kept[i] = -np.inf
+    a, b = _rank_first(kept[:end], q, k)
     return a, b, q
 
 
 @numba.njit(inline="always")
 def _block_width(n):
     """The width of :func:`_peaks`' blocks in a row of n entries: ``_WIDTH``, wider in rows of more than ``_BLOCKS``
-    such blocks."""
+    such blocks (a multiple of ``_WIDTH``)."""
     return _WIDTH * ((n + _WIDTH * _BLOCKS - 1) // (_WIDTH * _BLOCKS))
 
 
 @numba.njit(inline="always")
 def _peaks(x, k, buf):
-    """(width, blocks): the maxima of the row's whole blocks of ``width`` entries (``_WIDTH``, wider in rows of more
-    than ``_BLOCKS`` blocks) as integer keys (:func:`_key`) in buf[32:][:blocks], by one vectorised pass, and the k + 1
-    largest of them in decreasing order in buf[:k + 1] (both viewed as int32)."""
+    """(width, blocks, first, second): the maxima of the row's whole blocks of ``width`` entries (``_WIDTH``, wider
+    in rows of more than ``_BLOCKS`` blocks) as integer keys (:func:`_key`) in buf[32:][:blocks], 32 entries at a
+    time (:func:`_key_max32`), and the k-th and (k+1)-th largest of them (keys): ranked without a branch
+    (:func:`_rank_keys`) among up to 64 blocks, else by one scan (:func:`_scan_top`, into buf[:k + 1])."""
     n = x.shape[0]
     width = _block_width(n)
     blocks = n // width
     xi = x.view(np.int32)
     peaks = buf[32 : 32 + _BLOCKS].view(np.int32)
     for j in range(blocks):
-        peaks[j] = _key_max(xi[j * width : (j + 1) * width])
-    _scan_top(peaks[:blocks], k + 1, buf[:32].view(np.int32), np.int32(-0x7FFFFFFF - 1))
-    return width, blocks
+        best = _key_max32(xi, j * width)
+        for s in range(j * width + 32, (j + 1) * width, 32):
+            best = max(best, _key_max32(xi, s))
+        peaks[j] = best
+    if blocks <= 64:
+        first, second = _rank_keys(peaks, blocks, k)
+        return width, blocks, first, second
+    top = buf[:32].view(np.int32)
+    _scan_top(peaks[:blocks], k + 1, top, np.int32(-0x7FFFFFFF - 1))
+    return width, blocks, top[k - 1], top[k]
+
+
+@numba.njit(inline="always")
+def _rank_keys(a, m, k):
+    """The k-th and (k+1)-th largest of the int32 keys a[:m] (m <= 64, k < m; a[m:] up to a multiple of 32 is
+    overwritten with the lowest key): for every key, how many exceed it and how many are at least as large, by
+    vector comparisons (:func:`_count_gt32`) and no branch (4x as fast as :func:`_scan_top` over 31 maxima)."""
+    lowest = np.int32(-0x7FFFFFFF - 1)
+    end = (m + 31) // 32 * 32
+    for i in range(m, end):
+        a[i] = lowest
+    first = second = lowest
+    for i in range(m):
+        v = a[i]
+        gt = ge = 0
+        for s in range(0, end, 32):
+            gt += _count_gt32(a, s, v)
+            ge += _count_ge32(a, s, v)
+        first = v if gt < k <= ge else first  # v holds every rank in (gt, ge]
+        second = v if gt <= k < ge else second
+    return first, second
 
 
 @numba.njit(inline="always")
@@ -449,9 +583,8 @@ def _peak_pair(x, k, buf):
     """The k-th and (k+1)-th largest of the block maxima of :func:`_peaks` (a row of at least ``_SHORT`` (k + 1)
     entries): lower bounds on the row's own k-th and (k+1)-th largest, equal to them unless two of the row's k + 1
     largest share a block."""
-    _peaks(x, k, buf)
-    top = buf[:32].view(np.int32)
-    return _float32_of_bits(_key(top[k - 1])), _float32_of_bits(_key(top[k]))
+    _, _, first, second = _peaks(x, k, buf)
+    return _float32_of_bits(_key(first)), _float32_of_bits(_key(second))
 
 
 @numba.njit(inline="always")
@@ -923,9 +1056,13 @@ def _pair(x, k, buf, sample):
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _hard_row(x, a, out):
-    """out = 1 where x >= a, else 0; returns how many entries that selects."""
+    """out = 1 where x >= a, else 0, 32 entries at a time (:func:`_hard32`); returns how many entries that selects."""
+    n = x.shape[0]
+    whole = n - n % 32
     count = 0
-    for i in range(x.shape[0]):
+    for s in range(0, whole, 32):
+        count += _hard32(x, out, s, a)
+    for i in range(whole, n):
         hit = x[i] >= a
         out[i] = 1.0 if hit else 0.0
         count += hit
@@ -1029,7 +1166,7 @@ def _dftopk_pair(x, k, buf, sample, at):
     va, vb, q = _block_kept(x, k, buf, at)
     if q < 0:
         return va, vb, 0, n, n, False
-    ties, ja, jb = _locate(buf[32 + _BLOCKS : 32 + _BLOCKS + q], va, vb)  # kept in the row's order: first is first
+    ties, ja, jb = _locate(buf[_KEPT_AT : _KEPT_AT + q], va, vb)  # kept in the row's order: first is first
     return va, vb, ties, _kept_index(x, at, ja, q, va), _kept_index(x, at, jb, q, vb), True
 
 
