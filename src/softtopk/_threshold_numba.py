@@ -199,6 +199,33 @@ _count_gt32 = _counter(">")
 
 
 @intrinsic
+def _bits_ge32(typingctx, x, start, v):
+    """The bits of x[start : start + 32] >= v (bit i for entry start + i; a float32 row, NaN never set), as an
+    int64: one vector comparison."""
+    if not (_is_row(x, types.float32) and isinstance(start, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.zext(_mask32(context, builder, signature, args, ">="), ir.IntType(64))
+
+    return types.int64(x, start, v), codegen
+
+
+@intrinsic
+def _lowest_bit(typingctx, bits):
+    """The index of the lowest set bit of a non-zero int64 (``llvm.cttz``: one instruction)."""
+    if not (isinstance(bits, types.Integer) and bits.bitwidth == 64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        cttz = _llvm(builder, "llvm.cttz.i64", i64, i64, ir.IntType(1))
+        return builder.call(cttz, [args[0], ir.Constant(ir.IntType(1), 1)])  # (1: undefined for 0)
+
+    return types.int64(bits), codegen
+
+
+@intrinsic
 def _hard32(typingctx, x, out, start, a):
     """out[start : start + 32] = 1 where x[start : start + 32] >= a, else 0 (float32 rows); returns how many."""
     if not (_is_row(x, types.float32) and _is_row(out, types.float32) and isinstance(start, types.Integer)):
@@ -675,27 +702,33 @@ def _short_pair(x, k, buf):
 
 @numba.njit(cache=True)
 def _select_pair(a, r):
-    """The r-th and (r+1)-th largest of a (1 <= r < len(a)), by quickselect in place (Hoare's partition):
-    cheap to compile, unlike ``np.partition``."""
-    lo, hi = 0, a.shape[0] - 1
-    while lo < hi:  # afterwards a[:r] >= a[r] >= a[r + 1:]
-        pivot = a[(lo + hi) // 2]
-        i, j = lo, hi
-        while i <= j:
-            while a[i] > pivot:
-                i += 1
-            while a[j] < pivot:
-                j -= 1
-            if i <= j:
-                a[i], a[j] = a[j], a[i]
-                i += 1
-                j -= 1
-        if r <= j:
-            hi = j
-        elif r >= i:
-            lo = i
-        else:
+    """The r-th and (r+1)-th largest of a (1 <= r < len(a)), by quickselect in place: cheap to compile, unlike
+    ``np.partition``. Each step splits the range at the median of three entries with branch-free partitions (the
+    entries above the pivot to the front, then those equal to it: ties end the search), 3.3x as fast as Hoare's
+    partition, whose comparisons mispredict half the time (measured at 270 to 4096 entries). NaN entries are never
+    above nor equal to a pivot; a NaN pivot stops the search (the callers decline non-finite rows)."""
+    lo, hi = 0, a.shape[0]
+    while True:  # afterwards a[:r] >= a[r] >= a[r + 1:]
+        u, v, w = a[lo], a[(lo + hi) // 2], a[hi - 1]
+        pivot = max(min(u, v), min(max(u, v), w))
+        above = lo
+        for i in range(lo, hi):
+            e = a[i]
+            a[i] = a[above]
+            a[above] = e
+            above += e > pivot
+        if r < above:
+            hi = above
+            continue
+        ties = above
+        for i in range(above, hi):  # (every entry here is at most the pivot)
+            e = a[i]
+            a[i] = a[ties]
+            a[ties] = e
+            ties += e >= pivot
+        if r < ties or ties == lo:
             break
+        lo = ties
     return a[:r].min(), a[r]
 
 
@@ -1012,9 +1045,9 @@ def _window_pair(x, k, sample):
     """The k-th and (k+1)-th largest of a long row x (1 <= k < n): a strided sample of about ``_WINDOW_SAMPLE``
     entries (every ``_WINDOW_STRIDE``-th at least) brackets both in a window [lo, hi] of a few percent of the row
     (the window's ends selected in the sample); one pass counts the entries above hi and copies those inside into a
-    scratch array; quickselect finishes in the window. The whole row is selected instead when the bracket misses
-    (rare). The scratch array is the row's size (only the window is touched, unless the bracket misses) and lives
-    for this row only, so that a call holds one per thread at most."""
+    scratch array (by vector comparisons, 32 entries at a time); quickselect finishes in the window. The whole row
+    is selected instead when the bracket misses (rare). The scratch array is the row's size (only the window is
+    touched, unless the bracket misses) and lives for this row only, so that a call holds one per thread at most."""
     n = x.shape[0]
     scratch = np.empty_like(x)
     stride = max(_WINDOW_STRIDE, n // _WINDOW_SAMPLE)
@@ -1029,7 +1062,17 @@ def _window_pair(x, k, sample):
     lo = (_select_pair(sample[:m], j_lo)[0] if j_lo < m else sample[:m].min()) if j_lo <= m else -np.inf
     above = 0
     w = 0
-    for i in range(n):  # without branches (20% faster than with, though they are rarely taken)
+    whole = n - n % 32
+    for start in range(0, whole, 32):  # 32 entries at a time: a vector comparison, then only the window's entries
+        if hi < np.inf:
+            above += _count_gt32(x, start, hi)
+        bits = _bits_ge32(x, start, lo)
+        while bits != 0:
+            v = x[start + _lowest_bit(bits)]
+            scratch[w] = v
+            w += v <= hi
+            bits &= bits - 1
+    for i in range(whole, n):  # (the tail without branches)
         v = x[i]
         above += v > hi
         scratch[w] = v
