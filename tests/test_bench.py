@@ -147,6 +147,23 @@ def test_first_call_is_a_warm_up_not_timed():
     assert rec["first_call_ms"] >= 300 and rec["median_ms"] < 100 and rec["rounds"] == 3
 
 
+def test_core_cases_are_timed_in_rounds_of_their_own():
+    """The threshold masks' rounds are not paced by a slow operator: each group of cases (core, softtopk's other
+    operators, peers) is interleaved with torch.topk in its own rounds, within the budget."""
+
+    def slow(x, k):
+        time.sleep(0.01)
+        return x * 2
+
+    cfg = Config(budget_s=0.05, min_rounds=3, max_rounds=50)
+    base = next(c for c in softtopk_cases() if c.name == BASELINE)
+    core = Case("fast", "softtopk", tags("core"), call=lambda x, k: x * 2)
+    other = Case("slow", "softtopk", tags("operators"), call=slow)
+    recs = {r["case"]: r for r in run_shape(Shape(2, 16, 2), [base, core, other], cfg, _History())}
+    assert recs["slow"]["rounds"] <= 6 < recs["fast"]["rounds"] == recs[BASELINE]["rounds"]
+    assert recs[BASELINE]["ratio"] == 1.0 and recs["slow"]["ratio"] > 1.0
+
+
 def test_caps_stop_a_case_before_it_runs():
     hist, cfg = _History(), Config(max_call_s=1.0, max_mem_gb=1.0)
     case = Case("quadratic", "in-house", tags("core"), call=lambda x, k: x, order=2.0)

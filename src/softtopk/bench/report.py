@@ -119,8 +119,9 @@ def _notes(doc: Doc, tag: str) -> list[str]:
 def _legend(doc: Doc, what: str, memory: bool = True) -> str:
     mem = "; bytes/elem: peak extra memory of one call per element of x" if memory else ""
     return (f"{what[0].upper() + what[1:]}: forward+backward time as a ratio to `torch.topk(x, k).values` "
-            "forward+backward on the same input (median of interleaved rounds after a warm-up call, the peers in "
-            "rounds of their own; a fixed random upstream gradient), float32, softtopk's masks at temperature "
+            "forward+backward on the same input (median of interleaved rounds after a warm-up call, each with "
+            "torch.topk: the threshold masks and softmax in rounds of their own, softtopk's other operators in "
+            "theirs, the peers in theirs; a fixed random upstream gradient), float32, softtopk's masks at temperature "
             f"{doc['config']['speed_temperature']}"
             f"{mem}. {provenance(doc)}")  # fmt: skip
 

@@ -172,6 +172,13 @@ def run_shape(shape: Shape, cases: list[Case], cfg: Config, hist: _History) -> l
 OWN_SOURCES = ("torch", "softtopk")  # the cases timed apart from the peers'
 
 
+PEERS, OWN, CORE = range(3)  # the groups of interleaved timing, in the order they run
+
+
+def _group(case: Case) -> int:
+    return CORE if "core" in case.tags else OWN if case.source in OWN_SOURCES else PEERS
+
+
 def _time_built(shape: Shape, x: Tensor, built: dict, notes: dict, cfg: Config, hist: _History) -> list[dict]:
     def reset() -> None:  # outside the timed region: every call allocates its gradient afresh
         x.grad = None
@@ -181,23 +188,26 @@ def _time_built(shape: Shape, x: Tensor, built: dict, notes: dict, cfg: Config, 
     visible = {n: fn for n, (c, fn, _, _) in built.items() if c.memory_visible and n not in over}
     peaks = peak_extra_bytes(visible, cfg.device, reset=reset)
     fast = {n: fn for n, (_, fn, s, _) in built.items() if s <= cfg.slow_s or n == BASELINE}
-    # softtopk and torch's own cases are interleaved among themselves, the peers among themselves, each group with
-    # torch.topk and its ratios against that group's torch.topk: a peer's runtime (JAX's thread pools) then does not
-    # slow the calls that follow it in a round
-    groups: dict[bool, dict[str, Fn]] = {}
+    # each group of cases is interleaved among itself and with torch.topk, and its ratios are against that group's
+    # torch.topk: the peers (a peer's runtime, JAX's thread pools, then does not slow the calls after it in a round),
+    # the rest of softtopk's and torch's own, and the core cases (the threshold masks and softmax, whose targets the
+    # tables check: rounds of their own, not a few between calls that take 10-500x as long and evict the caches)
+    groups: dict[int, dict[str, Fn]] = {}
     for n, fn in fast.items():
-        case = built[n][0]
-        for own in (True, False) if n == BASELINE else (case.source in OWN_SOURCES,):
-            groups.setdefault(own, {})[n] = fn
+        for g in (PEERS, OWN, CORE) if n == BASELINE else (_group(built[n][0]),):
+            groups.setdefault(g, {})[n] = fn
     times: dict[str, list[float]] = {}
     base_of: dict[str, float] = {}
-    for own, group in sorted(groups.items()):  # the peers first (their threads idle again before softtopk's rounds)
-        if len(group) == 1 and not own:
+    for g, group in sorted(groups.items()):  # the peers first (their threads idle again before softtopk's rounds)
+        if len(group) == 1:
             continue
         got = interleaved(group, cfg.max_rounds, budget_s=cfg.budget(shape), min_rounds=cfg.min_rounds,
-                          reset=reset, sync=sync, seed=cfg.seed + shape.n + (0 if own else 1))  # fmt: skip
-        for n, ts in got.items():  # torch.topk's record: the own rounds' (the later ones)
+                          reset=reset, sync=sync, seed=cfg.seed + shape.n + g)  # fmt: skip
+        for n, ts in got.items():  # torch.topk's record: the core rounds' (the last ones)
             base_of[n], times[n] = median(got[BASELINE]), ts
+    if BASELINE not in times:  # only torch.topk at this shape
+        times.update(interleaved({BASELINE: fast[BASELINE]}, cfg.max_rounds, budget_s=cfg.budget(shape),
+                                 min_rounds=cfg.min_rounds, reset=reset, sync=sync))  # fmt: skip
     for name, (_, fn, one, _) in built.items():
         if name in over:
             times[name] = [one]
