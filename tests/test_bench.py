@@ -217,3 +217,21 @@ def test_a_slow_first_call_is_not_taken_for_the_speed():
     hist = _History()
     rec = run_shape(Shape(2, 16, 2), [base, case], cfg, hist)[-1]
     assert rec["note"] == "" and rec["rounds"] == 2 and rec["first_call_ms"] >= 400 and "jit" not in hist.stopped
+
+
+def test_core_grid_is_judged_from_n_1e3():
+    """The core table bolds a method over its target at n = 1e3 to 1e6 (not below) and counts the targets met."""
+    from softtopk.bench.report import grid_table
+
+    def rec(case, n, ratio):
+        return {"case": case, "rows": 32, "n": n, "ratio": ratio, "skipped": None, "note": None, "median_ms": 1.0,
+                "bytes_per_element": 4.0}  # fmt: skip
+
+    ratios = {"softmax": (0.8, 0.3, 0.3), "dftopk": (1.5, 0.9, 1.1), "sigmoid": (3.0, 0.7, 0.8)}
+    speed = [rec(c, n, r[i]) for c, r in ratios.items() for i, n in enumerate((100, 1_000, 10_000))]
+    speed += [rec(BASELINE, n, 1.0) for n in (100, 1_000, 10_000)]
+    cases = [{"name": c, "source": "softtopk", "tags": ["core"], "fixed_k": None} for c in (BASELINE, *ratios)]
+    lines = grid_table({"cases": cases, "speed": speed}, "core", exponent=False)
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
+    assert "| 1.50× | 0.90× | **1.10×** |" in rows["dftopk"] and "| 3.00× | 0.70× | 0.80× |" in rows["sigmoid"]
+    assert "Targets met at n = 1e3 to 1e6: 3 of 4 (bold: missed;" in lines[-1]
