@@ -622,16 +622,11 @@ def _scan_pair(a, k, buf):
 
 
 @numba.njit(inline="always", fastmath={"nsz"})
-def _rank_pair(a, k):
-    """The k-th and (k+1)-th largest of a short array (longer than k): for every entry, how many entries exceed it
-    and how many are at least as large, by branch-free inner loops that vectorise (len(a)² comparisons); -inf
-    where no entry has the rank (NaN entries have none)."""
-    return _rank_first(a, a.shape[0], k)
-
-
-@numba.njit(inline="always", fastmath={"nsz"})
 def _rank_first(a, m, k):
-    """:func:`_rank_pair` of a[:m], the entries a[m:] (padding, at most a[:m]'s smallest) counted in the ranks."""
+    """The k-th and (k+1)-th largest of a[:m] (k < m), the entries a[m:] (padding, at most a[:m]'s smallest)
+    counted in the ranks: for every entry, how many entries exceed it and how many are at least as large, by
+    branch-free inner loops that vectorise (m · len(a) comparisons); -inf where no entry has the rank (NaN entries
+    have none)."""
     first = second = -np.inf
     for i in range(m):
         v = a[i]
@@ -664,7 +659,7 @@ def _top4_pair(x, k):
 
 @numba.njit(inline="always", fastmath={"nsz"})
 def _tiny_pair(x, k, buf):
-    """:func:`_rank_pair` of a row of at most 16 entries, copied into ``buf`` and padded with -inf (below or equal
+    """:func:`_rank_first` of a row of at most 16 entries, copied into ``buf`` and padded with -inf (below or equal
     to every entry: no rank up to n changes) so that the inner loop has the fixed length 16 and no scalar
     remainder (:func:`_rank_first`): 2.5x faster on rows of 8 (a mixture-of-experts router's)."""
     n = x.shape[0]
@@ -673,31 +668,58 @@ def _tiny_pair(x, k, buf):
     return _rank_first(buf[:16], n, k)
 
 
-@numba.njit(inline="always", fastmath={"nsz"})
+@numba.njit(inline="always")
+def _rank32(a, m, k):
+    """The k-th and (k+1)-th largest of the float32 a[:m] (k < m), a[m:] up to a multiple of 32 overwritten with
+    -inf: :func:`_rank_first` by vector comparisons, 32 entries at a time (:func:`_count_gt32`); -inf where no
+    entry has the rank (NaN entries have none)."""
+    end = (m + 31) // 32 * 32
+    for i in range(m, end):
+        a[i] = -np.inf
+    first = second = -np.inf
+    for i in range(m):
+        v = a[i]
+        gt = ge = 0
+        for s in range(0, end, 32):
+            gt += _count_gt32(a, s, v)
+            ge += _count_ge32(a, s, v)
+        first = v if gt < k <= ge else first  # v holds every rank in (gt, ge]
+        second = v if gt <= k < ge else second
+    return first, second
+
+
+@numba.njit(inline="always")
 def _short_pair(x, k, buf):
-    """:func:`_top_pair` in a short row: the row read as columns of 16 (k < 16) or 32 entries, the (k+1)-th
-    largest of the column maxima is a lower bound on the row's (k+1)-th largest (k + 1 entries are at least it);
-    the entries above it (about 3 k for Gaussian scores) are compacted without a branch and ranked by
-    :func:`_rank_pair`."""
+    """:func:`_top_pair` in a short float32 row: the row read as columns of 16 (k < 16) or 32 entries, the
+    (k+1)-th largest of the column maxima is a lower bound on the row's (k+1)-th largest (k + 1 entries are at
+    least it); the entries above it (about 3 k for Gaussian scores), found by vector comparisons, are ranked by
+    :func:`_rank32` (1.75x as fast as a scalar compaction and ranking at 64 entries, k = 8; 1.6x at 200, k = 20)."""
     n = x.shape[0]
     cols = 16 if k < 16 else 32
     low = -np.inf
     if n >= 2 * cols:
-        cmax = buf[:cols]
+        cmax = buf[:32]
         for c in range(cols):
             cmax[c] = x[c]
         for i in range(cols, n - n % cols, cols):
             for c in range(cols):
                 v = x[i + c]
                 cmax[c] = v if v > cmax[c] else cmax[c]
-        low = _rank_pair(cmax, k)[1]
-    kept = buf[cols:]
+        low = _rank32(cmax, cols, k)[1]
+    kept = buf[32:]
     m = 0
-    for i in range(n):
+    whole = n - n % 32
+    for start in range(0, whole, 32):
+        bits = _bits_ge32(x, start, low)
+        while bits != 0:
+            kept[m] = x[start + _lowest_bit(bits)]
+            m += 1
+            bits &= bits - 1
+    for i in range(whole, n):
         v = x[i]
         kept[m] = v
         m += v >= low
-    return _rank_pair(kept[:m], k)
+    return _rank32(kept, m, k)
 
 
 @numba.njit(cache=True)
