@@ -60,7 +60,7 @@ def target(case: str, softmax_ratio: float | None) -> float | None:
 
 def _judged(r: dict | None, case: str, softmax: dict | None) -> tuple[str, bool | None]:
     """A speed cell, bold where it misses its target, and whether it met it (None: no target)."""
-    lim = target(case, softmax and softmax["ratio"])
+    lim = target(case, softmax["ratio"] if softmax else None)
     if r is None or lim is None:
         return _cell(r), None
     ok = r["skipped"] is None and r["ratio"] <= lim
