@@ -565,7 +565,7 @@ def _peaks(x, k, buf):
     """(width, blocks, first, second): the maxima of the row's whole blocks of ``width`` entries (``_WIDTH``, wider
     in rows of more than ``_BLOCKS`` blocks) as integer keys (:func:`_key`) in buf[32:][:blocks], 32 entries at a
     time (:func:`_key_max32`), and the k-th and (k+1)-th largest of them (keys): ranked without a branch
-    (:func:`_rank_keys`) among up to 64 blocks, else by one scan (:func:`_scan_top`, into buf[:k + 1])."""
+    (:func:`_rank32`) among up to 64 blocks, else by one scan (:func:`_scan_top`, into buf[:k + 1])."""
     n = x.shape[0]
     width = _block_width(n)
     blocks = n // width
@@ -577,7 +577,7 @@ def _peaks(x, k, buf):
             best = max(best, _key_max32(xi, s))
         peaks[j] = best
     if blocks <= 64:
-        first, second = _rank_keys(peaks, blocks, k)
+        first, second = _rank32(peaks, blocks, k, np.int32(-0x7FFFFFFF - 1))
         return width, blocks, first, second
     top = buf[:32].view(np.int32)
     _scan_top(peaks[:blocks], k + 1, top, np.int32(-0x7FFFFFFF - 1))
@@ -585,11 +585,11 @@ def _peaks(x, k, buf):
 
 
 @numba.njit(inline="always")
-def _rank_keys(a, m, k):
-    """The k-th and (k+1)-th largest of the int32 keys a[:m] (m <= 64, k < m; a[m:] up to a multiple of 32 is
-    overwritten with the lowest key): for every key, how many exceed it and how many are at least as large, by
-    vector comparisons (:func:`_count_gt32`) and no branch (4x as fast as :func:`_scan_top` over 31 maxima)."""
-    lowest = np.int32(-0x7FFFFFFF - 1)
+def _rank32(a, m, k, lowest):
+    """The k-th and (k+1)-th largest of a[:m] (an int32 or float32 array, k < m; a[m:] up to a multiple of 32 is
+    overwritten with ``lowest``, at most every entry): for every entry, how many exceed it and how many are at least
+    as large, by vector comparisons (:func:`_count_gt32`), 32 at a time, and no branch (4x as fast as
+    :func:`_scan_top` over 31 block maxima); ``lowest`` where no entry has the rank (NaN entries have none)."""
     end = (m + 31) // 32 * 32
     for i in range(m, end):
         a[i] = lowest
@@ -669,26 +669,6 @@ def _tiny_pair(x, k, buf):
 
 
 @numba.njit(inline="always")
-def _rank32(a, m, k):
-    """The k-th and (k+1)-th largest of the float32 a[:m] (k < m), a[m:] up to a multiple of 32 overwritten with
-    -inf: :func:`_rank_first` by vector comparisons, 32 entries at a time (:func:`_count_gt32`); -inf where no
-    entry has the rank (NaN entries have none)."""
-    end = (m + 31) // 32 * 32
-    for i in range(m, end):
-        a[i] = -np.inf
-    first = second = -np.inf
-    for i in range(m):
-        v = a[i]
-        gt = ge = 0
-        for s in range(0, end, 32):
-            gt += _count_gt32(a, s, v)
-            ge += _count_ge32(a, s, v)
-        first = v if gt < k <= ge else first  # v holds every rank in (gt, ge]
-        second = v if gt <= k < ge else second
-    return first, second
-
-
-@numba.njit(inline="always")
 def _short_pair(x, k, buf):
     """:func:`_top_pair` in a short float32 row: the row read as columns of 16 (k < 16) or 32 entries, the
     (k+1)-th largest of the column maxima is a lower bound on the row's (k+1)-th largest (k + 1 entries are at
@@ -705,7 +685,7 @@ def _short_pair(x, k, buf):
             for c in range(cols):
                 v = x[i + c]
                 cmax[c] = v if v > cmax[c] else cmax[c]
-        low = _rank32(cmax, cols, k)[1]
+        low = _rank32(cmax, cols, k, -np.inf)[1]
     kept = buf[32:]
     m = 0
     whole = n - n % 32
@@ -719,7 +699,7 @@ def _short_pair(x, k, buf):
         v = x[i]
         kept[m] = v
         m += v >= low
-    return _rank32(kept, m, k)
+    return _rank32(kept, m, k, -np.inf)
 
 
 @numba.njit(cache=True)
