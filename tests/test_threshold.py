@@ -633,6 +633,54 @@ def test_kernel_matches_reference(variant, shape, k):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-3 * scale, msg=what)
 
 
+def _sparse_rows(case: str) -> tuple[torch.Tensor, float, float]:
+    """(float32 scores, k, temperature) that send the sparse families' kernel through each way of its windows."""
+    g = torch.Generator().manual_seed(21)
+    if case == "pair":  # whole k < 32: the window from the block maxima's k-th and (k+1)-th largest
+        return torch.randn(6, 1000, generator=g), 10, 0.3
+    if case == "pair_falls_short":  # the top k + 1 in one block: the maxima's k-th is far below the row's
+        return torch.randn(3, 2000, generator=g).sort(-1, descending=True).values, 12, 0.05
+    if case == "sampled":  # k >= 32 in a long row: the window from a subsample's order statistics
+        return torch.randn(3, 20000, generator=g), 300, 0.3
+    if case == "sampled_real_k":
+        return torch.randn(3, 20000, generator=g), 250.5, 0.1
+    if case == "wide":  # most of the row inside the window: the steps over the row instead
+        return torch.randn(3, 2000, generator=g), 10, 30.0
+    if case == "heavy_tail":  # a start far from the root: windows that miss, move and widen
+        return torch.empty(3, 20000).exponential_(generator=g) ** 3 * 100.0, 153, 0.01
+    raise AssertionError(case)
+
+
+@needs_numba
+@pytest.mark.parametrize("p", [2, 4 / 3])
+@pytest.mark.parametrize("case", ["pair", "pair_falls_short", "sampled", "sampled_real_k", "wide", "heavy_tail"])
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_sparse_kernel_windows_find_the_exact_root(p, case, straight_through):
+    """The sparse families' kernel takes its Newton steps on a window of the row (the entries that can be inside
+    (0, 1) for τ in a bracket from order statistics); whichever way the window goes, the mask and its gradient are
+    those of the float64 reference solved to 1e-12, and Σy = k to the float32 tolerance."""
+    x, k, t = _sparse_rows(case)
+    if straight_through and k != int(k):
+        pytest.skip("straight-through takes a whole k")
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(22))
+
+    def solve(scores, **kw):
+        xr = scores.clone().requires_grad_()
+        y = softtopk.topk_mask(xr, k, method="sparse", p=p, temperature=t, straight_through=straight_through, **kw)
+        y.backward(gy.to(scores.dtype))
+        return y.detach().double(), xr.grad.double()
+
+    y, grad = solve(x)
+    y_ref, grad_ref = solve(x.double(), tol=1e-12)
+    if straight_through:
+        assert torch.equal(y, y_ref)
+    else:
+        torch.testing.assert_close(y.sum(-1), torch.full(x.shape[:-1], float(k), dtype=torch.float64),
+                                   rtol=0, atol=1e-5 * k)  # fmt: skip
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-3)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=2e-3 * max(float(grad_ref.abs().max()), 1.0))
+
+
 @needs_numba
 @pytest.mark.parametrize("variant", ["sigmoid", "sparse", "lapsum"])
 def test_kernel_hands_rows_with_infinities_to_reference(variant):
