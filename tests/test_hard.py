@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -111,6 +113,34 @@ def test_straight_through_per_row_k_dim_and_options():
         topk_mask(x, 2.5, method="sigmoid", straight_through=True)
     with pytest.raises(ValueError, match="`method`"):  # the old spelling is gone
         topk_mask(x, 2, method="straight_through")
+
+
+def test_straight_through_without_graph_is_the_hard_mask_alone(monkeypatch):
+    """A straight-through call that nothing differentiates (no_grad, no input requiring grad) computes the hard mask
+    only: no soft solve; NaN still raises. A temperature that requires grad keeps the soft mask's gradient."""
+    from softtopk import threshold
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 300, generator=g)
+    expect = topk_mask(x, 7, method="hard")
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("the soft mask was solved")
+
+    with monkeypatch.context() as m:
+        m.setattr(threshold, "kernel_mask", no_solve)
+        m.setattr(threshold, "normalised_mask", no_solve)
+        assert torch.equal(topk_mask(x, 7, straight_through=True, temperature=0.3), expect)
+        with torch.no_grad():
+            y = topk_mask(x.clone().requires_grad_(), 7, straight_through=True, temperature=0.3, largest=False)
+        assert torch.equal(y, topk_mask(x, 7, method="hard", largest=False)) and not y.requires_grad
+        with pytest.raises(ValueError, match="NaN"):
+            topk_mask(torch.full((2, 5), math.nan), 2, straight_through=True)
+    t = torch.tensor(0.3, requires_grad=True)
+    y = topk_mask(x, 7, straight_through=True, temperature=t)
+    assert torch.equal(y, expect)
+    (y * torch.randn(x.shape, generator=g)).sum().backward()
+    assert t.grad is not None and t.grad != 0
 
 
 def test_straight_through_with_scale_std():

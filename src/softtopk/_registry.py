@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import sinkhorn, sorting_networks, stochastic, threshold
+from ._eager import needs_graph
 from ._prepare import Rows, can_read_data, check_choice, check_temperature, row_param, solver_options
 from .hard import hard_mask, hard_topk_mask, with_soft_gradient
 
@@ -338,6 +339,10 @@ def run_mask(spec: Method, rows: Rows, options: Mapping[str, object], *, straigh
     The method's kernel is tried first; the data checks ``prepare`` deferred to it run when it declines."""
     parsed = parse(spec, options, fn=fn)
     bound = options.get("max_support")
+    if straight_through and can_read_data(rows.x) and not needs_graph(rows.x, rows.k_arg, rows.t_arg):
+        # nothing differentiates this call (inference, no_grad): its value is the hard mask, without the soft one
+        rows.check_data()
+        return hard_topk_mask(rows.signed.detach(), rows.k)
     if spec.kernel is not None and bound is None:
         y = spec.kernel(rows, internal_temperature(spec, rows, parsed, number=True), straight_through, **parsed)
         if y is not None:

@@ -96,7 +96,9 @@ def topk_mask(
         largest: select the k largest (default) or the k smallest entries.
         scale: None (T in the units of the scores) or ``"std"`` (T times each row's standard deviation over its
             finite entries, differentiated: the mask is then invariant to rescaling the scores).
-        straight_through: forward the exact top-k mask, backward the gradient of ``method``'s mask (k whole).
+        straight_through: forward the exact top-k mask, backward the gradient of ``method``'s mask (k whole). A
+            call that nothing differentiates (under ``torch.no_grad()``, or no input requiring grad) computes the
+            hard mask alone.
         **options: the method's own options; any other raises ``TypeError``:
 
             - ``tol``, ``max_iter`` (sigmoid, soft, sparse, lapsum): the threshold search stops at
