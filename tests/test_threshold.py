@@ -969,7 +969,8 @@ def test_fused_straight_through_matches_the_combination(method, options, shape, 
     original = threshold.kernel_mask
     try:
         threshold.kernel_mask = lambda *a, **kw: calls.append((kw["hard"], original(*a, **kw))) or calls[-1][1]
-        softtopk.topk_mask(torch.randn(shape, generator=g), min(k, 1), method=method, straight_through=True)
+        x = torch.randn(shape, generator=g).requires_grad_()  # (a call nothing differentiates: the hard mask alone)
+        softtopk.topk_mask(x, min(k, 1), method=method, straight_through=True)
     finally:
         threshold.kernel_mask = original
     assert len(calls) == 1 and calls[0][0] and calls[0][1] is not None  # the fused path was taken
