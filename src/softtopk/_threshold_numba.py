@@ -789,7 +789,7 @@ def _newton(fam, x, k, rt, tau, lo, hi, tol, max_iter, y, write):
     """Safeguarded Newton on S(τ) = k from τ in the bracket [lo, hi] (S(lo) >= k >= S(hi)), as the reference,
     one :func:`_sweep` per step. Returns (τ, Σφ', ok); y holds the mask at τ when ``write``."""
     n = x.shape[0]
-    logit_k = math.log(k / (n - k))
+    logit_k = math.log(k / (n - k)) if 0 < k < n else 0.0  # (the exponential families' steps only: k is inside)
     for it in range(max_iter + 1):
         s, d = _sweep(fam, x, rt, tau, y, write)
         resid = s - k
@@ -912,30 +912,22 @@ def _newton_window(fam, x, k, rt, start, a, b, lo, hi, tol, max_iter, y, buf):
             g = min(b + (sb - k) / db, b + w) if db > 0 else b + w
             a, b = g - 0.5 * w, g + 0.5 * w
             continue
-        logit_k = math.log(k / (n - k))
-        lo, hi = a, b
-        t = min(max(start, a), b)
-        for it in range(max_iter + 1):
-            s, d = _window_sums(fam, win, rt, t, above)
-            if abs(s - k) <= tol:
-                for _ in range(4):  # Newton steps further while they shrink |S − k| (cheap here; exact for p = 2
-                    if not (d > 0 and abs(s - k) > 1e-3 * tol):  # once the entries inside (0, 1) are the right
-                        break  # ones; linear, ratio 2/3, for p = 4/3 where the root is at an entry's z = 0)
-                    t2 = t - (k - s) / d
-                    s2, d2 = _window_sums(fam, win, rt, t2, above)
-                    if not (lo <= t2 <= hi and abs(s2 - k) < abs(s - k)):
-                        break
-                    t, s, d = t2, s2, d2
-                _write_sparse(fam, x, rt, t, y)
-                return t, d, lo, hi, 0
-            if it == max_iter:
-                break
-            new, lo, hi = _next(fam, s, d, k, n, logit_k, t, lo, hi)
-            if new == t:
-                break
-            t = new
+        # the steps of :func:`_newton` on the window alone: its entries, and k less the entries at 1
+        t, d, ok = _newton(fam, win, k - above, rt, min(max(start, a), b), a, b, tol, max_iter, win, False)
+        # then Newton steps further while they shrink |S − k| (cheap here; exact for p = 2 once the entries inside
+        # (0, 1) are the right ones; linear, ratio 2/3, for p = 4/3 where the root is at an entry's z = 0)
+        if ok:
+            s = _window_sums(fam, win, rt, t, above)[0]
+            for _ in range(4):
+                if not (d > 0 and abs(s - k) > 1e-3 * tol):
+                    break
+                t2 = t - (k - s) / d
+                s2, d2 = _window_sums(fam, win, rt, t2, above)
+                if not (a <= t2 <= b and abs(s2 - k) < abs(s - k)):
+                    break
+                t, s, d = t2, s2, d2
         _write_sparse(fam, x, rt, t, y)
-        return t, d, lo, hi, 1
+        return t, d, a, b, 0 if ok else 1
     return tau, 0.0, lo, hi, 2
 
 
