@@ -942,13 +942,17 @@ def test_kernel_window_selection(n, order):
 @needs_numba
 @pytest.mark.parametrize("method, options", [("sigmoid", {}), ("sparse", {}), ("sparse", {"p": 4 / 3}), ("lapsum", {})])
 @pytest.mark.parametrize("shape, k", [((64, 8), 2), ((16, 200), 20), ((4, 1000), 5), ((3, 5000), 700), ((6, 7), 0)])
-def test_fused_straight_through_matches_the_combination(method, options, shape, k):
+@pytest.mark.parametrize("from_z", [False, True])
+def test_fused_straight_through_matches_the_combination(monkeypatch, method, options, shape, k, from_z):
     """straight_through=True takes the hard mask and the soft mask from one kernel call (the solve starting at the
     k-th and (k+1)-th largest the selection found): the same values and gradients as the torch path, which
     combines the two masks; per-row k, k = 0 and n; a tie at a row's k-th value leaves the call to the
-    combination."""
+    combination. ``from_z``: the call keeps no soft mask, as large calls do (see
+    :func:`test_straight_through_backward_from_z_matches_the_kept_mask`)."""
     from softtopk import threshold
 
+    if from_z:
+        monkeypatch.setattr(threshold, "_FROM_Z_MIN", 0)
     g = torch.Generator().manual_seed(14)
     x0 = torch.randn(shape, generator=g)
     gy = torch.randn(shape, generator=g)
@@ -974,6 +978,40 @@ def test_fused_straight_through_matches_the_combination(method, options, shape, 
     finally:
         threshold.kernel_mask = original
     assert len(calls) == 1 and calls[0][0] and calls[0][1] is not None  # the fused path was taken
+
+
+@needs_numba
+@pytest.mark.parametrize("method, options", [("sigmoid", {}), ("sparse", {}), ("sparse", {"p": 4 / 3}), ("lapsum", {})])
+@pytest.mark.parametrize("shape", [(64, 8), (16, 200), (4, 3000), (3, 40000)])
+def test_straight_through_backward_from_z_matches_the_kept_mask(monkeypatch, method, options, shape):
+    """A large straight-through call keeps no soft mask: its backward takes φ' from z = x/t − τ (x and τ kept)
+    rather than from the mask. Both give the same gradients with respect to x and to a per-row temperature (to
+    float32 rounding), rows with k = 0 and n included (gradient 0), and a second backward (retain_graph) the
+    same again."""
+    from softtopk import threshold
+
+    g = torch.Generator().manual_seed(15)
+    x0 = torch.randn(shape, generator=g) * 2.0
+    gy = torch.randn(shape, generator=g)
+    k = torch.randint(1, shape[-1], shape[:-1], generator=g)
+    k[0], k[-1] = 0, shape[-1]
+    t0 = torch.rand(shape[:-1] + (1,), generator=g) + 0.1
+    grads = []
+    for keep in (1 << 62, 0):  # every call keeps the mask, then none does
+        monkeypatch.setattr(threshold, "_FROM_Z_MIN", keep)
+        x, t = x0.clone().requires_grad_(), t0.clone().requires_grad_()
+        y = softtopk.topk_mask(x, k, method=method, temperature=t, straight_through=True, **options)
+        assert y.grad_fn is not None and "KernelMask" in type(y.grad_fn).__name__  # the kernel's node
+        y.backward(gy, retain_graph=True)
+        first = (x.grad.clone(), t.grad.clone())
+        y.backward(gy)
+        torch.testing.assert_close((x.grad, t.grad), (2 * first[0], 2 * first[1]))
+        grads.append(first)
+    (gx_kept, gt_kept), (gx_z, gt_z) = grads
+    assert not gx_z[0].any() and not gx_z[-1].any() and gt_z[0] == 0 and gt_z[-1] == 0
+    torch.testing.assert_close(gx_z, gx_kept, rtol=1e-4, atol=1e-5 * float(gx_kept.abs().max()))
+    # (−Σ z gx cancels: a row's value can be 1e-3 of the largest, its float32 rounding then a few percent of it)
+    torch.testing.assert_close(gt_z, gt_kept, rtol=1e-4, atol=1e-4 * float(gt_kept.abs().max()))
 
 
 @needs_numba

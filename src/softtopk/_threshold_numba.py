@@ -389,7 +389,12 @@ def _exp_f32(x, rt_hi, rt_lo, neg_c):
     """e^(x rt − c) as :func:`_exp_pass` stores it, in float32: x rt − c as one FMA with rt = rt_hi + rt_lo (exact
     up to the float32 rounding of the result itself while |x rt| <= 2^20), the reduction by Cody and Waite's split
     ln 2."""
-    wx = _fma32(x, rt_hi, neg_c) + x * rt_lo
+    return _exp32(_fma32(x, rt_hi, neg_c) + x * rt_lo)
+
+
+@numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
+def _exp32(wx):
+    """e^wx of a float32 wx in float32, clipped to e^86 above and 0 below e^-86 (see :func:`_exp_f32`)."""
     w = min(max(wx, np.float32(-_CLIP)), np.float32(_CLIP))
     m = np.int32(w * np.float32(_LOG2E) + np.float32(127.5)) - np.int32(127)  # round(w / ln 2)
     mf = np.float32(m)
@@ -1139,9 +1144,10 @@ def _solve_sparse(fam, x, k, rt, start, a, b, lo, hi, tol, max_iter, y, buf):
 def forward(fam, x, k, rt, tol, max_iter, y, tau, hard, n_lanes):
     """Rows of x (R, n) float32: the mask into y (R, n) and τ (in units of t) into tau (R,). k and rt float64, (R,)
     or (1,) (one value for every row). ``hard`` (R, n): the exact top-k mask as well (the forward of a
-    straight-through call, k whole), whose k-th and (k+1)-th largest then start the solve; (R, 0) for none. Returns
-    the numbers of rows left to the reference: masks, and hard masks (a tie at the k-th value, where the choice of
-    entries is ``torch.topk``'s)."""
+    straight-through call, k whole), whose k-th and (k+1)-th largest then start the solve, written after it: ``y``
+    may then be ``hard`` itself (scratch for the solve; the backward is then :func:`backward_z`), and the rows with
+    k = 0 or n get τ = NaN. (R, 0) for none. Returns the numbers of rows left to the reference: masks, and hard masks
+    (a tie at the k-th value, where the choice of entries is ``torch.topk``'s)."""
     rows, n = x.shape
     k_step = 1 if k.shape[0] > 1 else 0
     rt_step = 1 if rt.shape[0] > 1 else 0
@@ -1157,9 +1163,12 @@ def forward(fam, x, k, rt, tol, max_iter, y, tau, hard, n_lanes):
         for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
             kr = k[r * k_step]
             if want_hard:
-                mine_hard += _hard_row_of(x[r], int(kr), hard[r], buf, sample, pair)
+                mine_hard += _hard_pair(x[r], int(kr), buf, sample, pair)
             tau[r], _, status = _solve_row(fam, x[r], kr, rt[r * rt_step], tol, max_iter, y[r], buf, sample, pair)
             mine += status
+            if want_hard:  # (after the solve: a row longer than the cache is then still there for the solve)
+                mine_hard += _hard_write(x[r], int(kr), hard[r], pair)
+                tau[r] = tau[r] if 0 < kr < n else np.nan
         declined += mine
         declined_hard += mine_hard
     return declined, declined_hard
@@ -1231,6 +1240,10 @@ def _backward_loops(fam, y, g, rt, x, tau, gx, need_t):
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _backward_row(fam, y, g, rt, x, tau, gx, need_t):
     """One row of :func:`backward`; returns (ḡ, Σ z gx) (the latter 0 unless ``need_t``)."""
+    if not math.isfinite(tau):  # a straight-through row with k = 0 or n (see :func:`forward`): a constant mask
+        for i in range(gx.shape[0]):
+            gx[i] = 0.0
+        return 0.0, 0.0
     if fam == SIGMOID:
         return _backward_loops(SIGMOID, y, g, rt, x, tau, gx, need_t)
     if fam == LAPLACE:
@@ -1246,12 +1259,71 @@ def _backward_row(fam, y, g, rt, x, tau, gx, need_t):
 def backward(fam, y, g, rt, x, tau, gx, gk, gt, need_t, n_lanes):
     """The implicit backward of :func:`forward`, row by row: with d = φ'(z) rt on 0 < y < 1,
     gx = d (g − ḡ), ḡ = Σ g d / Σ d (= gk), and gt = −Σ z gx when ``need_t``. x (R, n) the scores; rt (R,) or
-    (1,)."""
+    (1,). A row whose τ is NaN gets gx = 0."""
     rows = y.shape[0]
     rt_step = 1 if rt.shape[0] > 1 else 0
     for lane in numba.prange(n_lanes):
         for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
             gk[r], zg = _backward_row(fam, y[r], g[r], rt[r * rt_step], x[r], tau[r], gx[r], need_t)
+            gt[r] = -zg
+
+
+@numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
+def _backward_row_z(fam, g, rt, x, tau, gx, need_t):
+    """:func:`_backward_row` with φ' from z = x rt − τ alone, no mask kept (a large straight-through call, see
+    :func:`backward_z`): one loop for every family, φ' a weighted sum of the sigmoid's e^-|z| / (1 + e^-|z|)², the
+    Laplace density's e^-|z| / 2 and the sparse ones' 1 or 3 z² on 0 < z < 1 (a loop per family, as
+    :func:`_backward_loops` has, compiled four times as long). z in float32 as ``_CUBIC32`` has it; φ' kept in gx
+    between the two loops (its exponential computed once)."""
+    n = x.shape[0]
+    zero, one = np.float32(0.0), np.float32(1.0)
+    if not math.isfinite(tau):  # a row with k = 0 or n (see :func:`forward`): a constant mask
+        for i in range(n):
+            gx[i] = zero
+        return 0.0, 0.0
+    w_sig = one if fam == SIGMOID else zero
+    w_lap = np.float32(0.5) if fam == LAPLACE else zero
+    w_one = one if fam == EUCLIDEAN else zero
+    w_cub = np.float32(3.0) if fam == CUBIC else zero
+    rt_hi, tau_hi = np.float32(rt), np.float32(tau)
+    rt_lo, tau_lo = np.float32(rt - np.float64(rt_hi)), np.float32(tau - np.float64(tau_hi))
+    num = 0.0
+    den = 0.0
+    for start in range(0, n, _BLOCK):
+        gb = g[start : start + _BLOCK]
+        xb = x[start : start + _BLOCK]
+        pb = gx[start : start + _BLOCK]
+        nb = db = zero
+        for i in range(xb.shape[0]):
+            z = _fma32(xb[i], rt_hi, -tau_hi) + (xb[i] * rt_lo - tau_lo)
+            e = _exp32(-abs(z))  # in (0, 1]: no overflow
+            r = one / (one + e)
+            p = e * (w_sig * r * r + w_lap) + (w_one + w_cub * z * z if (z > zero and z < one) else zero)
+            pb[i] = p
+            nb += gb[i] * p
+            db += p
+        num += np.float64(nb)
+        den += np.float64(db)
+    gbar = num / den if den > 0.0 else 0.0
+    gbar32, rt32 = np.float32(gbar), np.float32(rt)
+    for i in range(n):
+        gx[i] = gx[i] * (g[i] - gbar32) * rt32
+    zg = 0.0
+    if need_t:
+        for i in range(n):
+            zg += (x[i] * rt - tau) * gx[i]
+    return gbar, zg
+
+
+@numba.njit(parallel=True, cache=True)
+def backward_z(fam, g, rt, x, tau, gx, gk, gt, need_t, n_lanes):
+    """:func:`backward` with φ' from z (:func:`_backward_row_z`): for a straight-through :func:`forward` whose ``y``
+    was its ``hard`` (no soft mask kept). Compiled at its first call (a large straight-through call)."""
+    rows = x.shape[0]
+    rt_step = 1 if rt.shape[0] > 1 else 0
+    for lane in numba.prange(n_lanes):
+        for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
+            gk[r], zg = _backward_row_z(fam, g[r], rt[r * rt_step], x[r], tau[r], gx[r], need_t)
             gt[r] = -zg
 
 
@@ -1331,22 +1403,31 @@ def _hard_row(x, a, out):
 
 
 @numba.njit(cache=True)
-def _hard_row_of(x, k, out, buf, sample, pair):
-    """The exact top-k mask of the row x into out, and its k-th and (k+1)-th largest into ``pair`` ((NaN, NaN) for
-    k = 0 or n). Returns 1 when x_(k) = x_(k+1) (a tie: the mask is then ``torch.topk``'s to choose), else 0."""
-    n = x.shape[0]
+def _hard_pair(x, k, buf, sample, pair):
+    """The k-th and (k+1)-th largest of the row x into ``pair``: (NaN, NaN) for k = 0 or n, and where they are equal
+    (a tie: the mask is then ``torch.topk``'s to choose), which returns 1, else 0."""
     pair[0] = pair[1] = np.nan
+    if k <= 0 or k >= x.shape[0]:
+        return 0
+    a, b = _pair(x, k, buf, sample)
+    if not a > b:
+        return 1
+    pair[0] = a
+    pair[1] = b
+    return 0
+
+
+@numba.njit(cache=True)
+def _hard_write(x, k, out, pair):
+    """The exact top-k mask of the row x into out from :func:`_hard_pair`'s ``pair``; returns 1 where it has none
+    (a tie) or the mask does not hold k entries, else 0."""
+    n = x.shape[0]
     if k <= 0 or k >= n:
         fill = 0.0 if k <= 0 else 1.0
         for i in range(n):
             out[i] = fill
         return 0
-    a, b = _pair(x, k, buf, sample)
-    if not a > b or _hard_row(x, a, out) != k:
-        return 1
-    pair[0] = a
-    pair[1] = b
-    return 0
+    return 0 if pair[0] > pair[1] and _hard_row(x, pair[0], out) == k else 1
 
 
 @numba.njit(parallel=True, cache=True)
@@ -1363,7 +1444,8 @@ def hard_forward(x, k, out, n_lanes):
         pair = np.empty(2)
         mine = 0
         for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
-            mine += _hard_row_of(x[r], k[r * k_step], out[r], buf, sample, pair)
+            kr = k[r * k_step]
+            mine += _hard_pair(x[r], kr, buf, sample, pair) or _hard_write(x[r], kr, out[r], pair)
         declined += mine
     return declined
 

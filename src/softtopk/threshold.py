@@ -615,20 +615,34 @@ def kernel_mask(family: str, x: Tensor, k, t, tol: float, max_iter: int, *, hard
 
 
 def _solve_kernel(family: str, x: Tensor, k, t, tol: float, max_iter: int, hard: bool):
-    """(the mask, or the hard mask with ``hard``; (y, τ, 1/t, x's and y's numpy views) for the backward), or
-    (None, None) where the kernel declines a row."""
+    """(the mask, or the hard mask with ``hard``; (y or None, τ, 1/t, x's and y's numpy views or None) for the
+    backward), or (None, None) where the kernel declines a row. A call with ``hard`` of at least ``_FROM_Z_MIN``
+    entries keeps no soft mask (the solve's scratch is the hard mask's array, y None): its backward takes φ' from z
+    (``backward_z``), so that it holds as much memory as a soft call rather than a third more."""
     mod = _kernel()
     x2 = _rows_np(x)
     rows = x2.shape[0]
     rt = _reciprocals(t, x)
     (y, y2), tau = _output(x), mod.np.empty(rows)
-    h, h2 = _output(x) if hard else (None, mod.np.empty((rows, 0), dtype=x2.dtype))
+    soft = not hard or x2.size < _FROM_Z_MIN
+    h, h2 = (_output(x) if soft else (y, y2)) if hard else (None, mod.np.empty((rows, 0), dtype=x2.dtype))
     declined, declined_hard = mod.launch(
         mod.forward, rows, mod.CODES[family], x2, _params(k, x), rt, tol, max_iter, y2, tau, h2
     )
     if declined or declined_hard:
         return None, None
+    if not soft:
+        return h, (None, tau, rt, x2, None)
     return (y if h is None else h), (y, tau, rt, x2, y2)
+
+
+#: straight-through calls from this many entries keep no soft mask for the backward (see :func:`_solve_kernel`).
+#: Recomputing φ' costs the backward an exponential and a division per entry (about 0.6 ns on one Zen 4 core), but a
+#: third buffer of the call's size, freed with the others after each step, made glibc hand the memory back to the
+#: system and fault it in again on the next call: at 8 x 1.28e5 a median of 1000 page faults per call and 1.4-2.5x
+#: torch.topk between benchmark runs; none and 1.4x from z. Smaller calls showed no faults and keep the cheaper
+#: backward.
+_FROM_Z_MIN = 1 << 19
 
 
 class _KernelMask(torch.autograd.Function):
@@ -644,26 +658,30 @@ class _KernelMask(torch.autograd.Function):
         if out is None:
             return x.new_zeros(())
         ctx.family, ctx.arrays = family, state[1:]
-        ctx.save_for_backward(x, state[0])
+        ctx.save_for_backward(x, state[0])  # (y None for a large straight-through call: see _solve_kernel)
         return out
 
     @staticmethod
     @once
     def backward(ctx, gy):
         # ∂L/∂x = (s − φ' (Σs)/(Σφ')) / t with s = g φ'(z) (the implicit function theorem on Σφ(z) = k, z = (x − τ)/t)
-        y = ctx.saved_tensors[1]
+        x = ctx.saved_tensors[0]  # (checked by autograd against changes in place, as y)
         tau, rt, x2, y2 = ctx.arrays
         needs_k, needs_t = ctx.needs_input_grad[1:3]
         mod = _kernel()
-        g2 = _rows_np(gy if gy.dtype == y.dtype else gy.to(y.dtype))
+        g2 = _rows_np(gy if gy.dtype == torch.float32 else gy.float())
         rows = len(tau)
-        (gx, gx2), gk, gt = _output(y), mod.np.empty(rows), mod.np.empty(rows)
-        mod.launch(mod.backward, rows, mod.CODES[ctx.family], y2, g2, rt, x2, tau, gx2, gk, gt, needs_t)
+        (gx, gx2), gk, gt = _output(x), mod.np.empty(rows), mod.np.empty(rows)
+        code = mod.CODES[ctx.family]
+        if y2 is None:
+            mod.launch(mod.backward_z, rows, code, g2, rt, x2, tau, gx2, gk, gt, needs_t)
+        else:
+            mod.launch(mod.backward, rows, code, y2, g2, rt, x2, tau, gx2, gk, gt, needs_t)
         if not (needs_k or needs_t):
             return gx, None, None, None, None, None, None
-        shape = y.shape[:-1] + (1,)
-        gk_out = torch.from_numpy(gk).to(y.dtype).view(shape) if needs_k else None
-        gt_out = torch.from_numpy(gt).to(y.dtype).view(shape) if needs_t else None
+        shape = x.shape[:-1] + (1,)
+        gk_out = torch.from_numpy(gk).float().view(shape) if needs_k else None
+        gt_out = torch.from_numpy(gt).float().view(shape) if needs_t else None
         return gx, gk_out, gt_out, None, None, None, None
 
 
