@@ -894,6 +894,28 @@ def _ordered_row(n: int, order: str) -> np.ndarray:
 
 
 @needs_numba
+@pytest.mark.parametrize("n", [1, 7, 31, 32, 33, 64, 95, 1000])
+def test_kernel_row_statistics(n):
+    """The kernels' row statistics (32-lane vectors, then the scalar tail): the minimum and maximum as numpy has
+    them, and whether every entry is finite, at scales from 1e-30 to 1e30, with ±inf, NaN and signed zeros placed
+    in the vectors or the tail."""
+    from softtopk import _threshold_numba as kernel
+
+    rng = np.random.default_rng(n)
+    for trial in range(60):
+        x = (rng.standard_normal(n) * 10.0 ** rng.integers(-30, 31)).astype(np.float32)
+        special = [np.inf, -np.inf, np.nan, -0.0, 0.0, None][trial % 6]
+        if special is not None:
+            x[rng.integers(n)] = special
+        lo, hi, finite = kernel._stats(x)
+        assert finite == bool(np.isfinite(x).all()), (trial, x)
+        if finite:
+            assert (lo, hi) == (float(x.min()), float(x.max())), trial
+        elif not np.isnan(x).any():
+            assert (lo, hi) == (float(x.min()), float(x.max())), trial
+
+
+@needs_numba
 @pytest.mark.parametrize("n", [2, 8, 16, 17, 31, 32, 33, 64, 65, 200, 640, 2047, 2048, 5000, 40000, 70001])
 @pytest.mark.parametrize("order", ["random", "ascending", "descending", "few values", "infinities", "signed zeros"])
 def test_kernel_order_statistics(n, order):

@@ -328,13 +328,42 @@ def _unkey(lo, hi):
     return np.float64(_float32_of_bits(_key(lo))), np.float64(_float32_of_bits(_key(hi)))
 
 
+@intrinsic
+def _stats32(typingctx, xi, end):
+    """(the smallest and largest :func:`_key`, the largest exponent field b & 0x7F800000) over xi[:end] (the int32
+    bit patterns of a C-contiguous float32 row, ``end`` a multiple of 32): one loop of 32-lane int32 vectors with
+    three vector accumulators, reduced at the end. (Numba widens int32 arithmetic to int64, which halves the lanes
+    of the same loop written in Python: 2.x as fast, measured.)"""
+    if not (_is_row(xi, types.int32) and isinstance(end, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        vec = ir.VectorType(i32, 32)
+        acc = [cgutils.alloca_once_value(builder, _splat(i32, v)) for v in (0x7FFFFFFF, -0x7FFFFFFF, 0)]
+        ops = ("llvm.smin.v32i32", "llvm.smax.v32i32", "llvm.smax.v32i32")
+        step = ir.Constant(args[1].type, 32)
+        with cgutils.for_range_slice(builder, ir.Constant(args[1].type, 0), args[1], step) as (i, _):
+            b = builder.load(_vector_at(context, builder, signature.args[0], args[0], i, 32), align=4)
+            key = builder.xor(b, builder.and_(builder.ashr(b, _splat(i32, 31)), _splat(i32, 0x7FFFFFFF)))
+            for slot, op, v in zip(acc, ops, (key, key, builder.and_(b, _splat(i32, 0x7F800000)))):
+                builder.store(builder.call(_llvm(builder, op, vec, vec, vec), [builder.load(slot), v]), slot)
+        out = [builder.call(_llvm(builder, f"llvm.vector.reduce.{op[5:9]}.v32i32", i32, vec), [builder.load(slot)])
+               for slot, op in zip(acc, ops)]  # fmt: skip
+        return context.make_tuple(builder, signature.return_type, out)
+
+    return types.UniTuple(types.int32, 3)(xi, end), codegen
+
+
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _stats(x):
-    """(min, max, all finite) of a float32 row. Compared as integer keys of the bit patterns, which vectorises
-    (a float min/max reduction does not without a no-NaN assumption); finite means no exponent of all ones."""
+    """(min, max, all finite) of a float32 row. Compared as integer keys of the bit patterns, which vectorise
+    (a float min/max reduction does not without a no-NaN assumption), 32 at a time (:func:`_stats32`); finite means
+    no exponent of all ones."""
     xi = x.view(np.int32)
-    lo, hi, top = np.int32(0x7FFFFFFF), np.int32(-0x7FFFFFFF), np.int32(0)
-    for i in range(x.shape[0]):
+    whole = x.shape[0] - x.shape[0] % 32
+    lo, hi, top = _stats32(xi, whole) if whole else (np.int32(0x7FFFFFFF), np.int32(-0x7FFFFFFF), np.int32(0))
+    for i in range(whole, x.shape[0]):
         b = xi[i]
         key = _key(b)
         lo, hi, top = min(lo, key), max(hi, key), max(top, b & 0x7F800000)
