@@ -1259,20 +1259,32 @@ def _backward_loops(fam, y, g, rt, x, tau, gx, need_t):
     gbar32, rt32 = np.float32(gbar), np.float32(rt)
     for i in range(n):
         gx[i] = _dphi_z(fam, y[i], x[i], rt, tau) * (g[i] - gbar32) * rt32
+    return gbar, _z_dot(x, rt, tau, gx) if need_t else 0.0
+
+
+@numba.njit(inline="always", fastmath=_FAST, error_model="numpy")
+def _z_dot(x, rt, tau, gx):
+    """Σ z gx with z = x rt − τ: −∂L/∂t · t of a row (the backward's temperature gradient)."""
     zg = 0.0
-    if need_t:
-        for i in range(n):
-            zg += (x[i] * rt - tau) * gx[i]
-    return gbar, zg
+    for i in range(x.shape[0]):
+        zg += (x[i] * rt - tau) * gx[i]
+    return zg
+
+
+@numba.njit(inline="always")
+def _constant_row(gx):
+    """gx = 0 for a straight-through row with k = 0 or n, whose τ :func:`forward` leaves NaN (a constant mask); the
+    row's (ḡ, Σ z gx) = (0, 0)."""
+    for i in range(gx.shape[0]):
+        gx[i] = 0.0
+    return 0.0, 0.0
 
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _backward_row(fam, y, g, rt, x, tau, gx, need_t):
     """One row of :func:`backward`; returns (ḡ, Σ z gx) (the latter 0 unless ``need_t``)."""
-    if not math.isfinite(tau):  # a straight-through row with k = 0 or n (see :func:`forward`): a constant mask
-        for i in range(gx.shape[0]):
-            gx[i] = 0.0
-        return 0.0, 0.0
+    if not math.isfinite(tau):
+        return _constant_row(gx)
     if fam == SIGMOID:
         return _backward_loops(SIGMOID, y, g, rt, x, tau, gx, need_t)
     if fam == LAPLACE:
@@ -1306,10 +1318,8 @@ def _backward_row_z(fam, g, rt, x, tau, gx, need_t):
     between the two loops (its exponential computed once)."""
     n = x.shape[0]
     zero, one = np.float32(0.0), np.float32(1.0)
-    if not math.isfinite(tau):  # a row with k = 0 or n (see :func:`forward`): a constant mask
-        for i in range(n):
-            gx[i] = zero
-        return 0.0, 0.0
+    if not math.isfinite(tau):
+        return _constant_row(gx)
     w_sig = one if fam == SIGMOID else zero
     w_lap = np.float32(0.5) if fam == LAPLACE else zero
     w_one = one if fam == EUCLIDEAN else zero
@@ -1337,11 +1347,7 @@ def _backward_row_z(fam, g, rt, x, tau, gx, need_t):
     gbar32, rt32 = np.float32(gbar), np.float32(rt)
     for i in range(n):
         gx[i] = gx[i] * (g[i] - gbar32) * rt32
-    zg = 0.0
-    if need_t:
-        for i in range(n):
-            zg += (x[i] * rt - tau) * gx[i]
-    return gbar, zg
+    return gbar, _z_dot(x, rt, tau, gx) if need_t else 0.0
 
 
 @numba.njit(parallel=True, cache=True)
