@@ -278,6 +278,61 @@ def test_infinities_with_largest_false(variant):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The plain eager call (a float32 CPU tensor, a Python int k, a float temperature): prepared in one test, with what
+# the method and its options determine memoised.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_plain_call_equals_the_fully_prepared_one(variant):
+    """The plain call's mask and gradient equal those of the same call prepared in full (k as a per-row tensor), bit
+    for bit: on a batch shape, on non-contiguous inputs, at its first and its memoised calls, and under no_grad."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 3, 40, generator=g)
+    up = torch.randn(3, 2, 40, generator=g)
+    for x0 in (base, base.transpose(0, 1), base[..., ::2]):
+        for _ in range(2):
+            x1, x2 = (x0.detach().requires_grad_() for _ in range(2))
+            y1 = run(x1, 5, variant, temperature=0.3)
+            y2 = run(x2, torch.full(x0.shape[:-1], 5), variant, temperature=0.3)
+            assert torch.equal(y1, y2)
+            if variant != "hard":
+                w = up[..., : x0.shape[-1]].reshape(x0.shape)
+                y1.backward(w)
+                y2.backward(w)
+                assert torch.equal(x1.grad, x2.grad)
+        with torch.no_grad():
+            assert torch.equal(run(x0, 5, variant, temperature=0.3), run(x0, torch.tensor(5), variant, temperature=0.3))
+
+
+def test_memoised_options_are_only_plain_values():
+    """Option values that can change in place (a tensor) are read again at every call: a per-row epsilon made
+    negative after a first call raises at the next one; plain values give the same mask from the memo as at first."""
+    x = torch.randn(4, 30)
+    eps = torch.full((4,), 0.5)
+    topk_mask(x, 3, method="soft", epsilon=eps)
+    eps[1] = -1.0
+    with pytest.raises(ValueError, match="epsilon"):
+        topk_mask(x, 3, method="soft", epsilon=eps)
+    first = topk_mask(x, 3, method="sparse", p=4 / 3, temperature=0.5)
+    for p in (2, 4 / 3):
+        topk_mask(x, 3, method="sparse", p=p, temperature=0.5)
+    assert torch.equal(topk_mask(x, 3, method="sparse", p=4 / 3, temperature=0.5), first)
+    with pytest.raises(ValueError, match="`p`"):
+        topk_mask(x, 3, method="sparse", p=3, temperature=0.5)
+
+
+@pytest.mark.parametrize("at", [0, 31, 500, 999])
+def test_nan_in_a_long_row_raises(at):
+    """The hard mask's kernel declines a row with a NaN (in its 32-entry vectors or its tail) so that the data check
+    raises, as for the other methods, with and without autograd, and for straight-through inference."""
+    x = torch.randn(3, 1000)
+    x[1, at] = float("nan")
+    for method, kw in (("hard", {}), ("sigmoid", {"straight_through": True}), ("sigmoid", {})):
+        for grad in (False, True):
+            with pytest.raises(ValueError, match="NaN"):
+                topk_mask(x.clone().requires_grad_(grad), 5, method=method, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Validation.
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ALL_METHODS)

@@ -942,6 +942,21 @@ def test_kernel_order_statistics(n, order):
 
 
 @needs_numba
+@pytest.mark.parametrize("n", [7, 32, 33, 100])
+def test_kernel_hard_row_counts_a_nan_past_any_row(n):
+    """The hard mask's write adds ``_NAN_COUNT`` for a NaN (in a 32-entry vector or in the scalar tail), so that its
+    count never equals k on a row holding one and the kernels decline that row; without one it counts x >= a."""
+    from softtopk import _threshold_numba as kernel
+
+    out = np.empty(n, dtype=np.float32)
+    for at in sorted({0, n // 2, n - 1}):
+        x = np.arange(n, dtype=np.float32)
+        assert kernel._hard_row(x, np.float32(n // 2), out) == n - n // 2
+        x[at] = np.nan
+        assert kernel._hard_row(x, np.float32(n // 2), out) >= kernel._NAN_COUNT, at
+
+
+@needs_numba
 @pytest.mark.parametrize("n", [512, 513, 1000, 4096, 8192, 8193, 40000])
 @pytest.mark.parametrize("order", ["random", "ascending", "descending", "few values", "infinities", "sample-blind"])
 def test_kernel_window_selection(n, order):

@@ -5,7 +5,9 @@ Every public operator goes through :func:`prepare` (or, for the few with other a
 made of), so that no operator writes its own dim code, its own defaults or its own error messages. Checks that
 read tensor *data* (NaN, per-row ``k`` in range) run only in eager mode: under ``torch.compile`` tracing or a
 ``torch.func`` transform (``vmap``, ``grad``) they are skipped, because a data-dependent Python branch would
-break the graph or the transform; there NaN propagates to the output.
+break the graph or the transform; there NaN propagates to the output. The common eager call (a float32 CPU tensor,
+``dim`` last, a Python int k, a float temperature) is recognised by one test first, :func:`plain_rows`, which gives
+the same :class:`Rows` for a tenth of the cost: on rows of a thousand entries the call's Python is a fifth of it.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ SOLVERS: dict[str, dict[str, Any]] = {
 }
 
 
+_is_compiling = torch.compiler.is_compiling  # (dynamo knows this function: under torch.compile it reads True)
+_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() outside TorchScript, without its Python layer
+
+
 def can_read_data(x: Tensor) -> bool:
     """True when a data-dependent Python branch on ``x`` is allowed (eager, not traced, not transformed)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    return not is_transformed(x)
+    return not (_is_compiling() or _is_tracing() or is_transformed(x))
 
 
 def check_input(x: object, name: str = "x", *, fn: str = "topk_mask", data: bool = True) -> bool:
@@ -268,6 +272,9 @@ class Rows:
     dtype: torch.dtype
     k_kind: str | None = "float"
     unchecked: str = ""
+    #: made by :func:`plain_rows`: ``x`` a float32 CPU tensor with entries and ``dim`` last in eager mode, ``k`` and
+    #: ``t`` Python numbers (so that the kernels need not test it again, and there is nothing to restore)
+    plain: bool = False
     _made: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -310,6 +317,31 @@ class Rows:
     def restore(self, y: Tensor) -> Tensor:
         """A result computed along the last dim, back in the caller's dtype and ``dim``."""
         return move_back(y if y.dtype == self.dtype else y.to(self.dtype), self.dim)
+
+
+def plain_rows(fn: str, x: Any, k: Any, dim: Any, temperature: Any, largest: Any, scale: Any, *, k_kind: str,
+               uses_temperature: bool) -> Rows | None:
+    """:func:`prepare` of the common eager call, in one test: the same :class:`Rows` (its data checks deferred, as
+    with ``defer_data``) for a float32 CPU tensor with entries and ``dim`` its last, a Python int k in [0, n], a
+    temperature that is None or a positive finite float (None where the call uses none), ``largest=True``, no
+    ``scale``, in eager mode; None for every other call, which :func:`prepare` then validates (and rejects). On a
+    row of a thousand entries :func:`prepare`'s generality costs a tenth of the call (measured)."""
+    if not (isinstance(x, Tensor) and x.dtype == torch.float32 and x.is_cpu and type(k) is int and type(dim) is int):
+        return None
+    nd = x.dim()
+    if nd == 0 or not (dim == -1 or dim == nd - 1) or largest is not True or scale is not None:
+        return None
+    if not 0 <= k <= x.shape[-1] or x.numel() == 0 or _is_compiling() or _is_tracing() or is_transformed(x):
+        return None
+    if uses_temperature:
+        t = DEFAULT_TEMPERATURE if temperature is None else temperature
+        if type(t) is not float or not 0 < t < math.inf:
+            return None
+    elif temperature is not None:
+        return None
+    else:
+        t = None
+    return Rows(x, x, k, t, True, nd - 1, torch.float32, k_kind, fn, True)
 
 
 def prepare(

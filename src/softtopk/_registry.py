@@ -8,10 +8,10 @@ Families are leaves: this module imports them; they never import it.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 from typing import Any, Callable, Mapping, Union
 
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor
 from . import sinkhorn, sorting_networks, stochastic, threshold
 from ._eager import needs_graph
 from ._prepare import Rows, can_read_data, check_choice, check_temperature, row_param, solver_options
-from .hard import hard_mask, hard_topk_mask, with_soft_gradient
+from .hard import hard_mask, hard_topk_mask, kernel_hard, with_soft_gradient
 
 __all__ = ["MASK_METHODS", "METHODS", "PERMUTATION_METHODS", "Method", "lookup", "run_mask"]
 
@@ -54,8 +54,8 @@ class Method:
     #: the fast path, tried before ``compute`` (without ``max_support``): (rows, t, straight_through, **options) ->
     #: the mask (the straight-through mask itself when asked: the hard mask and the soft gradient from one call), or
     #: None where it does not apply; t is the internal temperature, a number where one value serves every row. It
-    #: runs before the data checks that ``prepare`` deferred, so it must answer None for any row it has not proved
-    #: finite.
+    #: runs before the data checks that ``prepare`` deferred, so it must answer None for any call those checks
+    #: would reject (a NaN; ±inf beyond what the method takes).
     kernel: Union[Callable[..., Union[Tensor, None]], None] = None
 
 
@@ -109,6 +109,10 @@ def _hard(rows, t):
     return hard_mask(rows.signed, rows.k)
 
 
+def _hard_kernel(rows, t, straight_through):
+    return kernel_hard(rows.signed, rows.k_arg)
+
+
 def _dftopk(rows, t):
     return threshold.dftopk(rows.signed, rows.k, t)
 
@@ -122,9 +126,16 @@ def _threshold_mask(family: str, rows: Rows, t: Tensor, tol, max_iter) -> Tensor
     return threshold.normalised_mask(family, rows.signed, rows.k, t, tol=tol, max_iter=max_iter)
 
 
+_KERNEL_SOLVER = solver_options("threshold", torch.float32, fn="")  # the kernel's (float32) defaults
+
+
 def _threshold_kernel(family: str, rows: Rows, t, straight_through: bool, tol, max_iter) -> Tensor | None:
-    tol, max_iter = solver_options("threshold", rows.x.dtype, tol, max_iter, fn="")
-    return threshold.kernel_mask(family, rows.signed, rows.k_arg, t, tol, max_iter, hard=straight_through)
+    if tol is None and max_iter is None:  # (parse has validated what was given)
+        tol, max_iter = _KERNEL_SOLVER
+    else:
+        tol, max_iter = solver_options("threshold", torch.float32, tol, max_iter, fn="")
+    return threshold.kernel_mask(family, rows.signed, rows.k_arg, t, tol, max_iter, hard=straight_through,
+                                 plain=rows.plain)  # fmt: skip
 
 
 def _normalised(family: str):
@@ -135,10 +146,7 @@ def _normalised(family: str):
 
 
 def _normalised_kernel(family: str):
-    def kernel(rows, t, straight_through, tol, max_iter):
-        return _threshold_kernel(family, rows, t, straight_through, tol, max_iter)
-
-    return kernel
+    return functools.partial(_threshold_kernel, family)  # (a partial adds no Python frame to the call)
 
 
 def _soft(rows, t, epsilon, tol, max_iter):
@@ -175,7 +183,7 @@ def _table(*methods: Method) -> dict[str, Method]:
 
 MASK_METHODS: dict[str, Method] = _table(
     Method(
-        "hard", _hard, support="k", exact_zeros=True, paper="—",
+        "hard", _hard, support="k", exact_zeros=True, paper="—", kernel=_hard_kernel,
         summary="exact 0/1 mask, ties as torch.topk; zero gradient: evaluation, baselines, the forward of "
         "straight_through=True",
     ),
@@ -305,19 +313,46 @@ def uses_temperature(spec: Method, options: Mapping[str, object], temperature: o
     return spec.factor is not None
 
 
-_DEFAULTS: dict[int, Mapping[str, object]] = {}  # parse's result for no options, by id(record)
+_PLAIN = (int, float, str, bool, type(None))  # option values that a memo may hold: none changes in place
+_MEMO_SIZE = 256  # each memo keeps its first entries only (a loop over many option values does not grow it)
+
+
+def memo_key(*head: Any, options: Mapping[str, object]) -> tuple | None:
+    """A key for a memo of what a call's method and options determine: ``head`` and the options, or None when an
+    option's value is not a plain Python number, string or None (a tensor, a generator: read afresh each call) or
+    is NaN, and under ``torch.compile`` (which would guard on the memo's keys, and recompile when it grows)."""
+    if torch.compiler.is_compiling():
+        return None
+    for value in options.values():
+        if type(value) not in _PLAIN or value != value:
+            return None
+    return (*head, *options.items()) if options else head
+
+
+def memo_store(memo: dict, key: tuple, value: Any) -> Any:
+    """``value``, kept in ``memo`` under ``key`` while the memo holds fewer than ``_MEMO_SIZE`` entries."""
+    if len(memo) < _MEMO_SIZE:
+        memo[key] = value
+    return value
+
+
+_PARSED: dict[tuple, dict] = {}  # parse's results by memo_key(record), validated once: shared, never modified
+_FACTORS: dict[int, Any] = {}  # the temperature factor of each of those results, by its id (they live on)
 
 
 def parse(spec: Method, options: Mapping[str, object], *, fn: str) -> dict:
     """The method's options with the defaults of its record filled in, validated (``max_support`` excluded);
-    reads no data."""
-    if not options:  # the defaults: validated once per method (the records live as long as the module), then shared
-        parsed = _DEFAULTS.get(id(spec))
-        if parsed is None:
-            parsed = _DEFAULTS[id(spec)] = MappingProxyType(spec.parse(fn, **spec.options))
-        return parsed  # type: ignore[return-value]
-    given = {key: val for key, val in options.items() if key not in _GENERIC}
-    return spec.parse(fn, **{**spec.options, **given})
+    reads no data. Plain option values are validated once, then the result is shared (a plain dict: as keyword
+    arguments a mapping proxy costs every call a microsecond)."""
+    key = memo_key(id(spec), options=options)
+    parsed = None if key is None else _PARSED.get(key)
+    if parsed is None:
+        given = {name: val for name, val in options.items() if name not in _GENERIC}
+        parsed = spec.parse(fn, **{**spec.options, **given})
+        if key is not None and len(_PARSED) < _MEMO_SIZE:
+            _PARSED[key] = parsed
+            _FACTORS[id(parsed)] = None if spec.factor is None else spec.factor(**parsed)
+    return parsed
 
 
 def internal_temperature(spec: Method, rows: Rows, parsed: dict, *, number: bool = False) -> Any:
@@ -325,7 +360,8 @@ def internal_temperature(spec: Method, rows: Rows, parsed: dict, *, number: bool
     with ``number`` a Python number where the call gave one."""
     if rows.t_arg is None or spec.factor is None:
         return None
-    t, factor = rows.t_arg, spec.factor(**parsed)
+    factor = _FACTORS.get(id(parsed))
+    t, factor = rows.t_arg, spec.factor(**parsed) if factor is None else factor
     if not isinstance(t, Tensor):
         return t * factor if number else rows.per_row(t * factor)
     if t.dim() > 1 and not any(t.stride()) and not t.requires_grad:  # one number for every row: stays one
@@ -339,10 +375,17 @@ def run_mask(spec: Method, rows: Rows, options: Mapping[str, object], *, straigh
     The method's kernel is tried first; the data checks ``prepare`` deferred to it run when it declines."""
     parsed = parse(spec, options, fn=fn)
     bound = options.get("max_support")
-    if straight_through and can_read_data(rows.x) and not needs_graph(rows.x, rows.k_arg, rows.t_arg):
+    if straight_through and (
+        not (rows.x.requires_grad and torch.is_grad_enabled())  # (plain rows: numbers k and t, data readable)
+        if rows.plain
+        else can_read_data(rows.x) and not needs_graph(rows.x, rows.k_arg, rows.t_arg)
+    ):
         # nothing differentiates this call (inference, no_grad): its value is the hard mask, without the soft one
-        rows.check_data()
-        return hard_topk_mask(rows.signed.detach(), rows.k)
+        y = kernel_hard(rows.signed, rows.k_arg)
+        if y is None:
+            rows.check_data()
+            y = hard_topk_mask(rows.signed.detach(), rows.k)
+        return y
     if spec.kernel is not None and bound is None:
         y = spec.kernel(rows, internal_temperature(spec, rows, parsed, number=True), straight_through, **parsed)
         if y is not None:

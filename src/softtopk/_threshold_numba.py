@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 
 import numba
-import numpy as np  # the callers allocate the kernels' arrays with it (mod.np): numpy is there whenever numba is
+import numpy as np  # the callers make the kernels' small parameter arrays with it (mod.np): there whenever numba is
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -89,6 +89,7 @@ _WINDOW_MIN_N = 512
 _WINDOW_SAMPLE = 1024  # ... of about this many entries
 _WINDOW_STRIDE = 8  # ... at least this far apart (rows up to 8192: a larger sample costs more than it narrows)
 _TINY_N = 16  # DFTopK's rows up to this long: the sigmoid over many rows in one loop
+_NAN_COUNT = 1 << 24  # what :func:`_hard_row` adds to its count for a NaN (above any row's length that it counts)
 #: the sums of the exponential passes: float32 within blocks of this many entries (which LLVM spreads over vector
 #: lanes), float64 across blocks. Positive terms: relative error below 127 u = 7.6e-6 in any order of summation
 #: (u = 2^-24), under the default float32 tolerance of 1e-5 k on S = k. Float64 throughout cost 0.3 ns per entry of
@@ -142,6 +143,47 @@ def _vector_at(context, builder, aryty, ary, start, lanes):
     data = context.make_array(aryty)(context, builder, value=ary).data
     elt = context.get_value_type(aryty.dtype)
     return builder.bitcast(builder.gep(data, [start]), ir.PointerType(ir.VectorType(elt, lanes)))
+
+
+def _pointer(numba_type, llvm_type):
+    @intrinsic
+    def at(typingctx, address):
+        if not isinstance(address, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], ir.PointerType(llvm_type))
+
+        return types.CPointer(numba_type)(address), codegen
+
+    at.__doc__ = f"""The {numba_type} pointer at an integer address (a tensor's ``data_ptr()``): an ``inttoptr``."""
+    return at
+
+
+_f32_at = _pointer(types.float32, ir.FloatType())
+_f64_at = _pointer(types.float64, ir.DoubleType())
+_i64_at = _pointer(types.int64, ir.IntType(64))
+
+
+@numba.njit(inline="always")
+def _rows_at(address, rows, n):
+    """The C-contiguous float32 array (rows, n) at ``address``: a contiguous tensor's memory, given by its
+    ``data_ptr()`` (0 and n = 0 for none). The parallel kernels take their arrays so, allocated by torch: a numpy
+    view of a tensor, or a numpy array, costs a small call about a microsecond each (numpy's code is out of the
+    cache by then), and numba's dispatch types an integer faster than an array."""
+    return numba.carray(_f32_at(address), (rows, n))
+
+
+@numba.njit(inline="always")
+def _f64s_at(address, shape):
+    """The C-contiguous float64 array of ``shape`` at ``address`` (see :func:`_rows_at`)."""
+    return numba.carray(_f64_at(address), shape)
+
+
+@numba.njit(inline="always")
+def _i64s_at(address, shape):
+    """The C-contiguous int64 array of ``shape`` at ``address`` (see :func:`_rows_at`)."""
+    return numba.carray(_i64_at(address), shape)
 
 
 def _is_row(a, dtype) -> bool:
@@ -249,18 +291,23 @@ def _lowest_bit(typingctx, bits):
 
 @intrinsic
 def _hard32(typingctx, x, out, start, a):
-    """out[start : start + 32] = 1 where x[start : start + 32] >= a, else 0 (float32 rows); returns how many."""
+    """out[start : start + 32] = 1 where x[start : start + 32] >= a, else 0 (float32 rows; a not NaN); returns how
+    many, plus ``_NAN_COUNT`` where one of the 32 is NaN."""
     if not (_is_row(x, types.float32) and _is_row(out, types.float32) and isinstance(start, types.Integer)):
         return None
 
     def codegen(context, builder, signature, args):
-        f32 = ir.FloatType()
+        f32, i32 = ir.FloatType(), ir.IntType(32)
         bits = _mask32(context, builder, types.int32(signature.args[0], signature.args[2], signature.args[3]),
                        [args[0], args[2], args[3]], ">=")  # fmt: skip
         hit = builder.bitcast(bits, ir.VectorType(ir.IntType(1), 32))
         ones = builder.select(hit, _splat(f32, 1.0), _splat(f32, 0.0))
+        v = builder.load(_vector_at(context, builder, signature.args[0], args[0], args[2], 32), align=4)
+        nan = builder.bitcast(builder.fcmp_unordered("uno", v, v), i32)
         builder.store(ones, _vector_at(context, builder, signature.args[1], args[1], args[2], 32), align=4)
-        return _popcount(builder, bits)
+        flag = builder.select(builder.icmp_unsigned("!=", nan, ir.Constant(i32, 0)), ir.Constant(i32, _NAN_COUNT),
+                              ir.Constant(i32, 0))  # fmt: skip
+        return builder.add(_popcount(builder, bits), flag)
 
     return types.int32(x, out, start, a), codegen
 
@@ -1170,14 +1217,16 @@ def _solve_sparse(fam, x, k, rt, start, a, b, lo, hi, tol, max_iter, y, buf):
 
 
 @numba.njit(parallel=True, cache=True)
-def forward(fam, x, k, rt, tol, max_iter, y, tau, hard, n_lanes):
+def forward(fam, rows, n, x_at, k, rt, tol, max_iter, y_at, tau_at, hard_at, n_lanes):
     """Rows of x (R, n) float32: the mask into y (R, n) and τ (in units of t) into tau (R,). k and rt float64, (R,)
     or (1,) (one value for every row). ``hard`` (R, n): the exact top-k mask as well (the forward of a
     straight-through call, k whole), whose k-th and (k+1)-th largest then start the solve, written after it: ``y``
     may then be ``hard`` itself (scratch for the solve; the backward is then :func:`backward_z`), and the rows with
-    k = 0 or n get τ = NaN. (R, 0) for none. Returns the numbers of rows left to the reference: masks, and hard masks
-    (a tie at the k-th value, where the choice of entries is ``torch.topk``'s)."""
-    rows, n = x.shape
+    k = 0 or n get τ = NaN. 0 for none. x, y, tau and hard are given by address (:func:`_rows_at`). Returns the
+    numbers of rows left to the reference: masks, and hard masks (a tie at the k-th value, where the choice of
+    entries is ``torch.topk``'s)."""
+    x, y, hard = _rows_at(x_at, rows, n), _rows_at(y_at, rows, n), _rows_at(hard_at, rows, n if hard_at else 0)
+    tau = _f64s_at(tau_at, (rows,))
     k_step = 1 if k.shape[0] > 1 else 0
     rt_step = 1 if rt.shape[0] > 1 else 0
     want_hard = hard.shape[1] == n
@@ -1297,16 +1346,19 @@ def _backward_row(fam, y, g, rt, x, tau, gx, need_t):
 
 
 @numba.njit(parallel=True, cache=True)
-def backward(fam, y, g, rt, x, tau, gx, gk, gt, need_t, n_lanes):
+def backward(fam, rows, n, y_at, g_at, rt, x_at, tau_at, gx_at, gkt_at, need_t, n_lanes):
     """The implicit backward of :func:`forward`, row by row: with d = φ'(z) rt on 0 < y < 1,
     gx = d (g − ḡ), ḡ = Σ g d / Σ d (= gk), and gt = −Σ z gx when ``need_t``. x (R, n) the scores; rt (R,) or
-    (1,). A row whose τ is NaN gets gx = 0."""
-    rows = y.shape[0]
+    (1,). A row whose τ is NaN gets gx = 0. y, g, x, gx (R, n), tau (R,) and (gk, gt) (2, R) by address
+    (:func:`_rows_at`; gkt_at 0 for none)."""
+    y, g, x, gx = _rows_at(y_at, rows, n), _rows_at(g_at, rows, n), _rows_at(x_at, rows, n), _rows_at(gx_at, rows, n)
+    tau, gkt = _f64s_at(tau_at, (rows,)), _f64s_at(gkt_at, (2, rows if gkt_at else 0))
     rt_step = 1 if rt.shape[0] > 1 else 0
     for lane in numba.prange(n_lanes):
         for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
-            gk[r], zg = _backward_row(fam, y[r], g[r], rt[r * rt_step], x[r], tau[r], gx[r], need_t)
-            gt[r] = -zg
+            gk, zg = _backward_row(fam, y[r], g[r], rt[r * rt_step], x[r], tau[r], gx[r], need_t)
+            if gkt_at:
+                gkt[0, r], gkt[1, r] = gk, -zg
 
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
@@ -1351,15 +1403,17 @@ def _backward_row_z(fam, g, rt, x, tau, gx, need_t):
 
 
 @numba.njit(parallel=True, cache=True)
-def backward_z(fam, g, rt, x, tau, gx, gk, gt, need_t, n_lanes):
+def backward_z(fam, rows, n, g_at, rt, x_at, tau_at, gx_at, gkt_at, need_t, n_lanes):
     """:func:`backward` with φ' from z (:func:`_backward_row_z`): for a straight-through :func:`forward` whose ``y``
     was its ``hard`` (no soft mask kept). Compiled at its first call (a large straight-through call)."""
-    rows = x.shape[0]
+    g, x, gx = _rows_at(g_at, rows, n), _rows_at(x_at, rows, n), _rows_at(gx_at, rows, n)
+    tau, gkt = _f64s_at(tau_at, (rows,)), _f64s_at(gkt_at, (2, rows if gkt_at else 0))
     rt_step = 1 if rt.shape[0] > 1 else 0
     for lane in numba.prange(n_lanes):
         for r in range(lane * rows // n_lanes, (lane + 1) * rows // n_lanes):
-            gk[r], zg = _backward_row_z(fam, g[r], rt[r * rt_step], x[r], tau[r], gx[r], need_t)
-            gt[r] = -zg
+            gk, zg = _backward_row_z(fam, g[r], rt[r * rt_step], x[r], tau[r], gx[r], need_t)
+            if gkt_at:
+                gkt[0, r], gkt[1, r] = gk, -zg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1424,16 +1478,19 @@ def _pair(x, k, buf, sample):
 
 @numba.njit(cache=True, fastmath=_FAST, error_model="numpy")
 def _hard_row(x, a, out):
-    """out = 1 where x >= a, else 0, 32 entries at a time (:func:`_hard32`); returns how many entries that selects."""
+    """out = 1 where x >= a, else 0, 32 entries at a time (:func:`_hard32`); returns how many entries that selects,
+    plus ``_NAN_COUNT`` for each block of 32 (and each entry of the tail) that holds a NaN: a row with a NaN then
+    never selects k entries, and its callers decline it."""
     n = x.shape[0]
     whole = n - n % 32
     count = 0
     for s in range(0, whole, 32):
         count += _hard32(x, out, s, a)
     for i in range(whole, n):
-        hit = x[i] >= a
+        v = x[i]
+        hit = v >= a
         out[i] = 1.0 if hit else 0.0
-        count += hit
+        count += hit + (_NAN_COUNT if v != v else 0)
     return count
 
 
@@ -1466,11 +1523,12 @@ def _hard_write(x, k, out, pair):
 
 
 @numba.njit(parallel=True, cache=True)
-def hard_forward(x, k, out, n_lanes):
-    """The exact top-k mask of each row of x (R, n) float32 into out; k int64 (R,) or (1,). Returns the number of
-    rows with a tie at the k-th largest value (x_(k) = x_(k+1)), where the choice of entries is ``torch.topk``'s:
-    the caller then takes torch's mask for the call."""
-    rows = x.shape[0]
+def hard_forward(rows, n, x_at, k, out_at, n_lanes):
+    """The exact top-k mask of each row of x (R, n) float32 into out (both by address, :func:`_rows_at`); k int64
+    (R,) or (1,). Returns the number of rows with a tie at the k-th largest value (x_(k) = x_(k+1)), where the
+    choice of entries is ``torch.topk``'s, or a NaN (:func:`_hard_row`): the caller then takes torch's mask for the
+    call."""
+    x, out = _rows_at(x_at, rows, n), _rows_at(out_at, rows, n)
     k_step = 1 if k.shape[0] > 1 else 0
     declined = 0
     for lane in numba.prange(n_lanes):
@@ -1566,12 +1624,14 @@ def _kept_index(x, at, j, q, v):
 
 
 @numba.njit(parallel=True, cache=True)
-def dftopk_forward(x, k, rt, y, tau, ia, ib, n_lanes):
+def dftopk_forward(rows, n, x_at, k, rt, y_at, tau_at, iab_at, n_lanes):
     """Rows of x (R, n) float32, k int64 in [1, n) and rt = 1/t float64, each (R,) or (1,): the mask σ((x − τ) rt)
-    into y, τ and the indices of the k-th and (k+1)-th largest into tau, ia, ib. Returns the number of rows the
-    reference must do (a non-finite entry, or a tie at the k-th or (k+1)-th value, where the choice of index is
-    torch's)."""
-    rows, n = x.shape
+    into y, τ into tau (R,) and the indices of the k-th and (k+1)-th largest into (ia, ib) (2, R) int64, all four
+    by address (:func:`_rows_at`). Returns the number of rows the reference must do (a non-finite entry, or a tie at
+    the k-th or (k+1)-th value, where the choice of index is torch's)."""
+    x, y = _rows_at(x_at, rows, n), _rows_at(y_at, rows, n)
+    tau, iab = _f64s_at(tau_at, (rows,)), _i64s_at(iab_at, (2, rows))
+    ia, ib = iab[0], iab[1]
     k_step = 1 if k.shape[0] > 1 else 0
     rt_step = 1 if rt.shape[0] > 1 else 0
     declined = 0
@@ -1633,11 +1693,15 @@ def _dftopk_backward_row(y, g, rt, x, tau, gx):
 
 
 @numba.njit(parallel=True, cache=True)
-def dftopk_backward(y, g, rt, x, tau, ia, ib, gx, gt, n_lanes):
-    """The backward of :func:`dftopk_forward`: gx = s − (Σ s)(e_a + e_b)/2, s = g σ'(z) rt; gt = −Σ s z when x
-    (R, n) is given (shape (R, 0) otherwise). Rows of up to ``_TINY_N`` entries with one temperature and no gt get
-    s in one loop over many rows (a loop per row of 8 runs scalar: 2.8x as fast at 4096 × 8)."""
-    rows, n = y.shape
+def dftopk_backward(rows, n, y_at, g_at, rt, x_at, tau_at, iab_at, gx_at, gt_at, n_lanes):
+    """The backward of :func:`dftopk_forward`: gx = s − (Σ s)(e_a + e_b)/2, s = g σ'(z) rt; gt (R,) = −Σ s z when x
+    (R, n) is given (x_at and gt_at 0 otherwise). Arrays by address, as :func:`dftopk_forward` has them. Rows of up
+    to ``_TINY_N`` entries with one temperature and no gt get s in one loop over many rows (a loop per row of 8 runs
+    scalar: 2.8x as fast at 4096 × 8)."""
+    y, g, gx = _rows_at(y_at, rows, n), _rows_at(g_at, rows, n), _rows_at(gx_at, rows, n)
+    x = _rows_at(x_at, rows, n if x_at else 0)
+    tau, iab, gt = _f64s_at(tau_at, (rows,)), _i64s_at(iab_at, (2, rows)), _f64s_at(gt_at, (rows if gt_at else 0,))
+    ia, ib = iab[0], iab[1]
     rt_step = 1 if rt.shape[0] > 1 else 0
     for lane in numba.prange(n_lanes):
         first, last = lane * rows // n_lanes, (lane + 1) * rows // n_lanes
@@ -1654,4 +1718,5 @@ def dftopk_backward(y, g, rt, x, tau, ia, ib, gx, gt, n_lanes):
                 total, sz = _dftopk_backward_row(y[r], g[r], rt[r * rt_step], x[r], tau[r], gx[r])
             gx[r, ia[r]] -= 0.5 * total
             gx[r, ib[r]] -= 0.5 * total
-            gt[r] = -sz
+            if gt_at:
+                gt[r] = -sz

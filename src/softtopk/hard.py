@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._eager import eager_apply, needs_graph
 from ._prepare import can_read_data
-from .threshold import kernel_hard_mask
+from .threshold import kernel_hard_mask, kernel_ready
 
-__all__ = ["hard_mask", "hard_topk_mask", "with_soft_gradient"]
+__all__ = ["hard_mask", "hard_topk_mask", "kernel_hard", "with_soft_gradient"]
 
 
 def hard_topk_mask(x: Tensor, k: int | Tensor) -> Tensor:
@@ -68,6 +69,35 @@ class _HardMaskEager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return torch.zeros_like(g), None
+
+
+class _HardKernel(torch.autograd.Function):
+    """:class:`_HardMaskEager` by the kernel alone: a 0-d result where the kernel does not answer (eager only, applied
+    by :func:`~softtopk._eager.eager_apply`)."""
+
+    @staticmethod
+    def forward(ctx, x, k):
+        out = kernel_hard_mask(x, k)
+        return x.new_zeros(()) if out is None else out
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros_like(g), None
+
+
+_hard_kernel_apply = eager_apply(_HardKernel)
+
+
+def kernel_hard(x: Tensor, k: int | Tensor) -> Tensor | None:
+    """:func:`hard_mask` by the numba kernel (:func:`~softtopk.threshold.kernel_hard_mask`), or None where it does not
+    answer: not a float32 CPU tensor in eager mode, a k outside (0, n), a NaN, a tie at some row's k-th value. Its
+    rows hold no NaN when it answers, so a caller may leave the data checks to the case where it does not."""
+    if not kernel_ready(x, k):
+        return None
+    if not needs_graph(x):
+        return kernel_hard_mask(x, k)
+    out = _hard_kernel_apply(x, k)
+    return out if out.dim() else None
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from . import threshold
-from ._prepare import Rows, can_read_data, check_bool, check_choice, prepare, reject_unused, row_param
-from ._registry import MASK_METHODS, lookup, run_mask, uses_temperature
+from ._prepare import Rows, can_read_data, check_bool, check_choice, plain_rows, prepare, reject_unused, row_param
+from ._registry import MASK_METHODS, Method, lookup, memo_key, memo_store, run_mask, uses_temperature
 from .hard import hard_topk_mask, with_soft_gradient
 from .stochastic import gumbel_noise, relaxed_subset
 
@@ -25,8 +25,20 @@ __all__ = ["METHODS", "TopK", "gumbel_topk", "threshold_mask", "topk", "topk_mas
 METHODS: tuple[str, ...] = tuple(MASK_METHODS)
 
 
+#: memo_key(method, straight_through) -> (record, k_kind, uses_temperature), once a call with them has passed the
+#: checks: what :func:`_prepare_mask` derives from the method and its options alone
+_PLANS: dict[tuple, tuple[Method, str, bool]] = {}
+
+
 def _prepare_mask(fn, x, k, dim, method, temperature, largest, scale, straight_through, options):
-    """The shared step of the mask operators: the method's record and the prepared rows."""
+    """The shared step of the mask operators: the method's record and the prepared rows (the common eager call of
+    a method met before in one test: :func:`~softtopk._prepare.plain_rows`)."""
+    key = memo_key(method, straight_through, options=options) if type(method) is str else None
+    plan = None if key is None else _PLANS.get(key)
+    if plan is not None:
+        rows = plain_rows(fn, x, k, dim, temperature, largest, scale, k_kind=plan[1], uses_temperature=plan[2])
+        if rows is not None:
+            return plan[0], rows
     spec = lookup("mask", method, options, fn=fn)
     check_bool(straight_through, "straight_through", fn=fn)
     if straight_through and spec.factor is None:
@@ -38,6 +50,8 @@ def _prepare_mask(fn, x, k, dim, method, temperature, largest, scale, straight_t
     rows = prepare(fn, x, k, dim=dim, temperature=temperature, largest=largest, k_kind=k_kind,
                    uses_temperature=uses_t, scale=scale, method=method,
                    defer_data=spec.kernel is not None)  # fmt: skip
+    if key is not None:
+        memo_store(_PLANS, key, (spec, k_kind, uses_t))
     return spec, rows
 
 
@@ -128,7 +142,7 @@ def topk_mask(
     if rows.x.numel() == 0:
         return x * 0.0
     y = run_mask(spec, rows, options, straight_through=straight_through, fn="topk_mask")
-    return rows.restore(y)
+    return y if rows.plain else rows.restore(y)  # (plain rows: nothing to restore, one call fewer)
 
 
 class TopK(NamedTuple):

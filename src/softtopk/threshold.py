@@ -543,20 +543,23 @@ def threshold_backend(x: Tensor) -> str:
     """The solver :func:`normalised_mask` uses for ``x`` (compute dtype): ``"numba"`` for float32 CPU tensors in
     eager mode (not under ``torch.compile`` or a ``torch.func`` transform) when numba is installed, else
     ``"torch"``, the pure-torch reference."""
-    return "numba" if _kernel_ready(x) else "torch"
+    return "numba" if kernel_ready(x) else "torch"
 
 
-def _kernel_ready(x: Tensor, *params) -> bool:
+def kernel_ready(x: Tensor, *params) -> bool:
     """Whether the numba kernel takes ``x`` (see :func:`threshold_backend`) with these per-row parameters (numbers,
     or tensors whose data can be read), in one test: it runs on every call."""
-    if BACKEND["threshold"] != "numba" or x.dtype != torch.float32 or not x.is_cpu or x.numel() == 0:
-        return False
-    if not can_read_data(x):
+    if x.dtype != torch.float32 or not x.is_cpu or x.numel() == 0 or not can_read_data(x):
         return False
     for p in params:
         if isinstance(p, Tensor) and is_transformed(p):
             return False
-    return _kernel() is not None
+    return _kernel_available()
+
+
+def _kernel_available() -> bool:
+    """Whether the kernels run at all: numba imports and :data:`BACKEND` asks for them."""
+    return BACKEND["threshold"] == "numba" and _kernel() is not None
 
 
 def _params(a, x: Tensor, dtype: torch.dtype = torch.float64):
@@ -564,13 +567,26 @@ def _params(a, x: Tensor, dtype: torch.dtype = torch.float64):
     for a kernel: (1,) when it holds one value for every row (nothing to copy), else one per row of ``x``."""
     np_dtype = _NUMPY[dtype]
     if not isinstance(a, Tensor):
-        return _kernel().np.array([a], dtype=np_dtype)
+        return _number(a, np_dtype)
     if _one_value(a):  # one scalar read instead of a conversion (a few torch operations fewer per call)
-        return _kernel().np.array([a.as_strided((1,), (1,)).item()], dtype=np_dtype)
+        return _number(a.as_strided((1,), (1,)).item(), np_dtype)
     return a.detach().to(dtype).expand(x.shape[:-1] + (1,)).reshape(-1).contiguous().numpy()
 
 
 _NUMPY = {torch.float64: "float64", torch.int64: "int64"}
+_NUMBERS: dict = {}  # (number, numpy dtype) -> its (1,) array, made once (the kernels only read their parameters)
+
+
+def _number(value, np_dtype: str):
+    """``value`` as a (1,) numpy array of ``np_dtype`` for a kernel, shared by every call with that value (making
+    the array cost a small call a few percent)."""
+    key = (value, np_dtype)
+    a = _NUMBERS.get(key)
+    if a is None:
+        if len(_NUMBERS) >= 256:  # (a loop over many temperatures: the memo stays small)
+            _NUMBERS.clear()
+        a = _NUMBERS[key] = _kernel().np.array([value], dtype=np_dtype)
+    return a
 
 
 def _reciprocals(t, x: Tensor):
@@ -584,56 +600,66 @@ def _one_value(a: Tensor) -> bool:
     return all(st == 0 for st, size in zip(a.stride(), a.shape) if size > 1)
 
 
-def _output(x: Tensor):
-    """An uninitialised float32 tensor of ``x``'s shape, allocated by torch (so that torch's memory accounting, the
-    profiler's included, sees the kernels' outputs), and its (rows, n) numpy view for a kernel to write."""
-    out = torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
-    a = out.numpy()
-    return out, a if a.ndim == 2 else a.reshape(-1, x.shape[-1])  # (numpy's reshape costs a microsecond)
+def _output(x: Tensor) -> Tensor:
+    """An uninitialised C-contiguous float32 tensor of ``x``'s shape for a kernel to write, allocated by torch (so
+    that torch's memory accounting, the profiler's included, sees the kernels' outputs)."""
+    if x.dtype == torch.float32 and x.is_contiguous():  # (the keywords below cost a third of a microsecond)
+        return torch.empty_like(x)
+    return torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
-def _rows_np(x: Tensor):
-    """``x`` (..., n) as a C-contiguous (rows, n) numpy array (a view when ``x`` is contiguous)."""
-    x = x.detach()
-    a = (x if x.is_contiguous() else x.contiguous()).numpy()
-    return a if a.ndim == 2 else a.reshape(-1, x.shape[-1])
+def _vector(*shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """An uninitialised tensor for a kernel's per-row numbers (τ, gradients, indices), read by address like
+    :func:`_dense`'s."""
+    return torch.empty(shape, dtype=dtype)
 
 
-def kernel_mask(family: str, x: Tensor, k, t, tol: float, max_iter: int, *, hard: bool = False) -> Tensor | None:
+def _dense(x: Tensor) -> tuple[Tensor, int, int]:
+    """(``x`` C-contiguous, its rows, its last dim n) for a kernel that reads its memory as (rows, n) by
+    ``data_ptr()``: ``x`` itself when it is contiguous (``x`` float32 with entries). The kernels take their large
+    arrays by address: a numpy view of a tensor costs a call about a microsecond each."""
+    xc = x if x.is_contiguous() else x.contiguous()
+    n = xc.shape[-1]
+    return xc, xc.numel() // n, n
+
+
+def kernel_mask(
+    family: str, x: Tensor, k, t, tol: float, max_iter: int, *, hard: bool = False, plain: bool = False
+) -> Tensor | None:
     """The normalised mask of :func:`normalised_mask` by the numba kernel, in one call; with ``hard`` (k whole) the
     straight-through mask: the exact top-k mask forward, the soft mask's gradient backward, both from that call
     (which also starts the threshold search at the k-th and (k+1)-th largest it selects). ``k`` and ``t`` numbers
     or (..., 1) tensors. None when the kernel does not take the call (not float32 on the CPU in eager mode, no
     numba) or leaves it to the reference: a non-finite score, |x|/t beyond 1e12, no convergence, or with ``hard`` a
-    tie at some row's k-th value. Every row is finite when it answers."""
-    if not _kernel_ready(x, k, t):
+    tie at some row's k-th value. Every row is finite when it answers. ``plain``: the caller has checked that ``x``
+    is a float32 CPU tensor with entries in eager mode and that ``k`` and ``t`` are numbers."""
+    if not (_kernel_available() if plain else kernel_ready(x, k, t)):
         return None
-    if needs_graph(x, k, t):
+    if (x.requires_grad and torch.is_grad_enabled()) if plain else needs_graph(x, k, t):
         out = _kernel_mask_apply(x, k, t, family, tol, max_iter, hard)
         return out if out.dim() else None  # 0-d: declined
     return _solve_kernel(family, x, k, t, tol, max_iter, hard)[0]
 
 
 def _solve_kernel(family: str, x: Tensor, k, t, tol: float, max_iter: int, hard: bool):
-    """(the mask, or the hard mask with ``hard``; (y or None, τ, 1/t, x's and y's numpy views or None) for the
-    backward), or (None, None) where the kernel declines a row. A call with ``hard`` of at least ``_FROM_Z_MIN``
-    entries keeps no soft mask (the solve's scratch is the hard mask's array, y None): its backward takes φ' from z
-    (``backward_z``), so that it holds as much memory as a soft call rather than a third more."""
+    """(the mask, or the hard mask with ``hard``; (y or None, τ, 1/t) for the backward), or (None, None) where the
+    kernel declines a row. A call with ``hard`` of at least ``_FROM_Z_MIN`` entries keeps no soft mask (the solve's
+    scratch is the hard mask's array, y None): its backward takes φ' from z (``backward_z``), so that it holds as
+    much memory as a soft call rather than a third more."""
     mod = _kernel()
-    x2 = _rows_np(x)
-    rows = x2.shape[0]
-    rt = _reciprocals(t, x)
-    (y, y2), tau = _output(x), mod.np.empty(rows)
-    soft = not hard or x2.size < _FROM_Z_MIN
-    h, h2 = (_output(x) if soft else (y, y2)) if hard else (None, mod.np.empty((rows, 0), dtype=x2.dtype))
+    xc, rows, n = _dense(x)
+    y, tau, rt = _output(xc), _vector(rows), _reciprocals(t, x)
+    soft = not hard or xc.numel() < _FROM_Z_MIN
+    h = (_output(xc) if soft else y) if hard else None
     declined, declined_hard = mod.launch(
-        mod.forward, rows, mod.CODES[family], x2, _params(k, x), rt, tol, max_iter, y2, tau, h2
-    )
+        mod.forward, rows, mod.CODES[family], rows, n, xc.data_ptr(), _params(k, x), rt, tol, max_iter,
+        y.data_ptr(), tau.data_ptr(), 0 if h is None else h.data_ptr(),
+    )  # fmt: skip
     if declined or declined_hard:
         return None, None
     if not soft:
-        return h, (None, tau, rt, x2, None)
-    return (y if h is None else h), (y, tau, rt, x2, y2)
+        return h, (None, tau, rt)
+    return (y if h is None else h), (y, tau, rt)
 
 
 #: straight-through calls from this many entries keep no soft mask for the backward (see :func:`_solve_kernel`).
@@ -649,8 +675,8 @@ class _KernelMask(torch.autograd.Function):
     """A normalised mask computed by the kernel (:func:`_solve_kernel`, in the forward: its result is no view of an
     input), with the implicit backward (see :func:`_implicit_backward`) by the kernel. ``k`` and ``t`` numbers or
     tensors. Where the kernel declines, the forward returns a 0-d tensor (the caller then takes the reference).
-    Eager only, applied by :func:`~softtopk._eager.eager_apply`. The kernel reads the numpy views of x and y made by
-    the forward; saving the tensors as well keeps autograd's check that neither was modified in place."""
+    Eager only, applied by :func:`~softtopk._eager.eager_apply`. The backward kernel reads the saved x and y (so
+    that autograd checks that neither was modified in place)."""
 
     @staticmethod
     def forward(ctx, x, k, t, family, tol, max_iter, hard):
@@ -665,23 +691,24 @@ class _KernelMask(torch.autograd.Function):
     @once
     def backward(ctx, gy):
         # ∂L/∂x = (s − φ' (Σs)/(Σφ')) / t with s = g φ'(z) (the implicit function theorem on Σφ(z) = k, z = (x − τ)/t)
-        x = ctx.saved_tensors[0]  # (checked by autograd against changes in place, as y)
-        tau, rt, x2, y2 = ctx.arrays
+        x, y = ctx.saved_tensors  # (y None for a large straight-through call: see _solve_kernel)
+        tau, rt = ctx.arrays
         needs_k, needs_t = ctx.needs_input_grad[1:3]
         mod = _kernel()
-        g2 = _rows_np(gy if gy.dtype == torch.float32 else gy.float())
-        rows = len(tau)
-        (gx, gx2), gk, gt = _output(x), mod.np.empty(rows), mod.np.empty(rows)
-        code = mod.CODES[ctx.family]
-        if y2 is None:
-            mod.launch(mod.backward_z, rows, code, g2, rt, x2, tau, gx2, gk, gt, needs_t)
+        (xc, rows, n), g = _dense(x), _dense(gy if gy.dtype == torch.float32 else gy.float())[0]
+        gx, gkt = _output(xc), _vector(2, rows) if needs_k or needs_t else None
+        code, at = mod.CODES[ctx.family], 0 if gkt is None else gkt.data_ptr()
+        if y is None:
+            mod.launch(mod.backward_z, rows, code, rows, n, g.data_ptr(), rt, xc.data_ptr(), tau.data_ptr(),
+                       gx.data_ptr(), at, needs_t)  # fmt: skip
         else:
-            mod.launch(mod.backward, rows, code, y2, g2, rt, x2, tau, gx2, gk, gt, needs_t)
-        if not (needs_k or needs_t):
+            mod.launch(mod.backward, rows, code, rows, n, y.data_ptr(), g.data_ptr(), rt, xc.data_ptr(),
+                       tau.data_ptr(), gx.data_ptr(), at, needs_t)  # fmt: skip
+        if gkt is None:
             return gx, None, None, None, None, None, None
         shape = x.shape[:-1] + (1,)
-        gk_out = torch.from_numpy(gk).float().view(shape) if needs_k else None
-        gt_out = torch.from_numpy(gt).float().view(shape) if needs_t else None
+        gk_out = gkt[0].float().view(shape) if needs_k else None
+        gt_out = gkt[1].float().view(shape) if needs_t else None
         return gx, gk_out, gt_out, None, None, None, None
 
 
@@ -925,7 +952,7 @@ def _kernel_k(k: int | Tensor, x: Tensor):
     or one per row of ``x``, or None when some row's k is outside [1, n)."""
     n = x.shape[-1]
     if not isinstance(k, Tensor):
-        return _kernel().np.array([k]) if 0 < k < n else None
+        return _number(k, "int64") if 0 < k < n else None
     kk = _params(k, x, torch.int64)
     return kk if bool(((kk > 0) & (kk < n)).all()) else None
 
@@ -934,7 +961,7 @@ def kernel_dftopk(x: Tensor, k: int | Tensor, t) -> Tensor | None:
     """DFTopK's mask (:func:`dftopk`) by the numba kernel, ``t`` a number or a (..., 1) tensor; None when the kernel
     does not take the call (as :func:`kernel_mask`) or leaves it to the reference (k outside [1, n), a non-finite
     entry, a tie at the k-th or (k+1)-th value). Every row is finite when it answers."""
-    if not _kernel_ready(x, k, t):
+    if not kernel_ready(x, k, t):
         return None
     kk = _kernel_k(k, x)
     if kk is None:
@@ -946,30 +973,27 @@ def kernel_dftopk(x: Tensor, k: int | Tensor, t) -> Tensor | None:
 
 
 def _solve_dftopk(x: Tensor, kk, t):
-    """(DFTopK's mask, (τ, the two indices, 1/t, x's and y's numpy views) for the backward) by the kernel, ``kk``
+    """(DFTopK's mask, (τ, the two indices (2, R), 1/t) for the backward) by the kernel, ``kk``
     from :func:`_kernel_k`; (None, None) where it declines a row."""
-    mod, x2 = _kernel(), _rows_np(x)
-    rows = x2.shape[0]
-    rt = _reciprocals(t, x)
-    (y, y2), tau = _output(x), mod.np.empty(rows)
-    ia, ib = mod.np.empty(rows, dtype=mod.np.int64), mod.np.empty(rows, dtype=mod.np.int64)
-    if mod.launch(mod.dftopk_forward, rows, x2, kk, rt, y2, tau, ia, ib):
+    mod, (xc, rows, n) = _kernel(), _dense(x)
+    y, tau, iab, rt = _output(xc), _vector(rows), _vector(2, rows, dtype=torch.int64), _reciprocals(t, x)
+    if mod.launch(mod.dftopk_forward, rows, rows, n, xc.data_ptr(), kk, rt, y.data_ptr(), tau.data_ptr(),
+                  iab.data_ptr()):  # fmt: skip
         return None, None
-    return y, (tau, ia, ib, rt, x2, y2)
+    return y, (tau, iab, rt)
 
 
 def kernel_hard_mask(x: Tensor, k: int | Tensor) -> Tensor | None:
     """The exact top-k mask of ``x`` (float32, CPU, eager) along the last dim by the numba kernel, or None (no
     numba, another dtype or device, a k outside (0, n), a tie at the k-th value: the caller takes ``torch.topk``)."""
-    if not _kernel_ready(x, k):
+    if not kernel_ready(x, k):
         return None
-    mod, x2 = _kernel(), _rows_np(x)
-    rows = x2.shape[0]
     kk = _kernel_k(k, x)
     if kk is None:
         return None
-    out, out2 = _output(x)
-    declined = mod.launch(mod.hard_forward, rows, x2, kk, out2)
+    mod, (xc, rows, n) = _kernel(), _dense(x)
+    out = _output(xc)
+    declined = mod.launch(mod.hard_forward, rows, rows, n, xc.data_ptr(), kk, out.data_ptr())
     return None if declined else out
 
 
@@ -990,18 +1014,19 @@ class _DFTopKKernel(torch.autograd.Function):
     @once
     def backward(ctx, gy):
         # y = σ(z), z = (x − τ)/t, τ = (x_a + x_b)/2:  ∂L/∂x = s − (Σ s)(e_a + e_b)/2,  s = g σ'(z)/t;  ∂L/∂t = −Σ s z
-        y = ctx.saved_tensors[1]
-        tau, ia, ib, rt, x2, y2 = ctx.arrays
+        x, y = ctx.saved_tensors
+        tau, iab, rt = ctx.arrays
         needs_t = ctx.needs_input_grad[1]
         mod = _kernel()
-        g2 = _rows_np(gy if gy.dtype == y.dtype else gy.to(y.dtype))
-        rows = len(tau)
-        (gx, gx2), gt = _output(y), mod.np.empty(rows)
-        xs = x2 if needs_t else mod.np.empty((rows, 0), dtype=x2.dtype)  # no x: no Σ s z
-        mod.launch(mod.dftopk_backward, rows, y2, g2, rt, xs, tau, ia, ib, gx2, gt)
+        g, rows, n = _dense(gy if gy.dtype == y.dtype else gy.to(y.dtype))
+        xc, gt = (_dense(x)[0], _vector(rows)) if needs_t else (None, None)  # (None: no Σ s z)
+        gx = _output(y)
+        mod.launch(mod.dftopk_backward, rows, rows, n, y.data_ptr(), g.data_ptr(), rt,
+                   0 if xc is None else xc.data_ptr(), tau.data_ptr(), iab.data_ptr(), gx.data_ptr(),
+                   0 if gt is None else gt.data_ptr())  # fmt: skip
         gt_out = None
-        if needs_t:
-            gt_out = torch.from_numpy(gt).to(y.dtype).view(y.shape[:-1] + (1,)).sum_to_size(ctx.t_shape)
+        if gt is not None:
+            gt_out = gt.to(y.dtype).view(y.shape[:-1] + (1,)).sum_to_size(ctx.t_shape)
         return gx, gt_out, None
 
 
