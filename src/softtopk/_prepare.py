@@ -315,7 +315,9 @@ class Rows:
             check_infinities(self.signed, self.k, fn=fn)
 
     def restore(self, y: Tensor) -> Tensor:
-        """A result computed along the last dim, back in the caller's dtype and ``dim``."""
+        """A result computed along the last dim, back in the caller's dtype and ``dim`` (plain rows: ``y`` itself)."""
+        if self.plain:
+            return y
         return move_back(y if y.dtype == self.dtype else y.to(self.dtype), self.dim)
 
 

@@ -126,14 +126,8 @@ def _threshold_mask(family: str, rows: Rows, t: Tensor, tol, max_iter) -> Tensor
     return threshold.normalised_mask(family, rows.signed, rows.k, t, tol=tol, max_iter=max_iter)
 
 
-_KERNEL_SOLVER = solver_options("threshold", torch.float32, fn="")  # the kernel's (float32) defaults
-
-
 def _threshold_kernel(family: str, rows: Rows, t, straight_through: bool, tol, max_iter) -> Tensor | None:
-    if tol is None and max_iter is None:  # (parse has validated what was given)
-        tol, max_iter = _KERNEL_SOLVER
-    else:
-        tol, max_iter = solver_options("threshold", torch.float32, tol, max_iter, fn="")
+    tol, max_iter = solver_options("threshold", rows.x.dtype, tol, max_iter, fn="")
     return threshold.kernel_mask(family, rows.signed, rows.k_arg, t, tol, max_iter, hard=straight_through,
                                  plain=rows.plain)  # fmt: skip
 
@@ -329,11 +323,13 @@ def memo_key(*head: Any, options: Mapping[str, object]) -> tuple | None:
     return (*head, *options.items()) if options else head
 
 
-def memo_store(memo: dict, key: tuple, value: Any) -> Any:
-    """``value``, kept in ``memo`` under ``key`` while the memo holds fewer than ``_MEMO_SIZE`` entries."""
-    if len(memo) < _MEMO_SIZE:
-        memo[key] = value
-    return value
+def memo_store(memo: dict, key: tuple, value: Any) -> bool:
+    """Keep ``value`` in ``memo`` under ``key`` while the memo holds fewer than ``_MEMO_SIZE`` entries; whether it
+    was kept."""
+    if len(memo) >= _MEMO_SIZE:
+        return False
+    memo[key] = value
+    return True
 
 
 _PARSED: dict[tuple, dict] = {}  # parse's results by memo_key(record), validated once: shared, never modified
@@ -349,8 +345,7 @@ def parse(spec: Method, options: Mapping[str, object], *, fn: str) -> dict:
     if parsed is None:
         given = {name: val for name, val in options.items() if name not in _GENERIC}
         parsed = spec.parse(fn, **{**spec.options, **given})
-        if key is not None and len(_PARSED) < _MEMO_SIZE:
-            _PARSED[key] = parsed
+        if key is not None and memo_store(_PARSED, key, parsed):
             _FACTORS[id(parsed)] = None if spec.factor is None else spec.factor(**parsed)
     return parsed
 
@@ -375,11 +370,7 @@ def run_mask(spec: Method, rows: Rows, options: Mapping[str, object], *, straigh
     The method's kernel is tried first; the data checks ``prepare`` deferred to it run when it declines."""
     parsed = parse(spec, options, fn=fn)
     bound = options.get("max_support")
-    if straight_through and (
-        not (rows.x.requires_grad and torch.is_grad_enabled())  # (plain rows: numbers k and t, data readable)
-        if rows.plain
-        else can_read_data(rows.x) and not needs_graph(rows.x, rows.k_arg, rows.t_arg)
-    ):
+    if straight_through and (rows.plain or can_read_data(rows.x)) and not needs_graph(rows.x, rows.k_arg, rows.t_arg):
         # nothing differentiates this call (inference, no_grad): its value is the hard mask, without the soft one
         y = kernel_hard(rows.signed, rows.k_arg)
         if y is None:

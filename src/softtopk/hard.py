@@ -77,7 +77,7 @@ class _HardKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, k):
-        out = kernel_hard_mask(x, k)
+        out = kernel_hard_mask(x, k, ready=True)  # (by kernel_hard)
         return x.new_zeros(()) if out is None else out
 
     @staticmethod
@@ -95,7 +95,7 @@ def kernel_hard(x: Tensor, k: int | Tensor) -> Tensor | None:
     if not kernel_ready(x, k):
         return None
     if not needs_graph(x):
-        return kernel_hard_mask(x, k)
+        return kernel_hard_mask(x, k, ready=True)
     out = _hard_kernel_apply(x, k)
     return out if out.dim() else None
 

@@ -142,7 +142,7 @@ def topk_mask(
     if rows.x.numel() == 0:
         return x * 0.0
     y = run_mask(spec, rows, options, straight_through=straight_through, fn="topk_mask")
-    return y if rows.plain else rows.restore(y)  # (plain rows: nothing to restore, one call fewer)
+    return rows.restore(y)
 
 
 class TopK(NamedTuple):

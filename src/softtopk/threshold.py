@@ -601,11 +601,9 @@ def _one_value(a: Tensor) -> bool:
 
 
 def _output(x: Tensor) -> Tensor:
-    """An uninitialised C-contiguous float32 tensor of ``x``'s shape for a kernel to write, allocated by torch (so
-    that torch's memory accounting, the profiler's included, sees the kernels' outputs)."""
-    if x.dtype == torch.float32 and x.is_contiguous():  # (the keywords below cost a third of a microsecond)
-        return torch.empty_like(x)
-    return torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
+    """An uninitialised tensor like ``x`` (C-contiguous float32, from :func:`_dense`) for a kernel to write,
+    allocated by torch (so that torch's memory accounting, the profiler's included, sees the kernels' outputs)."""
+    return torch.empty_like(x)
 
 
 def _vector(*shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -635,7 +633,7 @@ def kernel_mask(
     is a float32 CPU tensor with entries in eager mode and that ``k`` and ``t`` are numbers."""
     if not (_kernel_available() if plain else kernel_ready(x, k, t)):
         return None
-    if (x.requires_grad and torch.is_grad_enabled()) if plain else needs_graph(x, k, t):
+    if needs_graph(x, k, t):
         out = _kernel_mask_apply(x, k, t, family, tol, max_iter, hard)
         return out if out.dim() else None  # 0-d: declined
     return _solve_kernel(family, x, k, t, tol, max_iter, hard)[0]
@@ -983,10 +981,11 @@ def _solve_dftopk(x: Tensor, kk, t):
     return y, (tau, iab, rt)
 
 
-def kernel_hard_mask(x: Tensor, k: int | Tensor) -> Tensor | None:
+def kernel_hard_mask(x: Tensor, k: int | Tensor, *, ready: bool = False) -> Tensor | None:
     """The exact top-k mask of ``x`` (float32, CPU, eager) along the last dim by the numba kernel, or None (no
-    numba, another dtype or device, a k outside (0, n), a tie at the k-th value: the caller takes ``torch.topk``)."""
-    if not kernel_ready(x, k):
+    numba, another dtype or device, a k outside (0, n), a tie at the k-th value: the caller takes ``torch.topk``).
+    ``ready``: the caller has checked :func:`kernel_ready`."""
+    if not (ready or kernel_ready(x, k)):
         return None
     kk = _kernel_k(k, x)
     if kk is None:
